@@ -1,0 +1,44 @@
+"""The event-store actor: the only writer of events.duckdb. Detached and named, one per cluster."""
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from eventstore.replay import RunState, replay, replay_run
+from eventstore.schema import Event, NewEvent
+from eventstore.store import EventStore
+
+ACTOR_NAME = "ray_finetune_event_store"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+class EventStoreActor:
+    def __init__(self, path: str) -> None:
+        self._store = EventStore(path)
+
+    def append(self, new_events: list[NewEvent]) -> list[Event]:
+        return self._store.append(new_events)
+
+    def events(self, run_name: str | None = None, after_seq: int = 0, types: list[str] | None = None,
+               limit: int | None = None) -> list[Event]:
+        return self._store.events(run_name=run_name, after_seq=after_seq, types=types, limit=limit)
+
+    def run_state(self, run_name: str) -> RunState | None:
+        events = self._store.events(run_name=run_name)
+        return replay_run(run_name, events) if events else None
+
+    def run_states(self) -> list[RunState]:
+        return list(replay(self._store.events()).values())
+
+    def sql(self, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        return self._store.sql(query)
+
+
+def get_or_create(path: str) -> "ray.actor.ActorHandle":
+    return EventStoreActor.options(name=ACTOR_NAME, get_if_exists=True, lifetime="detached").remote(path)
+
+
+def append_one(store: "ray.actor.ActorHandle", new_event: NewEvent) -> Event:
+    """Append and wait for the acknowledgement (the event is durable when this returns)."""
+    return ray.get(store.append.remote([new_event]))[0]

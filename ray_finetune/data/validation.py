@@ -1,0 +1,99 @@
+"""Shape checks for each task type (SPEC §3), run over every line before a run is queued."""
+from __future__ import annotations
+
+from typing import Any
+
+from ray_finetune.data import sources
+from ray_finetune.errors import ValidationError
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_REPORTED_LINES = 5
+
+
+def chat_problem(record: Any) -> str | None:
+    """What is wrong with one chat record, or None."""
+    if not isinstance(record, dict) or "messages" not in record:
+        return "has no 'messages' list"
+    unknown = set(record) - {"messages"}
+    if unknown:
+        return f"has unknown keys {sorted(unknown)}"
+    messages = record["messages"]
+    if not isinstance(messages, list) or len(messages) < 2:
+        return "'messages' must be a list of at least two messages"
+    previous = None
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message \
+                or "content" not in message:
+            return f"message {index} must be an object with exactly 'role' and 'content'"
+        role, content = message["role"], message["content"]
+        if role not in CHAT_ROLES:
+            return f"message {index} has role {role!r} (one of {', '.join(CHAT_ROLES)})"
+        if not isinstance(content, str):
+            return f"message {index} has non-string content"
+        if role == "system" and index != 0:
+            return f"message {index} is a system message; only the first message may be"
+        if previous is not None and role == previous:
+            return f"messages {index - 1} and {index} are both {role!r}; roles must alternate"
+        previous = role
+    if messages[-1]["role"] != "assistant":
+        return "the last message must be from the assistant"
+    return None
+
+
+def instruction_problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    response_key = "response" if "response" in record else "completion"
+    if "prompt" not in record or response_key not in record:
+        return "needs 'prompt' and 'response' (or 'completion')"
+    unknown = set(record) - {"prompt", "response", "completion"}
+    if unknown:
+        return f"has unknown keys {sorted(unknown)}"
+    if not isinstance(record["prompt"], str) or not isinstance(record[response_key], str):
+        return "'prompt' and 'response' must be strings"
+    if not record[response_key]:
+        return "'response' is empty"
+    return None
+
+
+SHAPES = {
+    "CHAT_COMPLETION": (chat_problem, '{"messages": [{"role": "user", "content": "..."}, '
+                                      '{"role": "assistant", "content": "..."}]}'),
+    "INSTRUCTION_FINETUNE": (instruction_problem, '{"prompt": "...", "response": "..."}'),
+}
+
+
+def check_data(parameter: str, path: str, task_type: str) -> int:
+    """Check every record; returns how many there are. Reports the first few bad lines and the count."""
+    if task_type == "CONTINUED_PRETRAIN":
+        files = sources.text_files(parameter, path)
+        for file in files:
+            sources.read_text(parameter, file)
+        return len(files)
+    if not str(path).endswith(".jsonl"):
+        raise ValidationError(parameter, f"{path!r} is not a .jsonl file", expected=f"a .jsonl file for {task_type}")
+    problem_of, shape = SHAPES[task_type]
+    bad: list[tuple[int, str]] = []
+    bad_count = records = 0
+    for line_no, record in sources.read_jsonl(parameter, path):
+        records += 1
+        problem = problem_of(record)
+        if problem:
+            bad_count += 1
+            if len(bad) < MAX_REPORTED_LINES:
+                bad.append((line_no, problem))
+    file = str(sources.local_path(parameter, path))
+    if bad:
+        listing = "; ".join(f"line {n}: {p}" for n, p in bad)
+        raise ValidationError(parameter, f"{bad_count} of {records} records are malformed ({listing})",
+                              file=file, line=bad[0][0], expected=f"one {task_type} record per line: {shape}")
+    if records == 0:
+        raise ValidationError(parameter, "has no records", file=file, expected="at least one JSON line")
+    return records
+
+
+def check_checkpoint(parameter: str, path: str) -> None:
+    """A checkpoint folder (or pointer file) that holds consolidated weights."""
+    from ray_finetune.train.checkpoint import weights_folder
+
+    weights_folder(parameter, path)

@@ -1,0 +1,32 @@
+"""Exceptions users see (SPEC §6). Bad input is a ValidationError that says what to fix, never a traceback."""
+from __future__ import annotations
+
+
+class RayFinetuneError(Exception):
+    """Base of every error ray_finetune raises on purpose."""
+
+
+class ValidationError(RayFinetuneError, ValueError):
+    """Bad user input: names the parameter and, for data, the file and the line."""
+
+    def __init__(self, parameter: str, problem: str, *, file: str | None = None, line: int | None = None,
+                 expected: str | None = None) -> None:
+        self.parameter, self.problem, self.file, self.line, self.expected = parameter, problem, file, line, expected
+        where = f" in {file}" if file else ""
+        where += f", line {line}" if line is not None else ""
+        text = f"{parameter}{where}: {problem}"
+        if expected:
+            text += f"; expected {expected}"
+        super().__init__(text)
+
+
+class RunNotFoundError(RayFinetuneError, LookupError):
+    """No run of that name in the event log."""
+
+
+class ConfigError(RayFinetuneError):
+    """The environment or the cluster is not set up the way ray_finetune needs."""
+
+
+class ResponseError(RayFinetuneError):
+    """The scheduler or another actor answered with an error."""

