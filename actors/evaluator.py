@@ -1,0 +1,77 @@
+"""The evaluator actor: scores a checkpoint (eval loss, perplexity, token accuracy) and samples the eval prompts."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import ray
+import torch
+
+from actors.event_sink import EventSink
+from actors.messages import EvaluateRequest, EvaluationResult
+from eventstore.schema import EventType
+from ray_finetune import settings, tracking
+from ray_finetune.data.packing import PackedRows
+from ray_finetune.train.models import load_model, load_tokenizer
+from ray_finetune.train.step import forward_loss, make_batch
+
+# SPEC §2: how eval prompts are sampled.
+SAMPLING = {"max_new_tokens": 100, "do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 0.95}
+
+
+def prompt_text(tokenizer, task_type: str, prompt: str) -> str:
+    if task_type == "CHAT_COMPLETION" and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+@torch.no_grad()
+def evaluate_loss(model, rows: PackedRows) -> tuple[float, float]:
+    loss_sum, targets, correct = 0.0, 0, 0
+    for index in range(len(rows)):
+        result = forward_loss(model, make_batch(rows, np.array([index])))
+        loss_sum += float(result.loss_sum)
+        targets += result.target_tokens
+        correct += result.correct_tokens
+    return loss_sum / max(targets, 1), correct / max(targets, 1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, task_type: str, prompts: list[str], seed: int) -> list[dict[str, str]]:
+    rows = []
+    for prompt in prompts:
+        torch.manual_seed(seed)
+        encoded = tokenizer(prompt_text(tokenizer, task_type, prompt), return_tensors="pt", add_special_tokens=False)
+        output = model.generate(**encoded, **SAMPLING, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=model.generation_config.eos_token_id)
+        text = tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        rows.append({"prompt": prompt, "generation": text.strip()})
+    return rows
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Evaluator:
+    def evaluate(self, request: EvaluateRequest) -> EvaluationResult:
+        spec = request.run.spec
+        tokenizer = load_tokenizer(spec.model_path)
+        model = load_model(request.weights_path).eval()
+        result = EvaluationResult(step=request.step)
+        metrics: dict[str, float] = {}
+        if request.eval_rows_path:
+            loss, accuracy = evaluate_loss(model, PackedRows.load(request.eval_rows_path))
+            metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_token_accuracy": accuracy}
+            result = result.model_copy(update={"eval_loss": loss, "eval_perplexity": metrics["eval_perplexity"],
+                                               "token_accuracy": accuracy})
+        if spec.eval_prompts:
+            generations = generate(model, tokenizer, spec.task_type, spec.eval_prompts, seed=spec.seed + request.step)
+            result = result.model_copy(update={"generations": generations})
+        config = settings.load()
+        if metrics:
+            tracking.log_metrics(config, request.run.mlflow_run_id, metrics, step=request.step)
+        if result.generations:
+            tracking.log_generations(config, request.run.mlflow_run_id, result.generations, step=request.step)
+        summary = f"step {request.step}: " + (f"eval loss {result.eval_loss:.4f}, perplexity "
+                                               f"{result.eval_perplexity:.2f}" if metrics else "no eval data")
+        EventSink("evaluator", request.run.run_name).emit(EventType.EVALUATED, summary, result.model_dump())
+        return result

@@ -1,0 +1,35 @@
+"""How actors append their events: through the event-store actor, acknowledged before they go on."""
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from eventstore.actor import ACTOR_NAME
+from eventstore.schema import Event, EventType, NewEvent
+
+NAMESPACE = "ray_finetune"
+
+
+def event_store() -> "ray.actor.ActorHandle":
+    return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
+
+
+class EventSink:
+    """Appends one actor's events for one run."""
+
+    def __init__(self, actor: str, run_name: str) -> None:
+        self.actor, self.run_name = actor, run_name
+        self._store = event_store()
+
+    def _event(self, kind: EventType, message: str, payload: dict[str, Any] | None, key: str | None) -> NewEvent:
+        return NewEvent(run_name=self.run_name, type=kind, actor=self.actor, message=message,
+                        payload=payload or {}, idempotency_key=key)
+
+    def emit(self, kind: EventType, message: str = "", payload: dict[str, Any] | None = None,
+             key: str | None = None) -> Event:
+        return ray.get(self._store.append.remote([self._event(kind, message, payload, key)]))[0]
+
+    async def emit_async(self, kind: EventType, message: str = "", payload: dict[str, Any] | None = None,
+                         key: str | None = None) -> Event:
+        return (await self._store.append.remote([self._event(kind, message, payload, key)]))[0]

@@ -1,0 +1,32 @@
+"""The registrar actor: final checkpoint → final_model/ (HF folder) → MLflow transformers model → registry."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import ray
+
+from actors.event_sink import EventSink
+from actors.messages import RegisterRequest, Registration
+from eventstore.schema import EventType
+from ray_finetune import settings, tracking
+from ray_finetune.train.checkpoint import weights_folder
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Registrar:
+    def register(self, request: RegisterRequest) -> Registration:
+        run = request.run
+        final_model = Path(run.save_folder) / run.run_name / "final_model"
+        if not final_model.exists():
+            staging = final_model.with_name("final_model.tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(weights_folder("final checkpoint", request.final_checkpoint), staging)
+            staging.rename(final_model)
+        name = run.spec.destination.full_name(run.run_name)
+        version = tracking.log_and_register_model(settings.load(), run_id=run.mlflow_run_id,
+                                                  model_folder=str(final_model), registered_name=name)
+        registration = Registration(model_name=name, model_version=version, final_model_path=str(final_model))
+        EventSink("registrar", run.run_name).emit(EventType.REGISTERED, f"registered {name} version {version}",
+                                                  registration.model_dump())
+        return registration

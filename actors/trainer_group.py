@@ -1,0 +1,141 @@
+"""The DeepSpeed trainer group: N worker actors (one per device) forming one torch.distributed group.
+
+The scheduler creates a group per run inside a placement group, starts `train` on every rank and awaits them all;
+rank 0 reports progress and checkpoints as events and asks the evaluator to score each checkpoint.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.event_sink import EventSink
+from actors.messages import EvaluateRequest, TrainRequest, TrainResult
+from eventstore.schema import EventType
+from ray_finetune import settings, tracking
+from ray_finetune.train.loop import StepReport, TrainConfig
+
+
+class EventReporter:
+    """Rank 0's window on the world: events, MLflow metrics, and evaluation of each checkpoint."""
+
+    def __init__(self, request: TrainRequest, evaluator: Any) -> None:
+        self._request, self._evaluator = request, evaluator
+        self._sink = EventSink("trainer_group", request.run.run_name)
+        self._settings = settings.load()
+
+    def model_initialized(self, info: dict[str, Any]) -> None:
+        self._sink.emit(EventType.MODEL_INITIALIZED, f"{info['parameters']:,} parameters on {info['world_size']} "
+                        f"{info['device'].split(':')[0]} worker(s), {info['dtype']}", info)
+        plan = self._request.plan
+        self._sink.emit(EventType.TRAIN_STARTED, f"training for {plan.total_steps} steps of "
+                        f"{plan.global_batch_rows} rows", {"plan": plan.as_dict()})
+
+    def step_finished(self, report: StepReport) -> None:
+        payload = {
+            "step": report.step, "total_steps": report.total_steps, "epoch": report.epoch, "loss": report.loss,
+            "token_accuracy": report.token_accuracy, "learning_rate": report.learning_rate,
+            "tokens": report.tokens, "target_tokens": report.target_tokens,
+            "tokens_per_second": report.tokens_per_second, "step_seconds": report.step_seconds,
+            "estimated_end_time": report.estimated_end_time.isoformat(),
+        }
+        self._sink.emit(EventType.TRAIN_UPDATED, f"step {report.step}/{report.total_steps} loss {report.loss:.4f} "
+                        f"{report.tokens_per_second:,.0f} tok/s", payload)
+        tracking.log_metrics(self._settings, self._request.run.mlflow_run_id, {
+            "train_loss": report.loss, "learning_rate": report.learning_rate,
+            "tokens_per_second": report.tokens_per_second, "train_token_accuracy": report.token_accuracy,
+        }, step=report.step)
+
+    def checkpoint_saved(self, path: str, epoch: int, step: int) -> None:
+        self._sink.emit(EventType.CHECKPOINT_SAVED, f"checkpoint {os.path.basename(path)}",
+                        {"path": path, "epoch": epoch, "step": step})
+        from ray_finetune.train.checkpoint import WEIGHTS_DIR
+
+        ray.get(self._evaluator.evaluate.remote(EvaluateRequest(
+            run=self._request.run, weights_path=os.path.join(path, WEIGHTS_DIR), step=step, epoch=epoch,
+            eval_rows_path=self._request.data.eval_rows_path,
+        )))
+
+
+class SilentReporter:
+    """Ranks other than 0 report nothing."""
+
+    def model_initialized(self, info: dict[str, Any]) -> None: ...
+    def step_finished(self, report: StepReport) -> None: ...
+    def checkpoint_saved(self, path: str, epoch: int, step: int) -> None: ...
+
+
+@ray.remote(max_restarts=0)
+class TrainerWorker:
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        # Ray gives each GPU worker its own CUDA_VISIBLE_DEVICES, so the local device is always 0.
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def train(self, request: TrainRequest, master: tuple[str, int], evaluator: Any) -> TrainResult:
+        import torch
+        import torch.distributed as dist
+
+        from ray_finetune.train import loop
+
+        cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        torch.set_num_threads(cpus)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                init_method=f"tcp://{master[0]}:{master[1]}", rank=self.rank,
+                                world_size=self.world_size)
+        config = TrainConfig(
+            run_name=request.run.run_name, model_path=request.run.spec.model_path,
+            init_weights_path=request.init_weights_path, train_rows_path=request.data.train_rows_path,
+            plan=request.plan, learning_rate=request.run.spec.learning_rate, save_folder=request.run.save_folder,
+            rank=self.rank, world_size=self.world_size, seed=request.run.spec.seed,
+        )
+        reporter = EventReporter(request, evaluator) if self.rank == 0 else SilentReporter()
+        final = loop.train(config, reporter)
+        dist.destroy_process_group()
+        return TrainResult(final_checkpoint=str(final), steps=request.plan.total_steps)
+
+
+class TrainerGroup:
+    """Placement group + workers of one run. Lives in the scheduler; not an actor itself."""
+
+    def __init__(self, world_size: int, cpus_per_worker: int = 1, gpus_per_worker: int = 0) -> None:
+        self.world_size = world_size
+        bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+        self._placement = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
+        self.workers = [
+            TrainerWorker.options(
+                num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, placement_group_bundle_index=i),
+            ).remote(i, world_size)
+            for i in range(world_size)
+        ]
+
+    async def ready(self) -> None:
+        await self._placement.ready()
+
+    async def train(self, request: TrainRequest, evaluator: Any) -> TrainResult:
+        master = await self.workers[0].rendezvous_address.remote()
+        results = await asyncio.gather(*(w.train.remote(request, master, evaluator) for w in self.workers))
+        return results[0]
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker, no_restart=True)
+        remove_placement_group(self._placement)

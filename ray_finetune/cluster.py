@@ -1,0 +1,94 @@
+"""Connecting to Ray: RAY_ADDRESS if set; otherwise a local head node that ray_finetune starts once and that
+outlives the driver (so a run goes on after the script exits). `ray-finetune down` stops it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import ray
+
+from ray_finetune import settings as settings_module
+from ray_finetune.errors import ConfigError
+from ray_finetune.settings import Settings
+
+NAMESPACE = "ray_finetune"
+HEAD_FILE = "head.json"
+
+
+def _ray_command() -> str:
+    candidate = Path(sys.executable).with_name("ray")
+    return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _reachable(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def local_head_address(config: Settings) -> str | None:
+    """The address of the head this home started, if it is still up."""
+    record = config.home / HEAD_FILE
+    if not record.exists():
+        return None
+    address = json.loads(record.read_text())["address"]
+    return address if _reachable(address) else None
+
+
+def start_local_head(config: Settings) -> str:
+    config.home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    cpus = max(os.cpu_count() or 1, 4)  # logical slots: trainer workers + packer; the actors' threads are capped
+    command = [
+        _ray_command(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
+        "--include-dashboard=false", "--disable-usage-stats",
+    ]
+    env = {**os.environ, **config.as_env(), "RAY_USAGE_STATS_ENABLED": "0"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ConfigError(f"could not start a local Ray head ({' '.join(command)}):\n{result.stderr[-2000:]}")
+    address = f"127.0.0.1:{port}"
+    (config.home / HEAD_FILE).write_text(json.dumps({"address": address}))
+    return address
+
+
+def connect() -> Settings:
+    """Connect this process to the cluster (starting a local head if needed) and make sure the event store and
+    the scheduler exist."""
+    config = settings_module.load()
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or local_head_address(config) or start_local_head(config)
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR",
+                 runtime_env={"env_vars": config.as_env()})
+    from actors import scheduler
+    from eventstore import actor as event_store_actor
+
+    event_store_actor.get_or_create(str(config.event_log_path))
+    scheduler.get_or_create()
+    return config
+
+
+def down() -> bool:
+    """Stop the local head this home started. Returns whether one was running."""
+    config = settings_module.load()
+    record = config.home / HEAD_FILE
+    if ray.is_initialized():
+        ray.shutdown()
+    was_running = local_head_address(config) is not None
+    subprocess.run([_ray_command(), "stop", "--force"], capture_output=True, text=True)
+    record.unlink(missing_ok=True)
+    return was_running

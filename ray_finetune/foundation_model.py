@@ -1,0 +1,217 @@
+"""The facade: call-for-call the Databricks Foundation Model Fine-tuning API (SPEC §1).
+
+Every function validates in the driver, then talks to the actors through Ray handles: the scheduler for
+changes, the event store for reads (replayed into runs, never read from a status column).
+"""
+from __future__ import annotations
+
+import builtins
+import time
+from datetime import datetime, timezone
+from typing import Iterator
+
+import ray
+
+from actors.event_sink import event_store
+from eventstore.schema import USER_FACING_TYPES, EventType
+from ray_finetune import cluster, spec as spec_module
+from ray_finetune.entities import (
+    EventList, Model, ModelList, RunList, RunStatus, TrainingEvent, TrainingRun,
+)
+from ray_finetune.errors import RunNotFoundError, ValidationError
+
+RunRef = "str | TrainingRun"
+
+
+def create(
+    model: str,
+    train_data_path: str,
+    register_to: str,
+    *,
+    experiment_path: str | None = "",
+    task_type: str = "CHAT_COMPLETION",
+    eval_data_path: str | None = None,
+    eval_prompts: builtins.list[str] | None = None,
+    custom_weights_path: str | None = None,
+    training_duration: str | None = None,
+    learning_rate: float | str | None = None,
+    context_length: int | None = None,
+    validate_inputs: bool = True,
+    data_prep_cluster_id: str | None = None,
+) -> TrainingRun:
+    """Validate everything, queue the run, and return at once (status PENDING)."""
+    spec = spec_module.resolve(
+        model=model, train_data_path=train_data_path, register_to=register_to,
+        experiment_path=experiment_path or None, task_type=task_type, eval_data_path=eval_data_path,
+        eval_prompts=eval_prompts, custom_weights_path=custom_weights_path, training_duration=training_duration,
+        learning_rate=learning_rate, context_length=context_length, validate_inputs=validate_inputs,
+        data_prep_cluster_id=data_prep_cluster_id,
+    )
+    cluster.connect()
+    from actors import scheduler
+
+    state = ray.get(scheduler.get_or_create().submit.remote(spec))
+    run = TrainingRun.from_state(state)
+    run.status = RunStatus.PENDING  # the contract: create() answers PENDING, whatever has happened since
+    return run
+
+
+def _name(training_run: "str | TrainingRun") -> str:
+    if isinstance(training_run, TrainingRun):
+        return training_run.name
+    if isinstance(training_run, str) and training_run:
+        return training_run
+    raise ValidationError("training_run", f"{training_run!r} is not a run", expected="a run name or a TrainingRun")
+
+
+def get(training_run: "str | TrainingRun") -> TrainingRun:
+    name = _name(training_run)
+    cluster.connect()
+    store = event_store()
+    state = ray.get(store.run_state.remote(name))
+    if state is None or state.deleted:
+        raise RunNotFoundError(f"Finetuning run {name} not found")
+    events = ray.get(store.events.remote(run_name=name, types=sorted(USER_FACING_TYPES)))
+    return TrainingRun.from_state(state, events)
+
+
+def list(
+    training_runs: builtins.list["str | TrainingRun"] | None = None,
+    experiment_id: str | None = None,
+    *,
+    statuses: builtins.list["str | RunStatus"] | None = None,
+    user_emails: builtins.list[str] | None = None,
+    before: datetime | str | None = None,
+    after: datetime | str | None = None,
+    include_details: bool = True,
+    limit: int = 100,
+) -> RunList:
+    """Runs newest first; `limit` per page, `next_page()` for more."""
+    cluster.connect()
+    states = [s for s in ray.get(event_store().run_states.remote()) if not s.deleted]
+    names = {_name(r) for r in training_runs} if training_runs else None
+    wanted_statuses = {RunStatus(s).value if not isinstance(s, RunStatus) else s.value for s in statuses or []}
+    before_time, after_time = _as_time("before", before), _as_time("after", after)
+    selected = [
+        s for s in reversed(states)
+        if (names is None or s.name in names)
+        and (experiment_id is None or s.experiment_id == experiment_id)
+        and (not wanted_statuses or s.status in wanted_statuses)
+        and (not user_emails or s.spec.get("created_by") in user_emails)
+        and (before_time is None or (s.created_at and s.created_at < before_time))
+        and (after_time is None or (s.created_at and s.created_at > after_time))
+    ]
+    runs = [TrainingRun.from_state(s) for s in selected]
+    if not include_details:
+        for run in runs:
+            run.details = None
+    return _page(runs, limit)
+
+
+def _page(runs: builtins.list[TrainingRun], limit: int) -> RunList:
+    if limit <= 0 or len(runs) <= limit:
+        return RunList(runs)
+    return RunList(runs[:limit], next_page=lambda: _page(runs[limit:], limit))
+
+
+def _as_time(parameter: str, value: datetime | str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    except ValueError:
+        raise ValidationError(parameter, f"{value!r} is not a time", expected="a datetime or ISO 8601 text") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def cancel(runs: builtins.list["str | TrainingRun"] | "str | TrainingRun | None" = None,
+           experiment_id: str | None = None) -> int:
+    """Stop runs (by name, or every run of an experiment); returns how many were stopped."""
+    if (runs is None) == (experiment_id is None):
+        raise ValidationError("runs", "give exactly one of runs and experiment_id",
+                              expected="cancel(runs=[...]) or cancel(experiment_id='...')")
+    cluster.connect()
+    if experiment_id is not None:
+        names = [s.name for s in ray.get(event_store().run_states.remote())
+                 if s.experiment_id == experiment_id and not s.is_terminal]
+    else:
+        items = runs if isinstance(runs, builtins.list) else [runs]
+        names = [_name(r) for r in items]
+        for name in names:
+            get(name)  # unknown names are an error, as in the original
+    from actors import scheduler
+
+    return len(ray.get(scheduler.get_or_create().cancel.remote(names)))
+
+
+def delete(runs: builtins.list["str | TrainingRun"] | "str | TrainingRun") -> int:
+    """Forget finished runs (their events stay in the log, marked DELETED); running ones are canceled first."""
+    items = runs if isinstance(runs, builtins.list) else [runs]
+    names = [_name(r) for r in items]
+    runs_now = [get(name) for name in names]
+    active = [r.name for r in runs_now if not r.status.is_terminal()]
+    if active:
+        cancel(active)
+    from eventstore.schema import NewEvent
+
+    ray.get(event_store().append.remote([
+        NewEvent(run_name=name, type=EventType.DELETED, actor="driver", message="deleted") for name in names
+    ]))
+    return len(names)
+
+
+def follow_events(training_run: "str | TrainingRun", *, timeout: float | None = None, poll_s: float = 1.0
+                  ) -> Iterator[TrainingEvent]:
+    """Yield user-facing events as they are appended, until the run is terminal."""
+    name = _name(training_run)
+    get(name)
+    store = event_store()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last_seq = 0
+    while True:
+        batch = ray.get(store.events.remote(run_name=name, after_seq=last_seq))
+        for event in batch:
+            last_seq = event.seq
+            if event.type in USER_FACING_TYPES:
+                yield TrainingEvent.from_event(event)
+        state = ray.get(store.run_state.remote(name))
+        if state.is_terminal and not ray.get(store.events.remote(run_name=name, after_seq=last_seq)):
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"run {name} is still {state.status} after {timeout} s")
+        time.sleep(poll_s)
+
+
+def get_events(training_run: "str | TrainingRun", follow: bool = False) -> "EventList | Iterator[TrainingEvent]":
+    """User-facing events, oldest first; with follow=True, an iterator that streams them until the run ends."""
+    if follow:
+        return follow_events(training_run)
+    name = _name(training_run)
+    get(name)
+    events = ray.get(event_store().events.remote(run_name=name, types=sorted(USER_FACING_TYPES)))
+    return EventList(TrainingEvent.from_event(e) for e in events)
+
+
+def get_checkpoints(training_run: "str | TrainingRun") -> builtins.list[str]:
+    """Paths of the run's checkpoints (.../checkpoints/ep{E}-ba{B}), oldest first."""
+    name = _name(training_run)
+    cluster.connect()
+    state = ray.get(event_store().run_state.remote(name))
+    if state is None or state.deleted:
+        raise RunNotFoundError(f"Finetuning run {name} not found")
+    return [c.path for c in state.checkpoints]
+
+
+def get_models() -> ModelList:
+    """Models that resolve on this machine without a network: offline packages and the local HF cache."""
+    from ray_finetune.train.models import OFFLINE_PACKAGES, resolve_model
+
+    models = []
+    for model_id in OFFLINE_PACKAGES:
+        try:
+            resolved = resolve_model(model_id)
+        except ValidationError:
+            continue
+        models.append(Model(name=model_id, display_name=model_id.split("/")[-1],
+                            max_context_length=resolved.max_context_length))
+    return ModelList(models)

@@ -1,0 +1,98 @@
+"""MLflow: one experiment per run path, the run's params and metrics, eval generations, and the registered model.
+
+The local store lives under the home (sqlite) unless MLFLOW_TRACKING_URI is set. A run's artifact root is on
+RAY_FINETUNE_STORAGE, and it is the run's save_folder: checkpoints are written straight into it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ray_finetune.settings import Settings
+
+# Registering and serving a model needs these in the model's environment; listing them avoids MLflow's slow
+# requirement inference (it imports the model in a subprocess).
+SERVING_REQUIREMENTS = ["torch", "transformers", "accelerate", "safetensors", "tokenizers"]
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    experiment_id: str
+    run_id: str
+    save_folder: str
+
+
+def client(settings: Settings) -> Any:
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    if settings.tracking_uri.startswith("sqlite:///"):
+        Path(settings.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+
+
+def experiment_path_for(created_by: str, run_name: str, experiment_path: str | None) -> str:
+    return experiment_path or f"/Users/{created_by}/{run_name}"
+
+
+def start_run(settings: Settings, *, experiment_path: str, run_name: str, params: dict[str, Any]) -> TrackedRun:
+    mlflow = client(settings)
+    experiment = mlflow.get_experiment_by_name(experiment_path)
+    if experiment is None:
+        folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_path.strip("/")) or "default"
+        location = (settings.storage / "mlflow-artifacts" / folder).as_uri()
+        experiment_id = mlflow.create_experiment(experiment_path, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    run = mlflow.create_run(experiment_id, run_name=run_name)
+    from mlflow.entities import Param
+
+    mlflow.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
+    return TrackedRun(experiment_id=experiment_id, run_id=run.info.run_id,
+                      save_folder=local_artifact_path(run.info.artifact_uri))
+
+
+def local_artifact_path(uri: str) -> str:
+    parsed = urlparse(uri)
+    return parsed.path if parsed.scheme in ("", "file") else uri
+
+
+def log_metrics(settings: Settings, run_id: str, metrics: dict[str, float], step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client(settings).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def log_generations(settings: Settings, run_id: str, rows: list[dict[str, str]], step: int) -> None:
+    client(settings).log_table(run_id, {"prompt": [r["prompt"] for r in rows],
+                                        "generation": [r["generation"] for r in rows]},
+                               artifact_file=f"eval_generations/step_{step:06d}.json")
+
+
+def end_run(settings: Settings, run_id: str, status: str) -> None:
+    client(settings).set_terminated(run_id, status=status)
+
+
+def log_and_register_model(settings: Settings, *, run_id: str, model_folder: str, registered_name: str) -> str:
+    """Log the HF folder as an MLflow transformers model in the run and register it; returns the version."""
+    import mlflow
+
+    from ray_finetune.train.models import load_model, load_tokenizer
+
+    client(settings)
+    # Logged from loaded objects: MLflow's log-from-folder path does not understand transformers 5's task table.
+    components = {"model": load_model(model_folder), "tokenizer": load_tokenizer(model_folder)}
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            transformers_model=components, name="model", task="text-generation",
+            pip_requirements=SERVING_REQUIREMENTS, registered_model_name=registered_name,
+        )
+    return str(info.registered_model_version)
