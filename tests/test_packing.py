@@ -1,0 +1,109 @@
+"""Packing keeps documents apart: best fit, labels that never cross a boundary, attention that never crosses one,
+and the same loss packed as unpacked."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ray_finetune.data.formats import TokenizedExample
+from ray_finetune.data.packing import IGNORE_INDEX, best_fit, pack_examples, pack_stream
+from ray_finetune.train.models import load_model
+from ray_finetune.train.step import forward_loss, make_batch
+
+
+def examples(count: int, seed: int = 0, vocab: int = 300, max_length: int = 60) -> list[TokenizedExample]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        length = rng.randint(4, max_length)
+        prompt = rng.randint(1, length - 2)
+        out.append(TokenizedExample([rng.randrange(3, vocab) for _ in range(length)],
+                                    [False] * prompt + [True] * (length - prompt)))
+    return out
+
+
+def test_best_fit_places_every_example_once_within_capacity():
+    lengths = [random.Random(1).randint(1, 100) for _ in range(500)]
+    bins = best_fit(lengths, 128)
+    assert sorted(i for b in bins for i in b) == list(range(500))
+    assert all(sum(lengths[i] for i in b) <= 128 for b in bins)
+    assert sum(lengths) / (len(bins) * 128) > 0.95
+
+
+def test_rows_restart_positions_and_labels_stop_at_document_ends():
+    data = examples(40)
+    rows, stats = pack_examples(data, 128, pad_id=0)
+    assert stats.examples == 40 and stats.truncated_examples == 0
+    assert stats.tokens == sum(len(e) for e in data)
+    assert stats.target_tokens == sum(e.target_count for e in data)
+    for r in range(len(rows)):
+        segments = rows.segment_ids[r]
+        for s in set(segments.tolist()) - {-1}:
+            where = np.flatnonzero(segments == s)
+            assert rows.position_ids[r, where].tolist() == list(range(len(where)))
+            assert rows.labels[r, where[-1]] == IGNORE_INDEX  # the last token of a document predicts nothing
+        assert (rows.labels[r, segments == -1] == IGNORE_INDEX).all()
+
+
+def test_truncation_is_counted_and_examples_left_with_nothing_to_learn_are_dropped():
+    long_target = TokenizedExample(list(range(3, 203)), [True] * 200)
+    long_prompt = TokenizedExample(list(range(3, 203)), [False] * 150 + [True] * 50)
+    rows, stats = pack_examples([long_target, long_prompt], 100, pad_id=0)
+    assert stats.truncated_examples == 2 and stats.dropped_examples == 1 and len(rows) == 1
+
+
+def test_continued_pretraining_stream_keeps_every_token():
+    documents = [TokenizedExample(list(range(3, 3 + n)), [True] * n) for n in (70, 50, 90, 10)]
+    rows, stats = pack_stream(documents, 64, pad_id=0)
+    assert stats.tokens == 220 and len(rows) == 4
+    assert rows.segment_ids[1].tolist()[:6] == [0] * 6 and rows.position_ids[1, 0] == 0
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return load_model(tiny_model).eval()
+
+
+def test_packed_and_unpacked_loss_are_equal(model):
+    data = examples(12, seed=3, vocab=300)
+    rows, _ = pack_examples(data, 128, pad_id=0)
+    with torch.no_grad():
+        packed = sum(float(forward_loss(model, make_batch(rows, np.array([r]))).loss_sum) for r in range(len(rows)))
+        unpacked = 0.0
+        for example in data:
+            ids = torch.tensor([example.input_ids])
+            logits = model(input_ids=ids).logits[0, :-1]
+            targets = torch.tensor(example.input_ids[1:])
+            keep = torch.tensor(example.target_mask[1:])
+            unpacked += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+    assert packed == pytest.approx(unpacked, rel=1e-5)
+
+
+def test_attention_never_crosses_documents(model):
+    first, second = examples(2, seed=5)
+    rows, _ = pack_examples([first, second], 128, pad_id=0)
+    changed = TokenizedExample([(t + 7) % 290 + 3 for t in first.input_ids], first.target_mask)
+    rows_changed, _ = pack_examples([changed, second], 128, pad_id=0)
+    from ray_finetune.train.step import document_attention_mask
+
+    def logits(packed):
+        batch = make_batch(packed, np.array([0]))
+        with torch.no_grad():
+            return model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                         attention_mask=document_attention_mask(batch.segment_ids)).logits[0]
+
+    # find the second document in both packings (best fit may order them either way)
+    def span(packed, length):
+        for s in (0, 1):
+            where = np.flatnonzero(packed.segment_ids[0] == s)
+            if len(where) == length and packed.input_ids[0, where].tolist() == second.input_ids:
+                return where
+        raise AssertionError("second document not found")
+
+    before = logits(rows)[span(rows, len(second))]
+    after = logits(rows_changed)[span(rows_changed, len(second))]
+    assert torch.equal(before, after)
