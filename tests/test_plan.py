@@ -18,10 +18,10 @@ def test_warmup_is_two_percent_then_linear_decay_to_zero():
     assert factors[-1] == pytest.approx(1 / 490) and lr_factor(total, total) == 0.0
 
 
-@pytest.mark.parametrize("duration, steps", [("3ep", 3 * 4), ("7ba", 7), ("2000tok", 5)])
+@pytest.mark.parametrize("duration, steps", [("3ep", 3 * 9), ("7ba", 7), ("2000tok", 2), ("1_000_000tok", 750)])
 def test_durations_become_steps(duration, steps):
-    plan = make_plan(rows=30, tokens=12_000, duration=parse_duration(duration), world_size=1, seed=0)
-    assert plan.global_batch_rows == 8 and plan.steps_per_epoch == 4
+    plan = make_plan(rows=70, tokens=12_000, duration=parse_duration(duration), world_size=1, seed=0)
+    assert plan.global_batch_rows == 8 and plan.steps_per_epoch == 9
     assert plan.total_steps == steps
 
 
