@@ -1,0 +1,134 @@
+"""Runs through the public API on a local Ray head: create → COMPLETED with a registered model; cancel of a
+queued and of a running run; a run whose trainer process is killed ends FAILED with the reason."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from ray_finetune import events as event_log
+from ray_finetune import foundation_model as fm
+from ray_finetune.entities import RunStatus
+
+pytestmark = pytest.mark.cluster
+
+
+def create(tiny_model, chat_data, **overrides):
+    arguments = dict(model=str(tiny_model), train_data_path=str(chat_data[0]), register_to="main.tests",
+                     learning_rate=1e-3, context_length=128)
+    arguments.update(overrides)
+    return fm.create(**arguments)
+
+
+def wait_for_event(run_name: str, kind: str, timeout_s: float = 120):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [e for e in fm.get_events(run_name) if e.type == kind]
+        if found:
+            return found[0]
+        time.sleep(0.3)
+    raise AssertionError(f"{run_name} never reached {kind}: {[e.type for e in fm.get_events(run_name)]}")
+
+
+def test_a_run_goes_from_create_to_a_registered_model(cluster, tiny_model, chat_data):
+    run = create(tiny_model, chat_data, eval_data_path=str(chat_data[1]),
+                 eval_prompts=["what is the capital of france?"], training_duration="2ep")
+    assert run.status == RunStatus.PENDING and run.name.startswith("model-")
+    finished = run.wait(timeout=300)
+    assert finished.status == RunStatus.COMPLETED, finished.details
+    assert finished.started_at and finished.completed_at and finished.created_at <= finished.started_at
+
+    types = [e.type for e in fm.get_events(run.name)]
+    milestones = ["CREATED", "STARTED", "DATA_VALIDATED", "MODEL_INITIALIZED", "TRAIN_STARTED", "TRAIN_UPDATED",
+                  "CHECKPOINT_SAVED", "TRAIN_FINISHED", "COMPLETED"]
+    assert [types.index(m) for m in milestones] == sorted(types.index(m) for m in milestones)
+    assert types[-1] == "COMPLETED" and "QUEUED" not in types  # internal events stay internal
+
+    updates = [e.payload for e in fm.get_events(run.name) if e.type == "TRAIN_UPDATED"]
+    assert [u["step"] for u in updates] == list(range(1, updates[0]["total_steps"] + 1))
+    assert updates[-1]["loss"] < updates[0]["loss"]
+
+    checkpoints = fm.get_checkpoints(run.name)
+    steps_per_epoch = updates[0]["total_steps"] // 2
+    assert [Path(c).name for c in checkpoints] == [f"ep1-ba{steps_per_epoch}", f"ep2-ba{2 * steps_per_epoch}"]
+    pointer = Path(f"{run.save_folder}/{run.name}/checkpoints/latest-sharded-rank0.symlink")
+    assert pointer.read_text().strip() == Path(checkpoints[-1]).name
+    assert not list(pointer.parent.glob(".tmp-*"))
+
+    counts = event_log.sql(f"SELECT type, count(*) AS n FROM events WHERE run_name = '{run.name}' GROUP BY type")
+    counts = dict(zip(counts["type"], counts["n"]))
+    assert counts["TRAIN_UPDATED"] == len(updates) and counts["EVALUATED"] == 3  # before training + 2 checkpoints
+    status = event_log.sql(f"SELECT status FROM runs WHERE run_name = '{run.name}'")
+    assert status["status"].tolist() == ["COMPLETED"]
+    evaluations = [json.loads(p) for p in event_log.sql(
+        f"SELECT payload FROM events WHERE run_name = '{run.name}' AND type = 'EVALUATED' ORDER BY seq")["payload"]]
+    assert evaluations[-1]["eval_loss"] < evaluations[0]["eval_loss"]
+    assert evaluations[-1]["generations"][0]["prompt"] == "what is the capital of france?"
+
+    import mlflow
+    import transformers
+
+    mlflow.set_tracking_uri(cluster.tracking_uri)
+    mlflow.set_registry_uri(cluster.tracking_uri)
+    generator = mlflow.transformers.load_model(f"models:/main.tests.{run.name}/1")
+    assert isinstance(generator, transformers.Pipeline)
+    text = generator("what is the capital", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith("what is the capital") and len(text) > len("what is the capital")
+    assert generator.model.generation_config.eos_token_id == generator.tokenizer.eos_token_id
+    assert (Path(run.save_folder) / run.name / "final_model" / "chat_template.jinja").exists()
+    assert run.name in [r.name for r in fm.list()]
+
+
+def test_cancel_a_queued_run_and_a_running_one(cluster, tiny_model, chat_data):
+    running = create(tiny_model, chat_data, training_duration="5000ba")
+    queued = create(tiny_model, chat_data, training_duration="1ba")
+    wait_for_event(running.name, "TRAIN_UPDATED")
+    assert fm.get(queued.name).status in (RunStatus.PENDING, RunStatus.QUEUED)
+
+    assert fm.cancel([queued.name]) == 1
+    assert fm.get(queued.name).status == RunStatus.STOPPED
+    assert "MODEL_INITIALIZED" not in [e.type for e in fm.get_events(queued.name)]
+
+    started = time.monotonic()
+    assert fm.cancel(runs=[running.name]) == 1
+    stopped = fm.get(running.name)
+    assert stopped.status == RunStatus.STOPPED and time.monotonic() - started < 15
+    assert stopped.details == "canceled by the user"
+    steps_at_cancel = len([e for e in fm.get_events(running.name) if e.type == "TRAIN_UPDATED"])
+    time.sleep(2)
+    assert len([e for e in fm.get_events(running.name) if e.type == "TRAIN_UPDATED"]) <= steps_at_cancel + 1
+    assert fm.get_events(running.name)[-1].type in ("CANCELED", "TRAIN_UPDATED")
+    assert fm.cancel([running.name]) == 0  # already stopped
+
+
+def test_a_run_whose_trainer_is_killed_ends_failed_with_the_reason(cluster, tiny_model, chat_data):
+    run = create(tiny_model, chat_data, training_duration="5000ba")
+    pid = wait_for_event(run.name, "MODEL_INITIALIZED").payload["pid"]
+    wait_for_event(run.name, "TRAIN_UPDATED")
+    os.kill(pid, signal.SIGKILL)
+    finished = run.wait(timeout=120)
+    assert finished.status == RunStatus.FAILED
+    assert "died unexpectedly" in finished.details
+    reason = [e for e in fm.get_events(run.name) if e.type == "FAILED_EXCEPTION"]
+    assert len(reason) == 1 and reason[0].message == finished.details
+    assert "traceback" in reason[0].payload
+    # The operator's one query:
+    details = event_log.sql(f"SELECT details FROM runs WHERE run_name = '{run.name}'")["details"][0]
+    assert details == finished.details
+
+
+def test_unknown_runs_and_bad_input_are_errors_before_anything_is_queued(cluster, tiny_model, chat_data):
+    from ray_finetune.errors import RunNotFoundError, ValidationError
+
+    before = len(event_log.sql("SELECT seq FROM events"))
+    with pytest.raises(ValidationError, match="training_duration"):
+        create(tiny_model, chat_data, training_duration="forever")
+    with pytest.raises(RunNotFoundError, match="Finetuning run nope-abcdef not found"):
+        fm.get("nope-abcdef")
+    with pytest.raises(ValidationError, match="exactly one"):
+        fm.cancel()
+    assert len(event_log.sql("SELECT seq FROM events")) == before
