@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import ray
@@ -52,6 +53,10 @@ def generate(model, tokenizer, task_type: str, prompts: list[str], seed: int) ->
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class Evaluator:
+    def __init__(self) -> None:
+        # It runs while the trainers wait for it, so it may use every core (Ray starts it with one thread).
+        torch.set_num_threads(os.cpu_count() or 1)
+
     def evaluate(self, request: EvaluateRequest) -> EvaluationResult:
         spec = request.run.spec
         tokenizer = load_tokenizer(spec.model_path)

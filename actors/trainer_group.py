@@ -95,8 +95,9 @@ class TrainerWorker:
 
         from ray_finetune.train import loop
 
-        cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-        torch.set_num_threads(cpus)
+        if not torch.cuda.is_available():
+            # Ray's CPU count is a scheduling token; the math should use the node's cores, shared by the ranks.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world_size))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 init_method=f"tcp://{master[0]}:{master[1]}", rank=self.rank,
                                 world_size=self.world_size)

@@ -1,0 +1,50 @@
+"""The command line, run the way a user runs it (in-process through Typer's runner, same cluster)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ray_finetune.cli import app
+
+pytestmark = pytest.mark.cluster
+runner = CliRunner()
+
+
+def invoke(*arguments: str):
+    return runner.invoke(app, list(arguments), catch_exceptions=False)
+
+
+def test_create_wait_then_inspect_from_the_shell(cluster, tiny_model, chat_data):
+    result = invoke("create", "--model", str(tiny_model), "--train-data-path", str(chat_data[0]),
+                    "--register-to", "main.cli", "--training-duration", "3ba", "--context-length", "128",
+                    "--learning-rate", "1e-3", "--wait", "--json")
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.stdout[result.stdout.index("{"):])
+    assert run["status"] == "COMPLETED"
+    name = run["name"]
+
+    listed = json.loads(invoke("runs", "list", "--json").stdout)
+    assert name in [r["name"] for r in listed]
+    got = json.loads(invoke("runs", "get", name, "--json").stdout)
+    assert got["status"] == "COMPLETED" and got["training_duration"] == "3ba"
+    events = json.loads(invoke("events", name, "--json").stdout)
+    assert events[0]["type"] == "CREATED" and events[-1]["type"] == "COMPLETED"
+    assert sum(e["type"] == "TRAIN_UPDATED" for e in events) == 3
+    checkpoints = json.loads(invoke("checkpoints", name, "--json").stdout)
+    assert checkpoints[-1].endswith("ba3")
+    rows = json.loads(invoke("sql", f"SELECT status FROM runs WHERE run_name = '{name}'", "--json").stdout)
+    assert rows == [{"status": "COMPLETED"}]
+    assert "TRAIN_UPDATED" in invoke("events", name).stdout
+    assert "COMPLETED" in invoke("events", name, "--follow").stdout
+
+
+def test_shell_errors_are_one_line_with_an_exit_code(cluster, tiny_model, chat_data):
+    bad = invoke("create", "--model", str(tiny_model), "--train-data-path", str(chat_data[0]),
+                 "--register-to", "main", "--context-length", "128")
+    assert bad.exit_code == 2 and "register_to" in bad.stderr and "Traceback" not in bad.output
+    missing = invoke("runs", "get", "nope-zzzzzz")
+    assert missing.exit_code == 1 and "not found" in missing.stderr
+    write = invoke("sql", "DELETE FROM events")
+    assert write.exit_code == 2 and "read-only" in write.stderr
