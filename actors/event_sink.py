@@ -1,6 +1,7 @@
 """How actors append their events: through the event-store actor, acknowledged before they go on."""
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import ray
@@ -23,8 +24,10 @@ class EventSink:
         self._store = event_store()
 
     def _event(self, kind: EventType, message: str, payload: dict[str, Any] | None, key: str | None) -> NewEvent:
+        # Every event carries a unique key, so a delivery that Ray retries (the store actor restarted before it
+        # answered) appends once.
         return NewEvent(run_name=self.run_name, type=kind, actor=self.actor, message=message,
-                        payload=payload or {}, idempotency_key=key)
+                        payload=payload or {}, idempotency_key=key or uuid.uuid4().hex)
 
     def emit(self, kind: EventType, message: str = "", payload: dict[str, Any] | None = None,
              key: str | None = None) -> Event:

@@ -39,11 +39,18 @@ class TrainRequest(Message):
     data: PackedData
     plan: TrainingPlan
     init_weights_path: str | None = None
+    resume_from: str | None = None     # a complete checkpoint of this run, after an interruption
+    attempt: int = 1
 
 
 class TrainResult(Message):
-    final_checkpoint: str
+    final_checkpoint: str | None
     steps: int
+    stopped: bool = False
+
+
+class StopRequest(Message):
+    save_checkpoint: bool = False
 
 
 class EvaluateRequest(Message):

@@ -4,9 +4,13 @@ through its chain of actor messages:
     CREATED → QUEUED → STARTED → data packer (DATA_VALIDATED) → evaluator baseline → trainer group
     (MODEL_INITIALIZED, TRAIN_STARTED, TRAIN_UPDATED…, CHECKPOINT_SAVED + evaluator per checkpoint)
     → TRAIN_FINISHED → registrar (REGISTERED) → COMPLETED
-    any failure → FAILED_EXCEPTION (the reason) → FAILED;  cancel → CANCELED
+    a worker dies            → REQUEUED → STARTED again, resuming from the newest complete checkpoint
+                               (after MAX_ATTEMPTS: FAILED_EXCEPTION with every attempt's reason → FAILED)
+    any other failure        → FAILED_EXCEPTION (the reason) → FAILED
+    cancel                   → CANCEL_REQUESTED → (stop at a step boundary, final checkpoint if asked) → CANCELED
 
-The queue is not stored: after a restart it is rebuilt by replaying the log.
+Nothing here is stored: on every (re)start the queue is rebuilt by replaying the log, and runs that were in
+flight when the scheduler or the head went away are requeued and resumed.
 """
 from __future__ import annotations
 
@@ -15,25 +19,28 @@ import random
 import re
 import string
 import traceback
+from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, NodeDiedError, OwnerDiedError, RayActorError, RayTaskError
 
 from actors.data_packer import DataPacker
 from actors.evaluator import Evaluator
 from actors.event_sink import NAMESPACE, EventSink, event_store
-from actors.messages import EvaluateRequest, PackRequest, RegisterRequest, RunContext, TrainRequest
+from actors.messages import EvaluateRequest, PackRequest, RegisterRequest, RunContext, StopRequest, TrainRequest
 from actors.registrar import Registrar
 from actors.trainer_group import TrainerGroup
-from eventstore.replay import RunState
 from eventstore.schema import PENDING, QUEUED, EventType
 from ray_finetune import settings, tracking
 from ray_finetune.spec import RunSpec
-from ray_finetune.train.checkpoint import weights_folder
+from ray_finetune.train import checkpoint
 from ray_finetune.train.plan import make_plan
 
 ACTOR_NAME = "ray_finetune_scheduler"
+MAX_ATTEMPTS = 3            # a run that keeps dying is not retried forever
+STOP_GRACE_S = 60.0         # how long a cancel waits for a step boundary before killing the workers
+_INTERRUPTIONS = (ActorDiedError, RayActorError, NodeDiedError, OwnerDiedError)
 
 
 def run_name_for(model: str, taken: set[str]) -> str:
@@ -44,55 +51,67 @@ def run_name_for(model: str, taken: set[str]) -> str:
             return name
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    while isinstance(error, RayTaskError) and error.cause is not None and error.cause is not error:
+        error = error.cause
+    return error
+
+
+def is_interruption(error: BaseException) -> bool:
+    """A process or node went away (retry from a checkpoint), as opposed to an error in the run itself."""
+    return isinstance(_root_cause(error), _INTERRUPTIONS)
+
+
 def failure_reason(error: BaseException) -> str:
     """One line an operator can act on."""
-    if isinstance(error, (ActorDiedError, RayActorError)) and not isinstance(error, RayTaskError):
-        return f"a worker of this run died unexpectedly (its process was killed or crashed): {str(error).splitlines()[0]}"
-    if isinstance(error, RayTaskError):
-        cause = error.cause if error.cause is not None else error
-        if isinstance(cause, (ActorDiedError, RayActorError)):
-            return failure_reason(cause)
-        return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
-    return f"{type(error).__name__}: {error}"
+    cause = _root_cause(error)
+    if isinstance(cause, _INTERRUPTIONS):
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        return f"a worker of this run died unexpectedly (its process was killed or crashed): {first}"
+    text = str(cause).strip()
+    return f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}"
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1000)
 class Scheduler:
-    def __init__(self) -> None:
+    async def __init__(self) -> None:
         self.settings = settings.load()
         self.store = event_store()
         self.queue: list[str] = []
         self.specs: dict[str, RunContext] = {}
         self.active: dict[str, asyncio.Task] = {}
+        self.groups: dict[str, TrainerGroup] = {}
+        self.cancelling: dict[str, bool] = {}   # run → save a final checkpoint
         self.names: set[str] = set()
-        self._recovered = False
+        self._mlflow = asyncio.Lock()           # MLflow's sqlite store takes one writer at a time
+        await self._recover()
 
+    # -- the queue ---------------------------------------------------------------------------------------------
     async def _recover(self) -> None:
-        """Rebuild the queue from the log; runs that were mid-flight when the scheduler died end FAILED."""
-        if self._recovered:
-            return
-        self._recovered = True
+        """Rebuild the queue from the log; runs that were mid-flight are requeued first, in their order."""
+        interrupted: list[str] = []
         for state in await self.store.run_states.remote():
             self.names.add(state.name)
             if state.is_terminal or state.deleted:
                 continue
-            context = RunContext(run_name=state.name, spec=RunSpec(**state.spec), mlflow_run_id=state.run_id or "",
-                                 save_folder=state.save_folder or "")
-            self.specs[state.name] = context
+            self.specs[state.name] = RunContext(run_name=state.name, spec=RunSpec(**state.spec),
+                                                mlflow_run_id=state.run_id or "", save_folder=state.save_folder or "")
             if state.status in (PENDING, QUEUED):
                 self.queue.append(state.name)
             else:
-                await self._fail(state.name, "the run was interrupted (the scheduler or the head node restarted) "
-                                 "and automatic resume is not available yet", None)
+                interrupted.append(state.name)
+        for name in reversed(interrupted):
+            await self._requeue_or_fail(name, "the scheduler restarted (the head node or the scheduler process "
+                                        "was lost) while the run was in flight", None)
         self._dispatch()
 
-    async def submit(self, spec: RunSpec) -> RunState:
-        await self._recover()
+    async def submit(self, spec: RunSpec) -> Any:
         name = run_name_for(spec.model, self.names)
         self.names.add(name)
         experiment = tracking.experiment_path_for(spec.created_by, name, spec.experiment_path)
-        tracked = await asyncio.to_thread(tracking.start_run, self.settings, experiment_path=experiment,
-                                          run_name=name, params=spec.model_dump())
+        async with self._mlflow:
+            tracked = await asyncio.to_thread(tracking.start_run, self.settings, experiment_path=experiment,
+                                              run_name=name, params=spec.model_dump())
         sink = EventSink("scheduler", name)
         await sink.emit_async(EventType.CREATED, f"run created by {spec.created_by}", {
             "spec": spec.model_dump(), "experiment_id": tracked.experiment_id, "run_id": tracked.run_id,
@@ -106,23 +125,8 @@ class Scheduler:
         self._dispatch()
         return await self.store.run_state.remote(name)
 
-    async def cancel(self, names: list[str]) -> list[str]:
-        """Stop each named run that is not finished; returns the names actually stopped."""
-        await self._recover()
-        stopped = []
-        for name in names:
-            if name in self.queue:
-                self.queue.remove(name)
-                await EventSink("scheduler", name).emit_async(EventType.CANCELED, "canceled before it started")
-                await asyncio.to_thread(tracking.end_run, self.settings, self.specs[name].mlflow_run_id, "KILLED")
-                stopped.append(name)
-            elif name in self.active:
-                await EventSink("scheduler", name).emit_async(EventType.CANCEL_REQUESTED, "cancel requested")
-                task = self.active[name]
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                stopped.append(name)
-        return stopped
+    async def queued(self) -> list[str]:
+        return list(self.queue)
 
     async def active_runs(self) -> list[str]:
         return list(self.active)
@@ -132,13 +136,50 @@ class Scheduler:
             name = self.queue.pop(0)
             self.active[name] = asyncio.get_running_loop().create_task(self._supervise(name))
 
+    # -- cancel ------------------------------------------------------------------------------------------------
+    async def cancel(self, names: list[str], save_checkpoint: bool = False) -> list[str]:
+        """Stop each named run that is not finished; returns the names actually stopped."""
+        stopped = []
+        for name in names:
+            if name in self.queue:
+                self.queue.remove(name)
+                await EventSink("scheduler", name).emit_async(EventType.CANCELED, "canceled before it started")
+                await self._end_mlflow_run(name, "KILLED")
+                stopped.append(name)
+            elif name in self.active:
+                await self._stop_active(name, save_checkpoint)
+                stopped.append(name)
+        return stopped
+
+    async def _stop_active(self, name: str, save_checkpoint: bool) -> None:
+        await EventSink("scheduler", name).emit_async(EventType.CANCEL_REQUESTED, "cancel requested",
+                                                      {"save_checkpoint": save_checkpoint})
+        self.cancelling[name] = save_checkpoint
+        task = self.active[name]
+        group = self.groups.get(name)
+        if group is not None:
+            try:  # the trainers stop at the next step boundary and the supervisor records CANCELED
+                await asyncio.wait_for(group.request_stop(StopRequest(save_checkpoint=save_checkpoint)), 10)
+                await asyncio.wait({task}, timeout=STOP_GRACE_S)
+            except (asyncio.TimeoutError, RayActorError):
+                pass
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    # -- one run -----------------------------------------------------------------------------------------------
     async def _supervise(self, name: str) -> None:
         context = self.specs[name]
         sink = EventSink("scheduler", name)
         actors: list[Any] = []
-        group: TrainerGroup | None = None
         try:
-            await sink.emit_async(EventType.STARTED, "starting the run's actors")
+            state = await self.store.run_state.remote(name)
+            attempt = state.attempts + 1
+            resume_from = checkpoint.latest_complete(checkpoint.checkpoints_dir(context.save_folder, name))
+            await sink.emit_async(EventType.STARTED, "starting the run's actors" + (
+                f" (attempt {attempt}, resuming from {resume_from.name})" if resume_from else
+                f" (attempt {attempt})" if attempt > 1 else ""), {"attempt": attempt,
+                                                                   "resume_from": str(resume_from or "") or None})
             packer = DataPacker.remote()
             actors.append(packer)
             data = await packer.pack.remote(PackRequest(run=context))
@@ -149,20 +190,24 @@ class Scheduler:
                              duration=context.spec.duration, world_size=world, seed=context.spec.seed)
             evaluator = Evaluator.remote()
             actors.append(evaluator)
-            init_weights = (str(weights_folder("custom_weights_path", context.spec.custom_weights_path))
+            init_weights = (str(checkpoint.initial_weights("custom_weights_path", context.spec.custom_weights_path))
                             if context.spec.custom_weights_path else None)
-            if data.eval_rows_path or context.spec.eval_prompts:
+            if attempt == 1 and (data.eval_rows_path or context.spec.eval_prompts):
                 await evaluator.evaluate.remote(EvaluateRequest(
-                    run=context, weights_path=init_weights or context.spec.model_path, step=0, epoch=0,
-                    eval_rows_path=data.eval_rows_path))
+                    run=context, weights_path=init_weights if init_weights and Path(init_weights).is_dir()
+                    else context.spec.model_path, step=0, epoch=0, eval_rows_path=data.eval_rows_path))
             group = TrainerGroup(world, gpus_per_worker=1 if gpus else 0)
+            self.groups[name] = group
             await sink.emit_async(EventType.PLACED, f"trainer group of {world} worker(s) placed",
                                   {"world_size": world, "plan": plan.as_dict()})
             await group.ready()
-            result = await group.train(TrainRequest(run=context, data=data, plan=plan, init_weights_path=init_weights),
-                                       evaluator)
-            group.shutdown()
-            group = None
+            result = await group.train(TrainRequest(run=context, data=data, plan=plan, init_weights_path=init_weights,
+                                                    resume_from=str(resume_from) if resume_from else None,
+                                                    attempt=attempt), evaluator)
+            self._release(name, [])
+            if result.stopped or name in self.cancelling:
+                await self._canceled(name, result.final_checkpoint if self.cancelling.get(name) else None)
+                return
             await sink.emit_async(EventType.TRAIN_FINISHED, f"trained {result.steps} steps",
                                   {"final_checkpoint": result.final_checkpoint})
             registrar = Registrar.remote()
@@ -172,38 +217,66 @@ class Scheduler:
             await sink.emit_async(EventType.COMPLETED,
                                   f"registered {registration.model_name} version {registration.model_version}",
                                   registration.model_dump())
-            await asyncio.to_thread(tracking.end_run, self.settings, context.mlflow_run_id, "FINISHED")
+            await self._end_mlflow_run(name, "FINISHED")
         except asyncio.CancelledError:
-            self._release(actors, group)
-            actors, group = [], None
-            await sink.emit_async(EventType.CANCELED, "canceled by the user")
-            await asyncio.to_thread(tracking.end_run, self.settings, context.mlflow_run_id, "KILLED")
+            self._release(name, actors)
+            await self._canceled(name, None)
         except Exception as error:  # noqa: BLE001 - every failure of a run is recorded, never raised
-            self._release(actors, group)
-            actors, group = [], None
-            await self._fail(name, failure_reason(error), error)
+            self._release(name, actors)
+            if name in self.cancelling:
+                await self._canceled(name, None)
+            elif is_interruption(error):
+                await self._requeue_or_fail(name, failure_reason(error), error)
+            else:
+                await self._fail(name, failure_reason(error), error)
         finally:
-            self._release(actors, group)
+            self._release(name, actors)
+            self.cancelling.pop(name, None)
             self.active.pop(name, None)
             self._dispatch()
 
+    async def _canceled(self, name: str, final_checkpoint: str | None) -> None:
+        message = "canceled by the user" + (f"; final checkpoint {Path(final_checkpoint).name}"
+                                            if final_checkpoint else "")
+        await EventSink("scheduler", name).emit_async(EventType.CANCELED, message,
+                                                      {"final_checkpoint": final_checkpoint})
+        await self._end_mlflow_run(name, "KILLED")
+
+    async def _requeue_or_fail(self, name: str, reason: str, error: BaseException | None) -> None:
+        state = await self.store.run_state.remote(name)
+        reasons = [*state.interruptions, reason]
+        if state.attempts >= MAX_ATTEMPTS:
+            summary = f"gave up after {state.attempts} attempts: " + "; ".join(
+                f"attempt {i}: {r}" for i, r in enumerate(reasons, 1))
+            await self._fail(name, summary, error)
+            return
+        await EventSink("scheduler", name).emit_async(
+            EventType.REQUEUED, f"requeued after an interruption: {reason}",
+            {"reason": reason, "attempts": state.attempts})
+        self.queue.insert(0, name)
+
     async def _fail(self, name: str, reason: str, error: BaseException | None) -> None:
         sink = EventSink("scheduler", name)
-        payload = {"error": reason}
+        payload: dict[str, Any] = {"error": reason}
         if error is not None:
-            payload["error_type"] = type(error).__name__
+            payload["error_type"] = type(_root_cause(error)).__name__
             payload["traceback"] = "".join(traceback.format_exception(error))[-20000:]
         await sink.emit_async(EventType.FAILED_EXCEPTION, reason, payload)
         await sink.emit_async(EventType.FAILED, "the run failed")
-        context = self.specs.get(name)
-        if context and context.mlflow_run_id:
-            try:
-                await asyncio.to_thread(tracking.end_run, self.settings, context.mlflow_run_id, "FAILED")
-            except Exception:  # noqa: BLE001 - the log already says why; MLflow status is secondary
-                pass
+        await self._end_mlflow_run(name, "FAILED")
 
-    @staticmethod
-    def _release(actors: list[Any], group: TrainerGroup | None) -> None:
+    async def _end_mlflow_run(self, name: str, status: str) -> None:
+        context = self.specs.get(name)
+        if not context or not context.mlflow_run_id:
+            return
+        try:
+            async with self._mlflow:
+                await asyncio.to_thread(tracking.end_run, self.settings, context.mlflow_run_id, status)
+        except Exception:  # noqa: BLE001 - the log already says how the run ended; MLflow's flag is secondary
+            pass
+
+    def _release(self, name: str, actors: list[Any]) -> None:
+        group = self.groups.pop(name, None)
         if group is not None:
             group.shutdown()
         for actor in actors:
@@ -212,5 +285,3 @@ class Scheduler:
 
 def get_or_create() -> "ray.actor.ActorHandle":
     return Scheduler.options(name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
-
-

@@ -9,24 +9,24 @@ import asyncio
 import logging
 import os
 import socket
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.event_sink import EventSink
-from actors.messages import EvaluateRequest, TrainRequest, TrainResult
+from actors.messages import EvaluateRequest, StopRequest, TrainRequest, TrainResult
 from eventstore.schema import EventType
 from ray_finetune import settings, tracking
-from ray_finetune.train.loop import StepReport, TrainConfig
+from ray_finetune.train.loop import STOP_AND_CHECKPOINT, STOP, STOP_NONE, StepReport, TrainConfig
 
 
 class EventReporter:
     """Rank 0's window on the world: events, MLflow metrics, and evaluation of each checkpoint."""
 
-    def __init__(self, request: TrainRequest, evaluator: Any) -> None:
-        self._request, self._evaluator = request, evaluator
+    def __init__(self, request: TrainRequest, evaluator: Any, stop_flag: Callable[[], int]) -> None:
+        self._request, self._evaluator, self._stop_flag = request, evaluator, stop_flag
         self._sink = EventSink("trainer_group", request.run.run_name)
         self._settings = settings.load()
 
@@ -52,6 +52,12 @@ class EventReporter:
             "tokens_per_second": report.tokens_per_second, "train_token_accuracy": report.token_accuracy,
         }, step=report.step)
 
+    def stop_requested(self) -> int:
+        return self._stop_flag()
+
+    def checkpoint_removed(self, path: str) -> None:
+        self._sink.emit(EventType.CHECKPOINT_REMOVED, f"removed {os.path.basename(path)} (retention)", {"path": path})
+
     def checkpoint_saved(self, path: str, epoch: int, step: int) -> None:
         self._sink.emit(EventType.CHECKPOINT_SAVED, f"checkpoint {os.path.basename(path)}",
                         {"path": path, "epoch": epoch, "step": step})
@@ -64,17 +70,22 @@ class EventReporter:
 
 
 class SilentReporter:
-    """Ranks other than 0 report nothing."""
+    """Ranks other than 0 report nothing; rank 0 alone decides about stopping."""
 
     def model_initialized(self, info: dict[str, Any]) -> None: ...
     def step_finished(self, report: StepReport) -> None: ...
     def checkpoint_saved(self, path: str, epoch: int, step: int) -> None: ...
+    def checkpoint_removed(self, path: str) -> None: ...
+    def stop_requested(self) -> int:
+        return STOP_NONE
 
 
-@ray.remote(max_restarts=0)
+# Two threads: one runs `train`, the other answers `request_stop` while it does.
+@ray.remote(max_restarts=0, max_concurrency=2)
 class TrainerWorker:
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
+        self._stop = STOP_NONE
         # Ray gives each GPU worker its own CUDA_VISIBLE_DEVICES, so the local device is always 0.
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
         import torch
@@ -88,6 +99,10 @@ class TrainerWorker:
             probe.bind(("", 0))
             port = probe.getsockname()[1]
         return ray.util.get_node_ip_address(), port
+
+    def request_stop(self, request: StopRequest) -> None:
+        """Stop at the next step boundary (after a final checkpoint if asked)."""
+        self._stop = STOP_AND_CHECKPOINT if request.save_checkpoint else STOP
 
     def train(self, request: TrainRequest, master: tuple[str, int], evaluator: Any) -> TrainResult:
         import torch
@@ -106,11 +121,14 @@ class TrainerWorker:
             init_weights_path=request.init_weights_path, train_rows_path=request.data.train_rows_path,
             plan=request.plan, learning_rate=request.run.spec.learning_rate, save_folder=request.run.save_folder,
             rank=self.rank, world_size=self.world_size, seed=request.run.spec.seed,
+            checkpoint_every=request.run.spec.checkpoint_every,
+            checkpoints_to_keep=request.run.spec.checkpoints_to_keep, resume_from=request.resume_from,
         )
-        reporter = EventReporter(request, evaluator) if self.rank == 0 else SilentReporter()
-        final = loop.train(config, reporter)
+        reporter = EventReporter(request, evaluator, lambda: self._stop) if self.rank == 0 else SilentReporter()
+        outcome = loop.train(config, reporter)
         dist.destroy_process_group()
-        return TrainResult(final_checkpoint=str(final), steps=request.plan.total_steps)
+        return TrainResult(final_checkpoint=str(outcome.final_checkpoint) if outcome.final_checkpoint else None,
+                           steps=outcome.steps_done, stopped=outcome.stopped)
 
 
 class TrainerGroup:
@@ -130,6 +148,9 @@ class TrainerGroup:
 
     async def ready(self) -> None:
         await self._placement.ready()
+
+    async def request_stop(self, request: StopRequest) -> None:
+        await self.workers[0].request_stop.remote(request)
 
     async def train(self, request: TrainRequest, evaluator: Any) -> TrainResult:
         master = await self.workers[0].rendezvous_address.remote()

@@ -12,7 +12,9 @@ from eventstore.store import EventStore
 ACTOR_NAME = "ray_finetune_event_store"
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+# Restarted if its process dies (it reopens the file; DuckDB replays its WAL); calls are retried then, and the
+# idempotency key of each event makes a retried append a no-op.
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class EventStoreActor:
     def __init__(self, path: str) -> None:
         self._store = EventStore(path)

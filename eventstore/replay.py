@@ -39,6 +39,7 @@ class RunState:
     progress: dict[str, Any] = field(default_factory=dict)
     registered_model: dict[str, Any] | None = None
     attempts: int = 0
+    interruptions: tuple[str, ...] = ()
     deleted: bool = False
     last_seq: int = 0
 
@@ -80,8 +81,12 @@ def apply(state: RunState, event: Event) -> RunState:
             time=event.time,
         )
         changes["checkpoints"] = state.checkpoints + (record,)
+    elif kind == EventType.CHECKPOINT_REMOVED.value:
+        changes["checkpoints"] = tuple(c for c in state.checkpoints if c.path != event.payload["path"])
     elif kind in (EventType.FAILED_EXCEPTION.value, EventType.CANCELED.value) and not state.is_terminal:
         changes["details"] = event.message
+    elif kind == EventType.REQUEUED.value:
+        changes["interruptions"] = state.interruptions + (str(event.payload.get("reason", event.message)),)
     elif kind == EventType.REGISTERED.value:
         changes["registered_model"] = dict(event.payload)
     elif kind == EventType.DELETED.value:

@@ -85,6 +85,8 @@ def create(
     experiment_path: Optional[str] = typer.Option(None),
     custom_weights_path: Optional[str] = typer.Option(None),
     validate_inputs: bool = typer.Option(True, "--validate-inputs/--no-validate-inputs"),
+    checkpoint_interval: Optional[str] = typer.Option(None, help="e.g. 1ep (default) or 50ba"),
+    checkpoints_to_keep: Optional[int] = typer.Option(None, help="newest N kept (default 3) plus the final"),
     wait: bool = typer.Option(False, "--wait", help="follow the run with a progress bar until it ends"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -94,6 +96,7 @@ def create(
         eval_data_path=eval_data_path, eval_prompts=eval_prompt or None, training_duration=training_duration,
         learning_rate=learning_rate, context_length=context_length, experiment_path=experiment_path,
         custom_weights_path=custom_weights_path, validate_inputs=validate_inputs,
+        checkpoint_interval=checkpoint_interval, checkpoints_to_keep=checkpoints_to_keep,
     ))
     if not wait:
         if as_json:
@@ -161,9 +164,10 @@ def runs_get(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @runs_app.command("cancel")
-def runs_cancel(names: list[str]) -> None:
-    """Stop runs; prints how many were stopped."""
-    count = _guarded(lambda: _fm().cancel(names))
+def runs_cancel(names: list[str], checkpoint: bool = typer.Option(False, "--checkpoint",
+                                                                   help="write a final checkpoint first")) -> None:
+    """Stop runs at the next step boundary; prints how many were stopped."""
+    count = _guarded(lambda: _fm().cancel(names, save_checkpoint=checkpoint))
     console.print(f"stopped {count} run(s)")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from ray_finetune.settings import Settings
 
 NAMESPACE = "ray_finetune"
 HEAD_FILE = "head.json"
+TOKEN_FILE = "ray_auth_token"
 
 
 def _ray_command() -> str:
@@ -49,6 +51,28 @@ def local_head_address(config: Settings) -> str | None:
     return address if _reachable(address) else None
 
 
+def _auth_env(config: Settings) -> dict[str, str]:
+    """Token authentication for the local head: a secret of this home's, readable by its owner only. A driver or
+    worker without it cannot talk to the head."""
+    token = config.home / TOKEN_FILE
+    if not token.exists():
+        config.home.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+
+
+def _use_token(env: dict[str, str]) -> None:
+    """Make this process present the head's token. Ray reads its auth settings once per process (at import), so
+    after changing them it must re-read its config and forget any cached token."""
+    os.environ.update(env)
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def start_local_head(config: Settings) -> str:
     config.home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
@@ -57,7 +81,7 @@ def start_local_head(config: Settings) -> str:
         _ray_command(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
         "--include-dashboard=false", "--disable-usage-stats",
     ]
-    env = {**os.environ, **config.as_env(), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **config.as_env(), **_auth_env(config), "RAY_USAGE_STATS_ENABLED": "0"}
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise ConfigError(f"could not start a local Ray head ({' '.join(command)}):\n{result.stderr[-2000:]}")
@@ -71,7 +95,10 @@ def connect() -> Settings:
     the scheduler exist."""
     config = settings_module.load()
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or local_head_address(config) or start_local_head(config)
+        address = os.environ.get("RAY_ADDRESS")
+        if not address:
+            address = local_head_address(config) or start_local_head(config)
+            _use_token(_auth_env(config))
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR",
                  runtime_env={"env_vars": config.as_env()})
     from actors import scheduler

@@ -30,3 +30,7 @@ class ConfigError(RayFinetuneError):
 
 class ResponseError(RayFinetuneError):
     """The scheduler or another actor answered with an error."""
+
+
+class CheckpointError(RayFinetuneError):
+    """A checkpoint could not be written or read (disk full, unwritable storage, torn files)."""

@@ -38,14 +38,20 @@ def create(
     context_length: int | None = None,
     validate_inputs: bool = True,
     data_prep_cluster_id: str | None = None,
+    checkpoint_interval: str | None = None,
+    checkpoints_to_keep: int | None = None,
 ) -> TrainingRun:
-    """Validate everything, queue the run, and return at once (status PENDING)."""
+    """Validate everything, queue the run, and return at once (status PENDING).
+
+    Beyond the original API: `checkpoint_interval` ('1ep' by default, or e.g. '50ba') and `checkpoints_to_keep`
+    (3 by default; the final checkpoint is always kept too)."""
     spec = spec_module.resolve(
         model=model, train_data_path=train_data_path, register_to=register_to,
         experiment_path=experiment_path or None, task_type=task_type, eval_data_path=eval_data_path,
         eval_prompts=eval_prompts, custom_weights_path=custom_weights_path, training_duration=training_duration,
         learning_rate=learning_rate, context_length=context_length, validate_inputs=validate_inputs,
-        data_prep_cluster_id=data_prep_cluster_id,
+        data_prep_cluster_id=data_prep_cluster_id, checkpoint_interval=checkpoint_interval,
+        checkpoints_to_keep=checkpoints_to_keep,
     )
     cluster.connect()
     from actors import scheduler
@@ -125,8 +131,9 @@ def _as_time(parameter: str, value: datetime | str | None) -> datetime | None:
 
 
 def cancel(runs: builtins.list["str | TrainingRun"] | "str | TrainingRun | None" = None,
-           experiment_id: str | None = None) -> int:
-    """Stop runs (by name, or every run of an experiment); returns how many were stopped."""
+           experiment_id: str | None = None, *, save_checkpoint: bool = False) -> int:
+    """Stop runs (by name, or every run of an experiment); returns how many were stopped. A running run stops at
+    the next step boundary; with save_checkpoint=True it writes a final checkpoint first."""
     if (runs is None) == (experiment_id is None):
         raise ValidationError("runs", "give exactly one of runs and experiment_id",
                               expected="cancel(runs=[...]) or cancel(experiment_id='...')")
@@ -141,7 +148,7 @@ def cancel(runs: builtins.list["str | TrainingRun"] | "str | TrainingRun | None"
             get(name)  # unknown names are an error, as in the original
     from actors import scheduler
 
-    return len(ray.get(scheduler.get_or_create().cancel.remote(names)))
+    return len(ray.get(scheduler.get_or_create().cancel.remote(names, save_checkpoint)))
 
 
 def delete(runs: builtins.list["str | TrainingRun"] | "str | TrainingRun") -> int:

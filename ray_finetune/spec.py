@@ -20,6 +20,8 @@ DurationUnit = Literal["ep", "ba", "tok"]
 DEFAULT_LEARNING_RATE = 5e-6
 DEFAULT_MAX_CONTEXT_LENGTH = 8192
 DEFAULT_SEED = 17
+DEFAULT_CHECKPOINT_INTERVAL = "1ep"
+DEFAULT_CHECKPOINTS_TO_KEEP = 3
 
 _DURATION = re.compile(r"^\s*(\d[\d_]*)\s*(ep|ba|tok)\s*$")
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
@@ -46,6 +48,14 @@ def parse_duration(text: str | None) -> Duration:
     if value <= 0:
         raise ValidationError("training_duration", f"{text!r} is not positive", expected="a positive count such as 1ep, 100ba or 1_000_000tok")
     return Duration(value=value, unit=match.group(2))  # type: ignore[arg-type]
+
+
+def parse_checkpoint_interval(text: str | None) -> Duration:
+    """How often to checkpoint: '<int>ep' or '<int>ba' (default every epoch)."""
+    interval = parse_duration(text or DEFAULT_CHECKPOINT_INTERVAL)
+    if interval.unit == "tok":
+        raise ValidationError("checkpoint_interval", f"{text!r} counts tokens", expected="'<int>ep' or '<int>ba'")
+    return interval
 
 
 def parse_learning_rate(value: float | str | None) -> float:
@@ -102,10 +112,16 @@ class RunSpec(BaseModel):
     validate_inputs: bool = True
     created_by: str
     seed: int = DEFAULT_SEED
+    checkpoint_interval: str = DEFAULT_CHECKPOINT_INTERVAL
+    checkpoints_to_keep: int = DEFAULT_CHECKPOINTS_TO_KEEP
 
     @property
     def duration(self) -> Duration:
         return parse_duration(self.training_duration)
+
+    @property
+    def checkpoint_every(self) -> Duration:
+        return parse_checkpoint_interval(self.checkpoint_interval)
 
     @property
     def destination(self) -> RegisterTo:
@@ -127,6 +143,8 @@ def resolve(
     context_length: int | None = None,
     data_prep_cluster_id: str | None = None,
     validate_inputs: bool = True,
+    checkpoint_interval: str | None = None,
+    checkpoints_to_keep: int | None = None,
 ) -> RunSpec:
     """Parse and check every argument of create(); raises ValidationError before anything is queued."""
     from ray_finetune.data import validation
@@ -138,6 +156,11 @@ def resolve(
     rate = parse_learning_rate(learning_rate)
     parse_register_to(register_to)
     prompts = _parse_eval_prompts(eval_prompts)
+    interval = parse_checkpoint_interval(checkpoint_interval)
+    keep = DEFAULT_CHECKPOINTS_TO_KEEP if checkpoints_to_keep is None else checkpoints_to_keep
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise ValidationError("checkpoints_to_keep", f"{checkpoints_to_keep!r} is not a count",
+                              expected="a positive integer (the final checkpoint is always kept as well)")
     if not model or not isinstance(model, str):
         raise ValidationError("model", f"{model!r} is not a model name", expected="a Hugging Face id or a local path")
     resolved = resolve_model(model)
@@ -158,14 +181,14 @@ def resolve(
         if eval_data_path:
             validation.check_data("eval_data_path", eval_data_path, task_type)
     if custom_weights_path:
-        validation.check_checkpoint("custom_weights_path", custom_weights_path)
+        validation.check_checkpoint("custom_weights_path", custom_weights_path, resolved.path)
     return RunSpec(
         model=model, model_path=str(resolved.path), train_data_path=str(train_data_path), register_to=register_to,
         task_type=task_type,  # type: ignore[arg-type]
         experiment_path=experiment_path, eval_data_path=eval_data_path, eval_prompts=prompts,
         custom_weights_path=custom_weights_path, training_duration=str(duration), learning_rate=rate,
         context_length=context, data_prep_cluster_id=data_prep_cluster_id, validate_inputs=validate_inputs,
-        created_by=current_user(),
+        created_by=current_user(), checkpoint_interval=str(interval), checkpoints_to_keep=keep,
     )
 
 

@@ -3,8 +3,6 @@ queued and of a running run; a run whose trainer process is killed ends FAILED w
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -83,7 +81,7 @@ def test_a_run_goes_from_create_to_a_registered_model(cluster, tiny_model, chat_
     assert run.name in [r.name for r in fm.list()]
 
 
-def test_cancel_a_queued_run_and_a_running_one(cluster, tiny_model, chat_data):
+def test_cancel_a_queued_run_and_a_running_one_with_a_final_checkpoint(cluster, tiny_model, chat_data):
     running = create(tiny_model, chat_data, training_duration="5000ba")
     queued = create(tiny_model, chat_data, training_duration="1ba")
     wait_for_event(running.name, "TRAIN_UPDATED")
@@ -94,28 +92,30 @@ def test_cancel_a_queued_run_and_a_running_one(cluster, tiny_model, chat_data):
     assert "MODEL_INITIALIZED" not in [e.type for e in fm.get_events(queued.name)]
 
     started = time.monotonic()
-    assert fm.cancel(runs=[running.name]) == 1
+    assert fm.cancel(runs=[running.name], save_checkpoint=True) == 1
     stopped = fm.get(running.name)
     assert stopped.status == RunStatus.STOPPED and time.monotonic() - started < 15
-    assert stopped.details == "canceled by the user"
-    steps_at_cancel = len([e for e in fm.get_events(running.name) if e.type == "TRAIN_UPDATED"])
-    time.sleep(2)
-    assert len([e for e in fm.get_events(running.name) if e.type == "TRAIN_UPDATED"]) <= steps_at_cancel + 1
-    assert fm.get_events(running.name)[-1].type in ("CANCELED", "TRAIN_UPDATED")
+    events = fm.get_events(running.name)
+    assert events[-1].type == "CANCELED"
+    last_step = [e for e in events if e.type == "TRAIN_UPDATED"][-1].payload["step"]
+    final = Path(fm.get_checkpoints(running.name)[-1])
+    assert final.name.endswith(f"-ba{last_step}") and (final / "trainer_state.json").exists()
+    assert stopped.details == f"canceled by the user; final checkpoint {final.name}"
+    time.sleep(1)
+    assert fm.get_events(running.name)[-1].type == "CANCELED"  # nothing trains after the stop
     assert fm.cancel([running.name]) == 0  # already stopped
 
 
-def test_a_run_whose_trainer_is_killed_ends_failed_with_the_reason(cluster, tiny_model, chat_data):
-    run = create(tiny_model, chat_data, training_duration="5000ba")
-    pid = wait_for_event(run.name, "MODEL_INITIALIZED").payload["pid"]
-    wait_for_event(run.name, "TRAIN_UPDATED")
-    os.kill(pid, signal.SIGKILL)
+def test_a_failure_in_the_run_itself_ends_failed_at_once_with_the_reason(cluster, tiny_model, tmp_path):
+    data = tmp_path / "late_error.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data.write_text(json.dumps(good) + "\n" + "not json\n")
+    run = create(tiny_model, (data,), validate_inputs=False, training_duration="1ba")
     finished = run.wait(timeout=120)
     assert finished.status == RunStatus.FAILED
-    assert "died unexpectedly" in finished.details
-    reason = [e for e in fm.get_events(run.name) if e.type == "FAILED_EXCEPTION"]
-    assert len(reason) == 1 and reason[0].message == finished.details
-    assert "traceback" in reason[0].payload
+    assert "train_data_path" in finished.details and "line 2" in finished.details
+    types = [e.type for e in fm.get_events(run.name)]
+    assert "REQUEUED" not in types and types[-2:] == ["FAILED_EXCEPTION", "FAILED"]
     # The operator's one query:
     details = event_log.sql(f"SELECT details FROM runs WHERE run_name = '{run.name}'")["details"][0]
     assert details == finished.details

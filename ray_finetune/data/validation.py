@@ -1,6 +1,7 @@
 """Shape checks for each task type (SPEC §3), run over every line before a run is queued."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ray_finetune.data import sources
@@ -92,8 +93,50 @@ def check_data(parameter: str, path: str, task_type: str) -> int:
     return records
 
 
-def check_checkpoint(parameter: str, path: str) -> None:
-    """A checkpoint folder (or pointer file) that holds consolidated weights."""
-    from ray_finetune.train.checkpoint import weights_folder
+ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
-    weights_folder(parameter, path)
+
+def check_checkpoint(parameter: str, path: str, model_path: str | Path) -> None:
+    """A complete checkpoint (folder, pointer file or .pt) of the same architecture as the base model."""
+    import json
+
+    from ray_finetune.train.checkpoint import initial_weights
+
+    weights = initial_weights(parameter, path)
+    base = json.loads((Path(model_path) / "config.json").read_text())
+    if weights.is_dir():
+        theirs = json.loads((weights / "config.json").read_text())
+        different = [k for k in ARCHITECTURE_KEYS if theirs.get(k) != base.get(k)]
+        if different:
+            found = ", ".join(f"{k}={theirs.get(k)}" for k in different)
+            wanted = ", ".join(f"{k}={base.get(k)}" for k in different)
+            raise ValidationError(parameter, f"{str(path)!r} is a different architecture ({found})",
+                                  expected=f"a checkpoint of the same model as `model` ({wanted})")
+        return
+    _check_state_dict(parameter, weights, Path(model_path))
+
+
+def _check_state_dict(parameter: str, file: Path, model_path: Path) -> None:
+    import torch
+    from safetensors import safe_open
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same answer
+        raise ValidationError(parameter, f"{str(file)!r} is not a readable state dict ({error})",
+                              expected="a .pt file written by torch.save(model.state_dict())") from None
+    state = state.get("module", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ValidationError(parameter, f"{str(file)!r} does not hold a state dict", expected="a dict of tensors")
+    expected: dict[str, tuple[int, ...]] = {}
+    for shard in model_path.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():
+                expected[key] = tuple(handle.get_slice(key).get_shape())
+    mismatched = [k for k, shape in expected.items() if k in state and tuple(state[k].shape) != shape]
+    missing = [k for k in expected if k not in state and not k.endswith("lm_head.weight")]
+    if mismatched or missing:
+        sample = (mismatched or missing)[:3]
+        raise ValidationError(parameter, f"{str(file)!r} does not match the base model "
+                              f"({len(mismatched)} tensors of another shape, {len(missing)} missing, e.g. {sample})",
+                              expected="weights of the same architecture as `model`")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 from ray_finetune.errors import ValidationError
@@ -50,12 +51,56 @@ def write_state(folder: Path, state: dict) -> None:
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
+def is_complete(folder: Path) -> bool:
+    """Published under its final name and holding the trainer state, which is written last."""
+    return parse_name(folder.name) is not None and (folder / STATE_FILE).is_file()
+
+
+def latest_complete(directory: Path) -> Path | None:
+    """The checkpoint to resume from: the pointer's, if complete; else the newest complete one. A torn checkpoint
+    (a staging folder, or one missing its trainer state) is never returned."""
+    pointer = directory / POINTER_NAME
+    if pointer.is_file():
+        named = directory / pointer.read_text().strip()
+        if is_complete(named):
+            return named
+    complete = [f for f in directory.glob("ep*-ba*") if f.is_dir() and is_complete(f)]
+    return max(complete, key=lambda f: parse_name(f.name)[1], default=None)  # type: ignore[index]
+
+
+def read_state(folder: Path) -> dict:
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def retain(directory: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (and any stale staging folders); returns what went."""
+    complete = sorted((f for f in directory.glob("ep*-ba*") if f.is_dir() and is_complete(f)),
+                      key=lambda f: parse_name(f.name)[1])  # type: ignore[index]
+    doomed = complete[:-keep] if keep > 0 else []
+    for folder in doomed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return doomed
+
+
+def _local(path: str | Path) -> Path:
+    text = str(path)
+    return Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
+
+
+def initial_weights(parameter: str, path: str | Path) -> Path:
+    """custom_weights_path → an HF weights folder, or a .pt file of a state dict."""
+    candidate = _local(path)
+    if candidate.suffix == ".pt":
+        if not candidate.is_file():
+            raise ValidationError(parameter, f"{str(path)!r} does not exist", expected="an existing .pt file")
+        return candidate
+    return weights_folder(parameter, path)
+
+
 def weights_folder(parameter: str, path: str | Path) -> Path:
     """The HF weights folder inside a checkpoint given as a folder, a pointer file, or a folder holding them."""
     text = str(path)
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-    candidate = Path(text).expanduser()
+    candidate = _local(path)
     if candidate.name == POINTER_NAME:
         if not candidate.is_file():
             raise ValidationError(parameter, f"pointer file {text!r} does not exist",

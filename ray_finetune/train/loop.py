@@ -21,7 +21,9 @@ import torch.distributed as dist
 
 from ray_finetune.data.packing import PackedRows
 from ray_finetune.train import checkpoint
-from ray_finetune.train.models import load_model, load_tokenizer
+from ray_finetune.errors import CheckpointError
+from ray_finetune.spec import Duration
+from ray_finetune.train.models import load_initial_model, load_tokenizer
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
 from ray_finetune.train.schedule import lr_factor
 from ray_finetune.train.step import forward_loss, make_batch
@@ -42,6 +44,19 @@ class TrainConfig:
     rank: int
     world_size: int
     seed: int
+    checkpoint_every: Duration = Duration(value=1, unit="ep")
+    checkpoints_to_keep: int = 3
+    resume_from: str | None = None    # a complete checkpoint of this run: continue exactly where it was
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    final_checkpoint: Path | None
+    steps_done: int
+    stopped: bool                     # ended early because a stop was requested
+
+
+STOP_NONE, STOP, STOP_AND_CHECKPOINT = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,8 @@ class Reporter(Protocol):
     def model_initialized(self, info: dict[str, Any]) -> None: ...
     def step_finished(self, report: StepReport) -> None: ...
     def checkpoint_saved(self, path: str, epoch: int, step: int) -> None: ...
+    def checkpoint_removed(self, path: str) -> None: ...
+    def stop_requested(self) -> int: ...   # STOP_NONE, STOP or STOP_AND_CHECKPOINT
 
 
 def device_for_rank(rank: int) -> torch.device:
@@ -89,8 +106,17 @@ def deepspeed_config(plan: TrainingPlan, on_gpu: bool) -> dict[str, Any]:
     }
 
 
-def train(config: TrainConfig, reporter: Reporter) -> Path:
-    """Train to the end of the plan; returns the final checkpoint folder."""
+def is_checkpoint_step(plan: TrainingPlan, every: Duration, step: int) -> bool:
+    """Whether optimizer step `step` (0-based) ends with a checkpoint. The last step always does."""
+    if step + 1 == plan.total_steps:
+        return True
+    if every.unit == "ba":
+        return (step + 1) % every.value == 0
+    return plan.is_epoch_end(step) and (plan.epoch_of(step) + 1) % every.value == 0
+
+
+def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
+    """Train to the end of the plan (or until a stop is requested), from step 0 or from `resume_from`."""
     import deepspeed
 
     plan, rank, world = config.plan, config.rank, config.world_size
@@ -99,7 +125,7 @@ def train(config: TrainConfig, reporter: Reporter) -> Path:
     device = device_for_rank(rank)
     rows = PackedRows.load(config.train_rows_path)
     tokenizer = load_tokenizer(config.model_path)
-    model = load_model(config.init_weights_path or config.model_path)
+    model = load_initial_model(config.model_path, config.init_weights_path)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=BETAS, weight_decay=0.0)
@@ -108,16 +134,26 @@ def train(config: TrainConfig, reporter: Reporter) -> Path:
         model=model, optimizer=optimizer, lr_scheduler=schedule,
         config=deepspeed_config(plan, on_gpu=device.type == "cuda"),
     )
+    start_step = 0
+    if config.resume_from:
+        start_step = resume(engine, Path(config.resume_from))
     if rank == 0:
         reporter.model_initialized({
             "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
             "dtype": "bfloat16" if device.type == "cuda" else "float32", "world_size": world,
-            "weights_from": config.init_weights_path or config.model_path, "pid": os.getpid(),
+            "weights_from": config.resume_from or config.init_weights_path or config.model_path,
+            "resumed_at_step": start_step, "pid": os.getpid(),
         })
     engine.train()
     started = time.monotonic()
-    last_checkpoint: Path | None = None
-    for step in range(plan.total_steps):
+    last_checkpoint: Path | None = Path(config.resume_from) if config.resume_from else None
+    for step in range(start_step, plan.total_steps):
+        stop = _agreed_stop(reporter.stop_requested() if rank == 0 else STOP_NONE, world)
+        if stop != STOP_NONE:
+            already_saved = last_checkpoint is not None and checkpoint.parse_name(last_checkpoint.name)[1] == step
+            if stop == STOP_AND_CHECKPOINT and step > 0 and not already_saved:
+                last_checkpoint = _checkpoint(engine, tokenizer, config, reporter, step - 1)
+            return TrainOutcome(final_checkpoint=last_checkpoint, steps_done=step, stopped=True)
         step_started = time.monotonic()
         all_rows = plan.step_rows(step)
         step_targets = rows.target_tokens(all_rows[all_rows != EMPTY_ROW])
@@ -132,26 +168,57 @@ def train(config: TrainConfig, reporter: Reporter) -> Path:
                                   int((batch.segment_ids >= 0).sum())], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(sums)
-        epoch_done = plan.is_epoch_end(step)
         if rank == 0:
             elapsed = time.monotonic() - started
             step_seconds = time.monotonic() - step_started
-            remaining = elapsed / (step + 1) * (plan.total_steps - step - 1)
+            remaining = elapsed / (step + 1 - start_step) * (plan.total_steps - step - 1)
             reporter.step_finished(StepReport(
-                step=step + 1, total_steps=plan.total_steps, epoch=plan.epoch_of(step) + int(epoch_done),
+                step=step + 1, total_steps=plan.total_steps, epoch=_epochs_done(plan, step),
                 loss=float(sums[0] / sums[1]), token_accuracy=float(sums[2] / sums[1]),
                 learning_rate=float(schedule.get_last_lr()[0]) if step + 1 < plan.total_steps else 0.0,
                 tokens=int(sums[3]), target_tokens=int(sums[1]),
                 tokens_per_second=float(sums[3]) / max(step_seconds, 1e-9), step_seconds=step_seconds,
                 estimated_end_time=datetime.now(timezone.utc) + timedelta(seconds=remaining),
             ))
-        if epoch_done or step + 1 == plan.total_steps:
-            last_checkpoint = save_checkpoint(engine, tokenizer, config, epoch=plan.epoch_of(step) + int(epoch_done),
-                                              step=step + 1)
-            if rank == 0:
-                reporter.checkpoint_saved(str(last_checkpoint), plan.epoch_of(step) + int(epoch_done), step + 1)
-    assert last_checkpoint is not None
-    return last_checkpoint
+        if is_checkpoint_step(plan, config.checkpoint_every, step):
+            last_checkpoint = _checkpoint(engine, tokenizer, config, reporter, step)
+    return TrainOutcome(final_checkpoint=last_checkpoint, steps_done=plan.total_steps, stopped=False)
+
+
+def _epochs_done(plan: TrainingPlan, step: int) -> int:
+    return plan.epoch_of(step) + int(plan.is_epoch_end(step))
+
+
+def _agreed_stop(local: int, world: int) -> int:
+    """Rank 0 decides; every rank learns the decision at the same step boundary."""
+    if world == 1:
+        return local
+    decision = torch.tensor([local], dtype=torch.int64)
+    dist.all_reduce(decision, op=dist.ReduceOp.MAX)
+    return int(decision.item())
+
+
+def _checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, reporter: Reporter, step: int) -> Path:
+    epoch = _epochs_done(config.plan, step)
+    path = save_checkpoint(engine, tokenizer, config, epoch=epoch, step=step + 1)
+    if config.rank == 0:
+        reporter.checkpoint_saved(str(path), epoch, step + 1)
+        for removed in checkpoint.retain(path.parent, config.checkpoints_to_keep):
+            reporter.checkpoint_removed(str(removed))
+    return path
+
+
+def resume(engine: Any, folder: Path) -> int:
+    """Load a complete checkpoint's engine state (weights, optimizer, schedule) and RNG; returns the next step."""
+    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+    if client_state is None:
+        raise CheckpointError(f"checkpoint {folder} could not be loaded by DeepSpeed")
+    torch.set_rng_state(client_state["torch_rng"])
+    np.random.set_state(client_state["numpy_rng"])
+    if torch.cuda.is_available() and client_state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(client_state["cuda_rng"])
+    return int(client_state["step"])
 
 
 def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, *, epoch: int, step: int) -> Path:
@@ -160,19 +227,30 @@ def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, *, epoch: 
     directory = checkpoint.checkpoints_dir(config.save_folder, config.run_name)
     name = checkpoint.checkpoint_name(epoch, step)
     staging = directory / checkpoint.staging_name(name)
-    if config.rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)   # left by an earlier, interrupted attempt
-        staging.mkdir(parents=True)
-    _barrier(config.world_size)
-    engine.save_checkpoint(str(directory), tag=staging.name, save_latest=False,
-                           client_state={"epoch": epoch, "step": step, "seed": config.seed})
-    if config.rank == 0:
-        weights = staging / checkpoint.WEIGHTS_DIR
-        engine.module.save_pretrained(weights)
-        tokenizer.save_pretrained(weights)
-        checkpoint.write_state(staging, {"epoch": epoch, "step": step, "plan": config.plan.as_dict(),
-                                         "learning_rate": config.learning_rate})
-        checkpoint.publish(directory, name)
+    client_state = {
+        "epoch": epoch, "step": step, "seed": config.seed, "torch_rng": torch.get_rng_state(),
+        "numpy_rng": np.random.get_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+    try:
+        if config.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)   # left by an earlier, interrupted attempt
+            staging.mkdir(parents=True)
+        _barrier(config.world_size)
+        engine.save_checkpoint(str(directory), tag=staging.name, save_latest=False, client_state=client_state)
+        if config.rank == 0:
+            weights = staging / checkpoint.WEIGHTS_DIR
+            engine.module.save_pretrained(weights)
+            tokenizer.save_pretrained(weights)
+            # Written last: its presence is what makes the checkpoint complete.
+            checkpoint.write_state(staging, {"epoch": epoch, "step": step, "plan": config.plan.as_dict(),
+                                             "learning_rate": config.learning_rate})
+            checkpoint.publish(directory, name)
+    except OSError as error:
+        if config.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {name} under {directory}: {error.strerror or error} "
+                              "(earlier checkpoints are intact)") from error
     _barrier(config.world_size)
     return directory / name
 

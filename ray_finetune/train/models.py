@@ -113,3 +113,18 @@ def load_model(path: str | Path, dtype: Any = None) -> Any:
     return AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype or torch.float32, attn_implementation="sdpa", trust_remote_code=False,
     )
+
+
+def load_initial_model(model_path: str | Path, weights: str | Path | None) -> Any:
+    """The model a run starts from: the base model, an HF weights folder, or the base model with a .pt state dict
+    loaded into it (weights only; the run's schedule starts at step 0)."""
+    if weights is None:
+        return load_model(model_path)
+    if Path(weights).suffix != ".pt":
+        return load_model(weights)
+    import torch
+
+    model = load_model(model_path)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict(state.get("module", state), strict=False)
+    return model

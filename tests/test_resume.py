@@ -1,0 +1,110 @@
+"""Runs that survive: a killed trainer, a killed scheduler or a killed head node; the resumed run reproduces the
+uninterrupted one exactly (per-step losses and final weights, bitwise on CPU), and a run that keeps dying ends
+FAILED with every attempt's reason."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from safetensors.torch import load_file
+
+from ray_finetune import foundation_model as fm
+from ray_finetune.entities import RunStatus
+
+pytestmark = pytest.mark.cluster
+STEPS, EVERY = 240, "80ba"
+
+
+def create(tiny_model, chat_data, **overrides):
+    arguments = dict(model=str(tiny_model), train_data_path=str(chat_data[0]), register_to="main.resume",
+                     learning_rate=1e-3, context_length=128, training_duration=f"{STEPS}ba",
+                     checkpoint_interval=EVERY)
+    arguments.update(overrides)
+    return fm.create(**arguments)
+
+
+def events_of(name: str, kind: str):
+    return [e for e in fm.get_events(name) if e.type == kind]
+
+
+def wait_until(predicate, timeout_s: float = 180, what: str = ""):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def losses_by_step(name: str) -> dict[int, float]:
+    """The last report of each step (steps re-run after a resume report again)."""
+    return {e.payload["step"]: e.payload["loss"] for e in events_of(name, "TRAIN_UPDATED")}
+
+
+def final_weights(name: str) -> dict:
+    folder = Path(fm.get_checkpoints(name)[-1]) / "model"
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tiny_model, chat_data):
+    run = create(tiny_model, chat_data).wait(timeout=300)
+    assert run.status == RunStatus.COMPLETED, run.details
+    return run.name
+
+
+def kill_trainer_after_first_checkpoint(name: str) -> None:
+    wait_until(lambda: events_of(name, "CHECKPOINT_SAVED"), what="a checkpoint")
+    pid = events_of(name, "MODEL_INITIALIZED")[-1].payload["pid"]
+    os.kill(pid, signal.SIGKILL)
+
+
+def kill_scheduler_after_first_checkpoint(name: str) -> None:
+    wait_until(lambda: events_of(name, "CHECKPOINT_SAVED"), what="a checkpoint")
+    from actors import scheduler
+
+    ray.kill(scheduler.get_or_create(), no_restart=False)   # Ray restarts it; it replays the log
+
+
+def kill_head_after_first_checkpoint(name: str) -> None:
+    wait_until(lambda: events_of(name, "CHECKPOINT_SAVED"), what="a checkpoint")
+    subprocess.run([str(Path(os.sys.executable).with_name("ray")), "stop", "--force"], check=True,
+                   capture_output=True)
+    ray.shutdown()   # this driver's connection died with the head; the next call starts a new head
+
+
+@pytest.mark.parametrize("kill", [kill_trainer_after_first_checkpoint, kill_scheduler_after_first_checkpoint,
+                                  kill_head_after_first_checkpoint])
+def test_a_resumed_run_equals_the_uninterrupted_one(cluster, tiny_model, chat_data, uninterrupted, kill):
+    run = create(tiny_model, chat_data)
+    kill(run.name)
+    finished = fm.get(run.name).wait(timeout=300)
+    assert finished.status == RunStatus.COMPLETED, finished.details
+    types = [e.type for e in fm.get_events(run.name)]
+    assert types.count("REQUEUED") == 1 and types.count("STARTED") == 2
+    resumed = [e for e in fm.get_events(run.name) if e.type == "MODEL_INITIALIZED"][-1].payload
+    assert resumed["resumed_at_step"] == 80  # from the newest complete checkpoint, not from scratch
+    assert losses_by_step(run.name) == losses_by_step(uninterrupted)   # exactly, step by step
+    ours, theirs = final_weights(run.name), final_weights(uninterrupted)
+    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+
+
+def test_a_run_that_keeps_dying_is_not_retried_forever(cluster, tiny_model, chat_data):
+    run = create(tiny_model, chat_data, training_duration="5000ba")
+    killed = set()
+    for _ in range(3):
+        event = wait_until(lambda: [e for e in events_of(run.name, "MODEL_INITIALIZED")
+                                    if e.payload["pid"] not in killed], what="a new trainer")[0]
+        killed.add(event.payload["pid"])
+        os.kill(event.payload["pid"], signal.SIGKILL)
+    finished = run.wait(timeout=120)
+    assert finished.status == RunStatus.FAILED
+    assert finished.details.startswith("gave up after 3 attempts: attempt 1: a worker of this run died")
+    assert "attempt 3:" in finished.details
+    assert [e.type for e in fm.get_events(run.name)].count("REQUEUED") == 2
