@@ -84,6 +84,7 @@ class Scheduler:
         self.cancelling: dict[str, bool] = {}   # run → save a final checkpoint
         self.names: set[str] = set()
         self._mlflow = asyncio.Lock()           # MLflow's sqlite store takes one writer at a time
+        self._admission = asyncio.Lock()        # CREATED order = queue order, however many drivers submit at once
         await self._recover()
 
     # -- the queue ---------------------------------------------------------------------------------------------
@@ -106,6 +107,11 @@ class Scheduler:
         self._dispatch()
 
     async def submit(self, spec: RunSpec) -> Any:
+        async with self._admission:
+            name = await self._admit(spec)
+        return await self.store.run_state.remote(name)
+
+    async def _admit(self, spec: RunSpec) -> str:
         name = run_name_for(spec.model, self.names)
         self.names.add(name)
         experiment = tracking.experiment_path_for(spec.created_by, name, spec.experiment_path)
@@ -123,7 +129,7 @@ class Scheduler:
                                       save_folder=tracked.save_folder)
         self.queue.append(name)
         self._dispatch()
-        return await self.store.run_state.remote(name)
+        return name
 
     async def queued(self) -> list[str]:
         return list(self.queue)
