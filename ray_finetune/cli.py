@@ -1,6 +1,8 @@
 """The command line: `ray-finetune create|runs|events|checkpoints|models|sql|down` (Typer + Rich)."""
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
 from dataclasses import asdict
@@ -35,13 +37,13 @@ def _guarded(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except ValidationError as error:
-        errors.print(f"[red]error:[/red] {error}")
+        errors.print(f"[red]error:[/red] {error}", soft_wrap=True)
         raise typer.Exit(2) from None
     except RunNotFoundError as error:
-        errors.print(f"[red]error:[/red] {error}")
+        errors.print(f"[red]error:[/red] {error}", soft_wrap=True)
         raise typer.Exit(1) from None
     except RayFinetuneError as error:
-        errors.print(f"[red]error:[/red] {error}")
+        errors.print(f"[red]error:[/red] {error}", soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -88,16 +90,23 @@ def create(
     checkpoint_interval: Optional[str] = typer.Option(None, help="e.g. 1ep (default) or 50ba"),
     checkpoints_to_keep: Optional[int] = typer.Option(None, help="newest N kept (default 3) plus the final"),
     wait: bool = typer.Option(False, "--wait", help="follow the run with a progress bar until it ends"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="estimate tokens, steps and time; queue nothing"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Queue a fine-tuning run."""
-    run = _guarded(lambda: _fm().create(
+    """Queue a fine-tuning run (with --dry-run: estimate it instead)."""
+    arguments = dict(
         model=model, train_data_path=train_data_path, register_to=register_to, task_type=task_type,
         eval_data_path=eval_data_path, eval_prompts=eval_prompt or None, training_duration=training_duration,
         learning_rate=learning_rate, context_length=context_length, experiment_path=experiment_path,
         custom_weights_path=custom_weights_path, validate_inputs=validate_inputs,
         checkpoint_interval=checkpoint_interval, checkpoints_to_keep=checkpoints_to_keep,
-    ))
+    )
+    if dry_run:
+        with console.status("tokenizing, packing and probing a training step…"):
+            result = _guarded(lambda: _fm().estimate(**arguments))
+        _print_json(result.as_dict()) if as_json else console.print(str(result))
+        return
+    run = _guarded(lambda: _fm().create(**arguments))
     if not wait:
         if as_json:
             _print_json(_run_dict(run))
@@ -112,6 +121,39 @@ def create(
         console.print(f"{final.name}: [bold]{final.status.value}[/bold]" + (f" — {final.details}" if final.details else ""))
     if final.status.value != "COMPLETED":
         raise typer.Exit(1)
+
+
+def _as_dry_run(command: Callable[..., None]) -> Callable[..., None]:
+    """`ray-finetune estimate ...` is `create --dry-run`: the same options from one definition."""
+    @functools.wraps(command)
+    def estimate(**options: Any) -> None:
+        command(**options, dry_run=True, wait=False)
+
+    signature = inspect.signature(command)
+    estimate.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p for name, p in signature.parameters.items() if name not in ("dry_run", "wait")])
+    return estimate
+
+
+app.command("estimate", help="Dry run: tokens, packing, steps and an estimated time; queues nothing.")(
+    _as_dry_run(create))
+
+data_app = typer.Typer(help="Check training data before a run.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    path: str,
+    task_type: str = typer.Option("CHAT_COMPLETION"),
+    data_prep_cluster_id: Optional[str] = typer.Option(None),
+) -> None:
+    """Validate every record of a data path (any supported form) for a task type."""
+    from ray_finetune.data.validation import check_data
+
+    count = _guarded(lambda: check_data("path", path, task_type, data_prep_cluster_id))
+    console.print(f"{path}: {count:,} {'files' if task_type == 'CONTINUED_PRETRAIN' else 'records'}, all valid "
+                  f"for {task_type}")
 
 
 def _follow_with_progress(name: str):

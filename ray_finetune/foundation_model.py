@@ -8,7 +8,7 @@ from __future__ import annotations
 import builtins
 import time
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Any, Iterator
 
 import ray
 
@@ -60,6 +60,40 @@ def create(
     run = TrainingRun.from_state(state)
     run.status = RunStatus.PENDING  # the contract: create() answers PENDING, whatever has happened since
     return run
+
+
+def estimate(
+    model: str,
+    train_data_path: str,
+    register_to: str | None = None,
+    *,
+    experiment_path: str | None = "",
+    task_type: str = "CHAT_COMPLETION",
+    eval_data_path: str | None = None,
+    eval_prompts: builtins.list[str] | None = None,
+    custom_weights_path: str | None = None,
+    training_duration: str | None = None,
+    learning_rate: float | str | None = None,
+    context_length: int | None = None,
+    validate_inputs: bool = True,
+    data_prep_cluster_id: str | None = None,
+    checkpoint_interval: str | None = None,
+    checkpoints_to_keep: int | None = None,
+    probe: bool = True,
+) -> Any:
+    """A dry run with create()'s arguments: validates, tokenizes and packs the data, and returns token counts,
+    packing efficiency, steps and an estimated training time from a short measured probe. Queues nothing."""
+    from ray_finetune.estimate import estimate as dry_run
+
+    spec = spec_module.resolve(
+        model=model, train_data_path=train_data_path, register_to=register_to or "estimate.only",
+        experiment_path=experiment_path or None, task_type=task_type, eval_data_path=eval_data_path,
+        eval_prompts=eval_prompts, custom_weights_path=custom_weights_path, training_duration=training_duration,
+        learning_rate=learning_rate, context_length=context_length, validate_inputs=validate_inputs,
+        data_prep_cluster_id=data_prep_cluster_id, checkpoint_interval=checkpoint_interval,
+        checkpoints_to_keep=checkpoints_to_keep,
+    )
+    return dry_run(spec, probe=probe)
 
 
 def _name(training_run: "str | TrainingRun") -> str:

@@ -148,6 +148,7 @@ def resolve(
 ) -> RunSpec:
     """Parse and check every argument of create(); raises ValidationError before anything is queued."""
     from ray_finetune.data import validation
+    from ray_finetune.data.spark import check_cluster_id
     from ray_finetune.train.models import resolve_model
 
     if task_type not in TASK_TYPES:
@@ -176,10 +177,11 @@ def resolve(
         context = context_length
     if not train_data_path:
         raise ValidationError("train_data_path", "is required", expected="a .jsonl file or a folder of .txt files")
+    check_cluster_id(data_prep_cluster_id)
     if validate_inputs:
-        validation.check_data("train_data_path", train_data_path, task_type)
+        validation.check_data("train_data_path", train_data_path, task_type, data_prep_cluster_id)
         if eval_data_path:
-            validation.check_data("eval_data_path", eval_data_path, task_type)
+            validation.check_data("eval_data_path", eval_data_path, task_type, data_prep_cluster_id)
     if custom_weights_path:
         validation.check_checkpoint("custom_weights_path", custom_weights_path, resolved.path)
     return RunSpec(

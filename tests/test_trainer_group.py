@@ -41,7 +41,8 @@ def train_with(world_size: int, rows_path: str, stats, spec, cluster, tmp_path) 
 def test_two_cpu_workers_give_the_same_losses_as_one(cluster, tiny_model, tmp_path):
     data = write_chat_jsonl(tmp_path / "train.jsonl", 64)
     tokenizer = load_tokenizer(tiny_model)
-    examples = formats.examples_from_records(tokenizer, "CHAT_COMPLETION", sources.read_jsonl("train", str(data)))
+    examples = formats.examples_from_records(tokenizer, "CHAT_COMPLETION",
+                                             sources.read_records(sources.locate("train", str(data))))
     rows, stats = packing.pack_examples(examples, 64, tokenizer.pad_token_id)
     rows.save(str(tmp_path / "rows.npz"))
     spec = spec_module.resolve(model=str(tiny_model), train_data_path=str(data), register_to="main.tests",

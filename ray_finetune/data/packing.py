@@ -34,7 +34,9 @@ class PackingStats:
         return self.tokens / capacity if capacity else 0.0
 
     def as_dict(self) -> dict[str, object]:
-        return {**self.__dict__, "packing_efficiency": round(self.packing_efficiency, 4)}
+        histogram = dict(sorted(self.length_histogram.items(), key=lambda item: int(item[0][2:])))
+        return {**self.__dict__, "length_histogram": histogram,
+                "packing_efficiency": round(self.packing_efficiency, 4)}
 
 
 @dataclass(frozen=True)

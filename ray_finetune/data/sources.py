@@ -1,68 +1,255 @@
-"""Reading user data: JSONL records and folders of .txt documents, streamed (never a whole file in memory)."""
+"""Where data comes from (SPEC §2), read as a stream of records or documents, never a whole file in memory:
+
+- files and folders: local paths, any fsspec URL (file://, s3://, gs://, ... whatever protocol is installed),
+  and volume paths dbfs:/Volumes/<catalog>/<schema>/<volume>/... (= /Volumes/...) under RAY_FINETUNE_VOLUMES_ROOT;
+- Hugging Face datasets `[org/]name/split`, from a local dataset folder or the local HF cache;
+- Delta tables `catalog.schema.table` under RAY_FINETUNE_CATALOG_ROOT, read with deltalake, or through Spark when
+  a data_prep_cluster_id is given (`local` for an in-process session, or a Spark Connect URL sc://host:port).
+
+Records come with a location ("line 12", "row 7") for error messages.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 from ray_finetune.errors import ValidationError
 
-
-def local_path(parameter: str, path: str) -> Path:
-    """A user's path as a local Path (file:// accepted); errors name the parameter."""
-    text = str(path)
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-    elif "://" in text:
-        raise ValidationError(parameter, f"{path!r} uses a storage protocol this version cannot read",
-                              expected="a local path or a file:// URL")
-    resolved = Path(text).expanduser()
-    if not resolved.exists():
-        raise ValidationError(parameter, f"{path!r} does not exist", expected="a path to an existing file or folder")
-    return resolved.resolve()
+SourceKind = Literal["file", "folder", "hf_dataset", "delta_table"]
+_TABLE = re.compile(r"^[A-Za-z_][\w-]*\.[A-Za-z_][\w-]*\.[A-Za-z_][\w-]*$")
+_DATASET = re.compile(r"^(?:[\w.-]+/)?[\w.-]+/[\w.-]+$")
+_VOLUME = re.compile(r"^(?:dbfs:)?/Volumes/(.+)$")
+BATCH_ROWS = 1024
 
 
-def read_jsonl(parameter: str, path: str) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) for each non-blank line; a line that is not JSON is a ValidationError."""
-    file = local_path(parameter, path)
-    if file.is_dir():
-        raise ValidationError(parameter, f"{path!r} is a folder", file=str(file), expected="a .jsonl file")
-    with file.open("r", encoding="utf-8") as handle:
-        line_no = 0
-        while True:
+@dataclass(frozen=True)
+class DataSource:
+    parameter: str          # which create() argument named it, for error messages
+    given: str              # what the user wrote
+    kind: SourceKind
+    url: str                # fsspec URL (file/folder), dataset id, or table name
+    data_prep_cluster_id: str | None = None
+
+    @property
+    def where(self) -> str:
+        """How error messages name it: a local path for local files, else the URL or name."""
+        return self.url[len("file://"):] if self.url.startswith("file://") else self.url
+
+
+def volumes_root() -> Path:
+    from ray_finetune import settings
+
+    return Path(os.environ.get("RAY_FINETUNE_VOLUMES_ROOT", str(settings.load().home / "volumes"))).expanduser()
+
+
+def catalog_root() -> Path:
+    from ray_finetune import settings
+
+    return Path(os.environ.get("RAY_FINETUNE_CATALOG_ROOT", str(settings.load().home / "catalog"))).expanduser()
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """A folder written by datasets' save_to_disk."""
+    return (folder / "dataset_dict.json").exists() or (folder / "state.json").exists()
+
+
+def _filesystem(parameter: str, url: str) -> tuple[Any, str]:
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as error:
+        protocol = url.split("://", 1)[0]
+        raise ValidationError(parameter, f"cannot open {url!r}: {error}",
+                              expected=f"an installed fsspec implementation for {protocol}:// "
+                                       "(e.g. pip install s3fs for s3://)") from None
+
+
+def locate(parameter: str, path: str, data_prep_cluster_id: str | None = None) -> DataSource:
+    """Decide what kind of source a user's path names; errors say what was looked for."""
+    given = str(path).strip()
+    volume = _VOLUME.match(given)
+    if volume:
+        url = (volumes_root() / volume.group(1)).resolve().as_uri()
+    elif "://" in given:
+        url = given
+    else:
+        local = Path(given).expanduser()
+        if is_saved_dataset(local.parent):   # <folder written by save_to_disk>/<split>
+            return DataSource(parameter, given, "hf_dataset", f"{local.parent.resolve()}/{local.name}")
+        if local.exists():
+            url = local.resolve().as_uri()
+        elif _TABLE.match(given):
+            return DataSource(parameter, given, "delta_table", given, data_prep_cluster_id)
+        elif _DATASET.match(given) and not Path(given).suffix:
+            return DataSource(parameter, given, "hf_dataset", given)
+        else:
+            raise ValidationError(parameter, f"{given!r} does not exist",
+                                  expected="a local path, an fsspec URL (file://, s3://), a volume path "
+                                           "(/Volumes/catalog/schema/volume/...), a Hugging Face dataset "
+                                           "'[org/]name/split' or a Delta table 'catalog.schema.table'")
+    fs, inner = _filesystem(parameter, url)
+    try:
+        exists, is_dir = fs.exists(inner), fs.isdir(inner)
+    except Exception as error:  # noqa: BLE001 - a store that cannot be reached is the user's to fix
+        raise ValidationError(parameter, f"cannot reach {url!r}: {type(error).__name__}: {error}",
+                              expected="a reachable location with read permission") from None
+    if not exists:
+        where = f" (volume paths live under {volumes_root()}; set RAY_FINETUNE_VOLUMES_ROOT)" if volume else ""
+        raise ValidationError(parameter, f"{given!r} does not exist{where}", expected="an existing file or folder")
+    return DataSource(parameter, given, "folder" if is_dir else "file", url)
+
+
+# -- records (CHAT_COMPLETION, INSTRUCTION_FINETUNE) ----------------------------------------------------------------
+def read_records(source: DataSource, columns: frozenset[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """(location, record) for every record of a JSONL file, a dataset or a table. For datasets and tables only
+    `columns` are kept (they often carry ids and metadata); a JSONL line is taken whole."""
+    if source.kind == "file":
+        yield from _jsonl_records(source)
+    elif source.kind in ("hf_dataset", "delta_table"):
+        rows = _dataset_records(source) if source.kind == "hf_dataset" else _table_records(source)
+        for location, row in rows:
+            yield location, {k: v for k, v in row.items() if columns is None or k in columns}
+    else:
+        raise ValidationError(source.parameter, f"{source.given!r} is a folder",
+                              expected="a .jsonl file, a Hugging Face dataset or a Delta table")
+
+
+def _jsonl_records(source: DataSource) -> Iterator[tuple[str, Any]]:
+    if not source.url.endswith(".jsonl"):
+        raise ValidationError(source.parameter, f"{source.given!r} is not a .jsonl file", file=source.where,
+                              expected="a .jsonl file (one JSON object per line)")
+    fs, inner = _filesystem(source.parameter, source.url)
+    with fs.open(inner, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
             try:
-                line = handle.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise ValidationError(parameter, f"is not UTF-8 ({error.reason})", file=str(file),
-                                      line=line_no + 1, expected="UTF-8 text") from None
-            if not line:
-                return
-            line_no += 1
+                raise ValidationError(source.parameter, f"is not UTF-8 ({error.reason} at byte {error.start})",
+                                      file=source.where, line=line_no, expected="UTF-8 text") from None
             if not line.strip():
                 continue
             try:
-                yield line_no, json.loads(line)
+                yield f"line {line_no}", json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValidationError(parameter, f"is not valid JSON ({error.msg} at column {error.colno})",
-                                      file=str(file), line=line_no, expected="one JSON object per line") from None
+                raise ValidationError(source.parameter, f"is not valid JSON ({error.msg} at column {error.colno})",
+                                      file=source.where, line=line_no, expected="one JSON object per line") from None
 
 
-def text_files(parameter: str, path: str) -> list[Path]:
-    """Every .txt file under a folder, recursively, in a stable order."""
-    folder = local_path(parameter, path)
-    if not folder.is_dir():
-        raise ValidationError(parameter, f"{path!r} is not a folder", file=str(folder),
+def _dataset_records(source: DataSource) -> Iterator[tuple[str, Any]]:
+    name, _, split = source.url.rpartition("/")
+    dataset = _load_dataset(source, name, split)
+    for index, row in enumerate(dataset, start=1):
+        yield f"row {index}", dict(row)
+
+
+def _load_dataset(source: DataSource, name: str, split: str) -> Any:
+    import datasets
+
+    try:
+        folder = Path(name).expanduser()
+        if is_saved_dataset(folder):
+            loaded = datasets.load_from_disk(str(folder))   # written by save_to_disk
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        # Arrow files memory-mapped from the local cache: bounded memory without streaming from a hub.
+        return datasets.load_dataset(name, split=split)
+    except Exception as error:  # noqa: BLE001 - datasets raises many kinds; all mean "not available here"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValidationError(source.parameter, f"could not load Hugging Face dataset {name!r} split {split!r} "
+                              f"({reason})", expected="a dataset in the local HF cache (or reachable hub) with "
+                                                     "that split, written '[org/]name/split'") from None
+
+
+def table_path(source: DataSource) -> Path:
+    catalog, schema, table = source.url.split(".")
+    return catalog_root() / catalog / schema / table
+
+
+def _table_records(source: DataSource) -> Iterator[tuple[str, Any]]:
+    path = table_path(source)
+    try:
+        from deltalake import DeltaTable
+
+        table = DeltaTable(str(path))
+    except Exception as error:  # noqa: BLE001 - not a Delta table, whatever the reason
+        raise ValidationError(source.parameter, f"no Delta table {source.url!r} at {path} ({type(error).__name__})",
+                              expected="a Delta table under RAY_FINETUNE_CATALOG_ROOT/<catalog>/<schema>/<table>"
+                              ) from None
+    batches = (_spark_batches(source, table) if source.data_prep_cluster_id
+               else table.to_pyarrow_dataset().to_batches(batch_size=BATCH_ROWS))
+    index = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            index += 1
+            yield f"row {index}", row
+
+
+def _spark_batches(source: DataSource, table: Any) -> Iterator[Any]:
+    """Read the table's current snapshot through Spark (the data-prep cluster), streaming rows back."""
+    import pyarrow as pa
+
+    from ray_finetune.data.spark import session
+
+    spark = session(source.data_prep_cluster_id or "local")
+    frame = spark.read.parquet(*table.file_uris())
+    rows: list[dict[str, Any]] = []
+    for row in frame.toLocalIterator():
+        rows.append(row.asDict(recursive=True))
+        if len(rows) == BATCH_ROWS:
+            yield pa.RecordBatch.from_pylist(rows)
+            rows = []
+    if rows:
+        yield pa.RecordBatch.from_pylist(rows)
+
+
+# -- documents (CONTINUED_PRETRAIN) -------------------------------------------------------------------------------
+def text_files(source: DataSource) -> list[str]:
+    """Every .txt file under a folder, recursively, in a stable order (fsspec paths)."""
+    if source.kind != "folder":
+        raise ValidationError(source.parameter, f"{source.given!r} is not a folder", file=source.where,
                               expected="a folder of .txt files for CONTINUED_PRETRAIN")
-    files = sorted(p for p in folder.rglob("*.txt") if p.is_file())
+    fs, inner = _filesystem(source.parameter, source.url)
+    files = sorted(p for p in fs.find(inner) if p.endswith(".txt"))
     if not files:
-        raise ValidationError(parameter, f"no .txt files under {path!r}", file=str(folder),
+        raise ValidationError(source.parameter, f"no .txt files under {source.given!r}", file=source.where,
                               expected="at least one .txt file (searched recursively)")
     return files
 
 
-def read_text(parameter: str, file: Path) -> str:
+def read_text(source: DataSource, file: str) -> str:
+    fs, _ = _filesystem(source.parameter, source.url)
+    data = fs.cat_file(file)
     try:
-        return file.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValidationError(parameter, f"is not UTF-8 (byte {error.start})", file=str(file),
+        raise ValidationError(source.parameter, f"is not UTF-8 (byte {error.start})", file=file,
                               expected="UTF-8 text") from None
+
+
+# -- identity (for the packed-data cache) -------------------------------------------------------------------------
+def fingerprint(source: DataSource) -> str:
+    """Changes whenever the data could have changed: content hash for files, table version, dataset fingerprint."""
+    digest = hashlib.sha256(source.url.encode())
+    if source.kind == "file":
+        fs, inner = _filesystem(source.parameter, source.url)
+        with fs.open(inner, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    elif source.kind == "folder":
+        fs, _ = _filesystem(source.parameter, source.url)
+        for file in text_files(source):
+            digest.update(file.encode())
+            digest.update(fs.cat_file(file))
+    elif source.kind == "delta_table":
+        from deltalake import DeltaTable
+
+        digest.update(str(DeltaTable(str(table_path(source))).version()).encode())
+    else:
+        for _, record in _dataset_records(source):
+            digest.update(json.dumps(record, sort_keys=True, default=str).encode())
+    return digest.hexdigest()

@@ -44,7 +44,7 @@ def chat_problem(record: Any) -> str | None:
 def instruction_problem(record: Any) -> str | None:
     if not isinstance(record, dict):
         return "is not a JSON object"
-    response_key = "response" if "response" in record else "completion"
+    response_key = "response" if record.get("response") is not None else "completion"
     if "prompt" not in record or response_key not in record:
         return "needs 'prompt' and 'response' (or 'completion')"
     unknown = set(record) - {"prompt", "response", "completion"}
@@ -62,34 +62,38 @@ SHAPES = {
                                       '{"role": "assistant", "content": "..."}]}'),
     "INSTRUCTION_FINETUNE": (instruction_problem, '{"prompt": "...", "response": "..."}'),
 }
+COLUMNS = {"CHAT_COMPLETION": frozenset({"messages"}),
+           "INSTRUCTION_FINETUNE": frozenset({"prompt", "response", "completion"})}
 
 
-def check_data(parameter: str, path: str, task_type: str) -> int:
-    """Check every record; returns how many there are. Reports the first few bad lines and the count."""
+def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: str | None = None) -> int:
+    """Check every record (or document); returns how many there are. Reports the first few bad ones and the count."""
+    source = sources.locate(parameter, path, data_prep_cluster_id)
     if task_type == "CONTINUED_PRETRAIN":
-        files = sources.text_files(parameter, path)
+        files = sources.text_files(source)
         for file in files:
-            sources.read_text(parameter, file)
+            sources.read_text(source, file)
         return len(files)
-    if not str(path).endswith(".jsonl"):
-        raise ValidationError(parameter, f"{path!r} is not a .jsonl file", expected=f"a .jsonl file for {task_type}")
+    if source.kind == "folder":
+        raise ValidationError(parameter, f"{path!r} is a folder", file=source.where,
+                              expected=f"a .jsonl file, a Hugging Face dataset or a Delta table for {task_type}")
     problem_of, shape = SHAPES[task_type]
-    bad: list[tuple[int, str]] = []
+    bad: list[tuple[str, str]] = []
     bad_count = records = 0
-    for line_no, record in sources.read_jsonl(parameter, path):
+    for location, record in sources.read_records(source, COLUMNS[task_type]):
         records += 1
         problem = problem_of(record)
         if problem:
             bad_count += 1
             if len(bad) < MAX_REPORTED_LINES:
-                bad.append((line_no, problem))
-    file = str(sources.local_path(parameter, path))
+                bad.append((location, problem))
     if bad:
-        listing = "; ".join(f"line {n}: {p}" for n, p in bad)
+        listing = "; ".join(f"{where}: {problem}" for where, problem in bad)
+        first_line = int(bad[0][0].split()[-1]) if bad[0][0].startswith("line") else None
         raise ValidationError(parameter, f"{bad_count} of {records} records are malformed ({listing})",
-                              file=file, line=bad[0][0], expected=f"one {task_type} record per line: {shape}")
+                              file=source.where, line=first_line, expected=f"one {task_type} record per line: {shape}")
     if records == 0:
-        raise ValidationError(parameter, "has no records", file=file, expected="at least one JSON line")
+        raise ValidationError(parameter, "has no records", file=source.where, expected="at least one record")
     return records
 
 

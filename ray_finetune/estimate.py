@@ -1,0 +1,111 @@
+"""A dry run: validate, tokenize and pack the data exactly as the run would, plan the steps, and time a short
+probe of the training step, without queueing anything. The packed rows land in the same cache the run uses, so
+the run's DATA_VALIDATED event carries the same counts and it does not tokenize again."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ray_finetune import settings
+from ray_finetune.data.packing import PackedRows
+from ray_finetune.data.prepare import prepare
+from ray_finetune.spec import RunSpec
+from ray_finetune.train.plan import make_plan
+
+PROBE_MICRO_BATCHES = 2
+
+
+@dataclass(frozen=True)
+class Estimate:
+    examples: int
+    tokens: int                  # real tokens after packing (what the model reads)
+    target_tokens: int           # tokens the loss is taken on
+    truncated_examples: int
+    dropped_examples: int
+    length_histogram: dict[str, int]
+    packing_efficiency: float
+    rows: int
+    context_length: int
+    world_size: int
+    global_batch_rows: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: float
+    seconds_per_step: float      # measured here: forward + backward of the step's micro-batches
+    estimated_seconds: float     # training steps only (not evaluation, checkpoints or start-up)
+    probe_device: str = ""
+    eval: dict[str, Any] | None = field(default=None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        histogram = ", ".join(f"{k}: {v}" for k, v in self.length_histogram.items())
+        return "\n".join([
+            f"examples            {self.examples:,} ({self.truncated_examples} truncated, {self.dropped_examples} "
+            f"dropped with nothing to learn)",
+            f"tokens              {self.tokens:,} in all, {self.target_tokens:,} trained on",
+            f"example lengths     {histogram}",
+            f"packing             {self.rows:,} rows of {self.context_length} tokens, "
+            f"{self.packing_efficiency:.1%} full",
+            f"batch               {self.global_batch_rows} rows per step on {self.world_size} worker(s)",
+            f"steps               {self.total_steps:,} ({self.steps_per_epoch:,} per epoch, {self.epochs:.2f} epochs)",
+            f"time per step       {self.seconds_per_step:.2f} s (probe on {self.probe_device})",
+            f"estimated training  {_duration(self.estimated_seconds)}",
+        ])
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+
+
+def estimate(spec: RunSpec, *, probe: bool = True) -> Estimate:
+    from ray_finetune.train.models import load_tokenizer
+
+    config = settings.load()
+    tokenizer = load_tokenizer(spec.model_path)
+    common = dict(task_type=spec.task_type, model_path=spec.model_path, tokenizer=tokenizer,
+                  context_length=spec.context_length, cache_dir=config.packed_data_dir,
+                  data_prep_cluster_id=spec.data_prep_cluster_id)
+    train = prepare("train_data_path", spec.train_data_path, **common)
+    evaluation = prepare("eval_data_path", spec.eval_data_path, **common) if spec.eval_data_path else None
+    stats = train.stats
+    plan = make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=spec.duration,
+                     world_size=config.trainer_workers, seed=spec.seed)
+    seconds, device = (_probe_step_seconds(spec, train.rows_path, plan) if probe else (0.0, "not probed"))
+    return Estimate(
+        examples=stats["examples"], tokens=stats["tokens"], target_tokens=stats["target_tokens"],
+        truncated_examples=stats["truncated_examples"], dropped_examples=stats["dropped_examples"],
+        length_histogram=stats["length_histogram"], packing_efficiency=stats["packing_efficiency"],
+        rows=stats["rows"], context_length=spec.context_length, world_size=plan.world_size,
+        global_batch_rows=plan.global_batch_rows, steps_per_epoch=plan.steps_per_epoch,
+        total_steps=plan.total_steps, epochs=plan.epochs, seconds_per_step=seconds,
+        estimated_seconds=seconds * plan.total_steps, probe_device=device,
+        eval=evaluation.stats if evaluation else None,
+    )
+
+
+def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str]:
+    """Time forward + backward of real packed rows; a step is gradient_accumulation_steps of them per rank."""
+    import numpy as np
+    import torch
+
+    from ray_finetune.train.models import load_model
+    from ray_finetune.train.step import forward_loss, make_batch
+
+    rows = PackedRows.load(rows_path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(spec.model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
+    timings = []
+    for index in range(PROBE_MICRO_BATCHES + 1):   # the first one warms up
+        batch = make_batch(rows, np.arange(index, index + plan.micro_batch_rows) % len(rows)).to(device)
+        started = time.perf_counter()
+        forward_loss(model, batch).loss_sum.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - started)
+    per_micro_batch = sum(timings[1:]) / PROBE_MICRO_BATCHES
+    return per_micro_batch * plan.gradient_accumulation_steps, str(device)

@@ -1,0 +1,56 @@
+"""The dry run: estimate() validates, counts and times without queueing, and the run's own events agree."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ray_finetune import events as event_log
+from ray_finetune import foundation_model as fm
+from ray_finetune.cli import app
+from ray_finetune.entities import RunStatus
+from ray_finetune.errors import ValidationError
+
+pytestmark = pytest.mark.cluster
+
+
+def test_the_estimate_matches_what_the_run_reports(cluster, tiny_model, chat_data):
+    arguments = dict(model=str(tiny_model), train_data_path=str(chat_data[0]), register_to="main.estimate",
+                     training_duration="3ep", context_length=128, eval_data_path=str(chat_data[1]))
+    before = len(event_log.sql("SELECT seq FROM events"))
+    estimate = fm.estimate(**arguments)
+    assert len(event_log.sql("SELECT seq FROM events")) == before   # nothing queued
+    assert estimate.examples == 24 and estimate.truncated_examples == 0
+    assert 0 < estimate.target_tokens < estimate.tokens <= estimate.rows * 128
+    assert estimate.total_steps == 3 * estimate.steps_per_epoch
+    assert estimate.seconds_per_step > 0 and estimate.estimated_seconds == pytest.approx(
+        estimate.seconds_per_step * estimate.total_steps)
+    assert sum(estimate.length_histogram.values()) == 24 and estimate.eval["examples"] == 6
+
+    run = fm.create(**arguments).wait(timeout=300)
+    assert run.status == RunStatus.COMPLETED, run.details
+    validated = next(e for e in fm.get_events(run.name) if e.type == "DATA_VALIDATED")
+    assert validated.payload["cached"] is True   # the estimate already packed it
+    for key in ("examples", "tokens", "target_tokens", "rows", "truncated_examples", "packing_efficiency"):
+        assert validated.payload["train"][key] == getattr(estimate, key)
+    started = next(e for e in fm.get_events(run.name) if e.type == "TRAIN_STARTED")
+    assert started.payload["plan"]["total_steps"] == estimate.total_steps
+    assert started.payload["plan"]["global_batch_rows"] == estimate.global_batch_rows
+
+
+def test_estimate_rejects_bad_input_like_create(tiny_model, chat_data):
+    with pytest.raises(ValidationError, match="training_duration"):
+        fm.estimate(model=str(tiny_model), train_data_path=str(chat_data[0]), training_duration="a while")
+
+
+def test_estimate_and_data_check_from_the_shell(tiny_model, chat_data):
+    runner = CliRunner()
+    result = runner.invoke(app, ["estimate", "--model", str(tiny_model), "--train-data-path", str(chat_data[0]),
+                                 "--register-to", "main.cli", "--context-length", "128", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout[result.stdout.index("{"):])["examples"] == 24
+    checked = runner.invoke(app, ["data", "check", str(chat_data[0])])
+    assert checked.exit_code == 0 and "24 records, all valid" in checked.stdout
+    bad = runner.invoke(app, ["data", "check", str(chat_data[0]), "--task-type", "INSTRUCTION_FINETUNE"])
+    assert bad.exit_code == 2 and "24 of 24 records are malformed" in bad.stderr

@@ -1,0 +1,151 @@
+"""Every input form of the original API, each read for real: volume paths, file:// and s3:// (a real
+S3-compatible server on loopback), Hugging Face datasets saved locally, Delta tables read with deltalake and
+through a local Spark session; packed data cached by content."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from ray_finetune.data import sources, validation
+from ray_finetune.data.prepare import prepare
+from ray_finetune.errors import ValidationError
+from ray_finetune.train.models import load_tokenizer
+
+CHAT = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+        for i in range(10)]
+
+
+def test_volume_paths_map_to_the_volumes_root(tmp_path, monkeypatch, chat_data):
+    monkeypatch.setenv("RAY_FINETUNE_VOLUMES_ROOT", str(tmp_path / "volumes"))
+    target = tmp_path / "volumes" / "main" / "default" / "raw" / "chat" / "train.jsonl"
+    target.parent.mkdir(parents=True)
+    shutil.copy(chat_data[0], target)
+    for path in ("dbfs:/Volumes/main/default/raw/chat/train.jsonl", "/Volumes/main/default/raw/chat/train.jsonl"):
+        assert validation.check_data("train_data_path", path, "CHAT_COMPLETION") == 24
+    with pytest.raises(ValidationError, match="volume paths live under"):
+        validation.check_data("train_data_path", "/Volumes/main/default/raw/missing.jsonl", "CHAT_COMPLETION")
+
+
+def test_file_urls_and_text_folders(tmp_path, chat_data):
+    assert validation.check_data("train_data_path", chat_data[0].as_uri(), "CHAT_COMPLETION") == 24
+    (tmp_path / "docs" / "deep").mkdir(parents=True)
+    (tmp_path / "docs" / "a.txt").write_text("first document")
+    (tmp_path / "docs" / "deep" / "b.txt").write_text("second document")
+    (tmp_path / "docs" / "skip.md").write_text("not text data")
+    assert validation.check_data("train_data_path", (tmp_path / "docs").as_uri(), "CONTINUED_PRETRAIN") == 2
+
+
+@pytest.fixture()
+def s3(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server._server.server_address
+    endpoint = f"http://{host}:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="training-data")
+    yield client
+    server.stop()
+
+
+def test_s3_urls_read_from_a_real_s3_server(s3, tmp_path, tiny_model, chat_data):
+    s3.upload_file(str(chat_data[0]), "training-data", "chat/train.jsonl")
+    s3.put_object(Bucket="training-data", Key="docs/one.txt", Body=b"a document in a bucket")
+    s3.put_object(Bucket="training-data", Key="bad/train.jsonl", Body=b'{"messages": []}\n')
+    assert validation.check_data("train_data_path", "s3://training-data/chat/train.jsonl", "CHAT_COMPLETION") == 24
+    assert validation.check_data("train_data_path", "s3://training-data/docs", "CONTINUED_PRETRAIN") == 1
+    with pytest.raises(ValidationError, match="1 of 1 records are malformed"):
+        validation.check_data("train_data_path", "s3://training-data/bad/train.jsonl", "CHAT_COMPLETION")
+    with pytest.raises(ValidationError, match="does not exist"):
+        validation.check_data("train_data_path", "s3://training-data/nope.jsonl", "CHAT_COMPLETION")
+    tokenizer = load_tokenizer(tiny_model)
+    from_s3 = prepare("train_data_path", "s3://training-data/chat/train.jsonl", task_type="CHAT_COMPLETION",
+                      model_path=str(tiny_model), tokenizer=tokenizer, context_length=128, cache_dir=tmp_path)
+    from_disk = prepare("train_data_path", str(chat_data[0]), task_type="CHAT_COMPLETION",
+                        model_path=str(tiny_model), tokenizer=tokenizer, context_length=128, cache_dir=tmp_path)
+    assert from_s3.stats == from_disk.stats
+
+
+def test_an_unknown_protocol_says_what_to_install():
+    with pytest.raises(ValidationError, match="fsspec implementation for nosuchproto://"):
+        validation.check_data("train_data_path", "nosuchproto://bucket/x.jsonl", "CHAT_COMPLETION")
+
+
+def test_hugging_face_datasets_saved_locally(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list([{"prompt": f"p{i}", "response": f"r{i}", "id": i} for i in range(7)]),
+        "test": datasets.Dataset.from_list([{"prompt": "p", "response": "r", "id": 0}]),
+    }).save_to_disk(str(tmp_path / "acme-instructions"))
+    path = f"{tmp_path}/acme-instructions/train"
+    assert sources.locate("train_data_path", path).kind == "hf_dataset"
+    assert validation.check_data("train_data_path", path, "INSTRUCTION_FINETUNE") == 7   # the id column is ignored
+    assert validation.check_data("eval_data_path", f"{tmp_path}/acme-instructions/test", "INSTRUCTION_FINETUNE") == 1
+    with pytest.raises(ValidationError, match="could not load Hugging Face dataset"):
+        validation.check_data("train_data_path", f"{tmp_path}/acme-instructions/validation", "INSTRUCTION_FINETUNE")
+    with pytest.raises(ValidationError, match="could not load Hugging Face dataset 'nobody/nothing'"):
+        validation.check_data("train_data_path", "nobody/nothing/train", "INSTRUCTION_FINETUNE")
+
+
+@pytest.fixture()
+def chat_table(tmp_path, monkeypatch):
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    monkeypatch.setenv("RAY_FINETUNE_CATALOG_ROOT", str(tmp_path / "catalog"))
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    table = pa.table({"id": list(range(len(CHAT))),
+                      "messages": pa.array([r["messages"] for r in CHAT], type=pa.list_(message))})
+    write_deltalake(str(tmp_path / "catalog" / "main" / "default" / "chats"), table)
+    return "main.default.chats"
+
+
+def test_delta_tables_read_with_deltalake(chat_table, tmp_path, tiny_model):
+    assert sources.locate("train_data_path", chat_table).kind == "delta_table"
+    assert validation.check_data("train_data_path", chat_table, "CHAT_COMPLETION") == len(CHAT)
+    with pytest.raises(ValidationError, match="no Delta table 'main.default.missing'"):
+        validation.check_data("train_data_path", "main.default.missing", "CHAT_COMPLETION")
+    prepared = prepare("train_data_path", chat_table, task_type="CHAT_COMPLETION", model_path=str(tiny_model),
+                       tokenizer=load_tokenizer(tiny_model), context_length=128, cache_dir=tmp_path / "cache")
+    assert prepared.stats["examples"] == len(CHAT)
+
+
+def test_delta_tables_read_through_a_local_spark_session(chat_table, tmp_path, tiny_model):
+    pytest.importorskip("pyspark")
+    if shutil.which("java") is None:
+        pytest.skip("no Java runtime for a local Spark session")
+    tokenizer = load_tokenizer(tiny_model)
+    through_spark = prepare("train_data_path", chat_table, task_type="CHAT_COMPLETION", model_path=str(tiny_model),
+                            tokenizer=tokenizer, context_length=128, cache_dir=tmp_path / "spark",
+                            data_prep_cluster_id="local")
+    direct = prepare("train_data_path", chat_table, task_type="CHAT_COMPLETION", model_path=str(tiny_model),
+                     tokenizer=tokenizer, context_length=128, cache_dir=tmp_path / "direct")
+    assert through_spark.stats == direct.stats and through_spark.stats["examples"] == len(CHAT)
+    with pytest.raises(ValidationError, match="data_prep_cluster_id"):
+        from ray_finetune.data.spark import check_cluster_id
+
+        check_cluster_id("0123-456789-abcdef")
+
+
+def test_packed_rows_are_cached_by_content(tmp_path, tiny_model):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    arguments = dict(task_type="CHAT_COMPLETION", model_path=str(tiny_model), tokenizer=load_tokenizer(tiny_model),
+                     context_length=128, cache_dir=tmp_path / "cache")
+    first = prepare("train_data_path", str(data), **arguments)
+    again = prepare("train_data_path", str(data), **arguments)
+    assert not first.cached and again.cached and again.rows_path == first.rows_path
+    data.write_text("".join(json.dumps(r) + "\n" for r in CHAT[:5]))
+    changed = prepare("train_data_path", str(data), **arguments)
+    assert not changed.cached and changed.stats["examples"] == 5
+    other_length = prepare("train_data_path", str(data), **{**arguments, "context_length": 64})
+    assert not other_length.cached
