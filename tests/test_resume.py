@@ -108,3 +108,16 @@ def test_a_run_that_keeps_dying_is_not_retried_forever(cluster, tiny_model, chat
     assert finished.details.startswith("gave up after 3 attempts: attempt 1: a worker of this run died")
     assert "attempt 3:" in finished.details
     assert [e.type for e in fm.get_events(run.name)].count("REQUEUED") == 2
+
+
+def test_unwritable_checkpoint_storage_fails_the_run_with_a_clear_reason(cluster, tiny_model, chat_data):
+    run = create(tiny_model, chat_data, training_duration="2ep", checkpoint_interval="1ep")
+    # Where the checkpoints would go, put a plain file: every write under it fails, as on a broken or full disk.
+    blocked = Path(run.save_folder) / run.name / "checkpoints"
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("not a folder")
+    finished = run.wait(timeout=300)
+    assert finished.status == RunStatus.FAILED
+    assert finished.details.startswith("CheckpointError: could not write checkpoint ep1-ba")
+    assert "earlier checkpoints are intact" in finished.details
+    assert "REQUEUED" not in [e.type for e in fm.get_events(run.name)]   # a disk problem is not retried blindly
