@@ -5,7 +5,9 @@ from typing import Any
 
 import ray
 
-from eventstore.replay import RunState, replay, replay_run
+import time
+
+from eventstore.replay import RunProjection, RunState
 from eventstore.schema import Event, NewEvent
 from eventstore.store import EventStore
 
@@ -18,20 +20,27 @@ ACTOR_NAME = "ray_finetune_event_store"
 class EventStoreActor:
     def __init__(self, path: str) -> None:
         self._store = EventStore(path)
+        started = time.perf_counter()
+        self._runs = RunProjection(self._store.iter_events())
+        self.cold_replay_s = time.perf_counter() - started
 
     def append(self, new_events: list[NewEvent]) -> list[Event]:
-        return self._store.append(new_events)
+        appended = self._store.append(new_events)
+        self._runs.apply_all(appended)
+        return appended
 
     def events(self, run_name: str | None = None, after_seq: int = 0, types: list[str] | None = None,
                limit: int | None = None) -> list[Event]:
         return self._store.events(run_name=run_name, after_seq=after_seq, types=types, limit=limit)
 
     def run_state(self, run_name: str) -> RunState | None:
-        events = self._store.events(run_name=run_name)
-        return replay_run(run_name, events) if events else None
+        return self._runs.states.get(run_name)
 
     def run_states(self) -> list[RunState]:
-        return list(replay(self._store.events()).values())
+        return list(self._runs.states.values())
+
+    def stats(self) -> dict[str, Any]:
+        return {"runs": len(self._runs.states), "last_seq": self._runs.last_seq, "cold_replay_s": self.cold_replay_s}
 
     def sql(self, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
         return self._store.sql(query)

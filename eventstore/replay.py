@@ -107,3 +107,21 @@ def replay(events: Iterable[Event]) -> dict[str, RunState]:
     for event in events:
         states[event.run_name] = apply(states.get(event.run_name) or RunState(name=event.run_name), event)
     return states
+
+
+class RunProjection:
+    """The run states kept current as events are appended (so reads never replay the log). Rebuilt from the log
+    on start; events are applied at most once, in seq order."""
+
+    def __init__(self, events: Iterable[Event] = ()) -> None:
+        self.states: dict[str, RunState] = {}
+        self.last_seq = 0
+        self.apply_all(events)
+
+    def apply_all(self, events: Iterable[Event]) -> None:
+        for event in events:
+            if event.seq <= self.last_seq:
+                continue   # a duplicate delivery, already applied
+            previous = self.states.get(event.run_name) or RunState(name=event.run_name)
+            self.states[event.run_name] = apply(previous, event)
+            self.last_seq = event.seq

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from datetime import timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import duckdb
 
@@ -104,36 +104,68 @@ class EventStore:
         self._next_seq = self._conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()[0]
 
     def append(self, new_events: Iterable[NewEvent]) -> list[Event]:
-        """Append events atomically, in order. An event whose idempotency key is already in the log is not
-        appended again; the stored one is returned in its place."""
+        """Append events atomically, in order; durable when this returns. An event whose idempotency key is already
+        in the log (or earlier in the same batch) is not appended again: the stored one is returned in its place."""
+        batch = list(new_events)
+        known = self._by_keys([n.idempotency_key for n in batch if n.idempotency_key is not None])
         appended: list[Event] = []
+        rows: list[tuple[Any, ...]] = []
         next_seq = self._next_seq
+        now = utc_now()
+        for new in batch:
+            if new.idempotency_key is not None and new.idempotency_key in known:
+                appended.append(known[new.idempotency_key])
+                continue
+            event = Event(version=new.version, seq=next_seq, run_name=new.run_name, type=EventType(new.type).value,
+                          time=now, actor=new.actor, message=new.message, payload=new.payload)
+            rows.append((event.seq, event.run_name, event.type, now.replace(tzinfo=None), event.actor, event.message,
+                         json.dumps(event.payload, default=str), event.version, new.idempotency_key))
+            if new.idempotency_key is not None:
+                known[new.idempotency_key] = event
+            appended.append(event)
+            next_seq += 1
         self._conn.execute("BEGIN TRANSACTION")
         try:
-            for new in new_events:
-                if new.idempotency_key is not None:
-                    existing = self._select("WHERE idempotency_key = ?", [new.idempotency_key])
-                    if existing:
-                        appended.append(existing[0])
-                        continue
-                event = Event(
-                    version=new.version, seq=next_seq,
-                    run_name=new.run_name, type=EventType(new.type).value, time=utc_now(), actor=new.actor,
-                    message=new.message, payload=new.payload,
-                )
-                self._conn.execute(
-                    "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [event.seq, event.run_name, event.type, event.time.replace(tzinfo=None), event.actor,
-                     event.message, json.dumps(event.payload, default=str), event.version, new.idempotency_key],
-                )
-                appended.append(event)
-                next_seq += 1
+            self._insert(rows)
             self._conn.execute("COMMIT")
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
         self._next_seq = next_seq
         return appended
+
+    def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        if len(rows) <= 32:
+            for row in rows:
+                self._conn.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", list(row))
+            return
+        import pyarrow as pa
+
+        columns = list(zip(*rows))
+        incoming = pa.table({
+            "seq": pa.array(columns[0], pa.int64()), "run_name": pa.array(columns[1], pa.string()),
+            "type": pa.array(columns[2], pa.string()), "time": pa.array(columns[3], pa.timestamp("us")),
+            "actor": pa.array(columns[4], pa.string()), "message": pa.array(columns[5], pa.string()),
+            "payload": pa.array(columns[6], pa.string()), "version": pa.array(columns[7], pa.int32()),
+            "idempotency_key": pa.array(columns[8], pa.string()),
+        })
+        self._conn.register("incoming_events", incoming)
+        try:
+            self._conn.execute("INSERT INTO events SELECT * FROM incoming_events")
+        finally:
+            self._conn.unregister("incoming_events")
+
+    def _by_keys(self, keys: list[str]) -> dict[str, Event]:
+        """Stored events with these idempotency keys (an index lookup per key)."""
+        found: dict[str, Event] = {}
+        for start in range(0, len(keys), 256):
+            chunk = keys[start:start + 256]
+            rows = self._conn.execute(
+                "SELECT seq, run_name, type, time, actor, message, payload, version, idempotency_key FROM events "
+                f"WHERE idempotency_key IN ({', '.join('?' for _ in chunk)})", chunk).fetchall()
+            for r in rows:
+                found[r[8]] = self._event(r)
+        return found
 
     def events(
         self, run_name: str | None = None, after_seq: int = 0, types: Iterable[str] | None = None,
@@ -149,6 +181,16 @@ class EventStore:
             params.extend(types)
         tail = f" LIMIT {int(limit)}" if limit is not None else ""
         return self._select("WHERE " + " AND ".join(clauses) + " ORDER BY seq" + tail, params)
+
+    def iter_events(self, batch: int = 50_000) -> Iterator[Event]:
+        """Every event in seq order, read in bounded batches (a cold replay of a large log)."""
+        after = 0
+        while True:
+            chunk = self.events(after_seq=after, limit=batch)
+            if not chunk:
+                return
+            yield from chunk
+            after = chunk[-1].seq
 
     def run_names(self) -> list[str]:
         rows = self._conn.execute("SELECT run_name FROM events WHERE type = 'CREATED' ORDER BY seq").fetchall()
@@ -183,10 +225,9 @@ class EventStore:
         rows = self._conn.execute(
             "SELECT seq, run_name, type, time, actor, message, payload, version FROM events " + where, params
         ).fetchall()
-        return [
-            Event(
-                seq=r[0], run_name=r[1], type=r[2], time=r[3].replace(tzinfo=timezone.utc), actor=r[4],
-                message=r[5], payload=json.loads(r[6]), version=r[7],
-            )
-            for r in rows
-        ]
+        return [self._event(r) for r in rows]
+
+    @staticmethod
+    def _event(r: tuple[Any, ...]) -> Event:
+        return Event(seq=r[0], run_name=r[1], type=r[2], time=r[3].replace(tzinfo=timezone.utc), actor=r[4],
+                     message=r[5], payload=json.loads(r[6]), version=r[7])

@@ -83,3 +83,17 @@ def test_sql_reads_events_and_the_runs_view(tmp_path):
     _, rows = store.sql("SELECT DISTINCT type FROM run_events ORDER BY type")
     assert ("QUEUED",) not in rows
     assert replay(store.events())["a"].status == "FAILED"
+
+
+def test_the_projection_equals_a_full_replay_and_ignores_duplicates(tmp_path):
+    from eventstore.replay import RunProjection
+
+    store = EventStore(tmp_path / "events.duckdb")
+    projection = RunProjection(store.iter_events())
+    for i in range(30):
+        appended = store.append([new(f"r{i % 4}", kind, key=f"{i}-{kind.value}")
+                                 for kind in (EventType.CREATED, EventType.QUEUED, EventType.STARTED)])
+        projection.apply_all(appended)
+        projection.apply_all(store.append([new(f"r{i % 4}", EventType.CREATED, key=f"{i}-CREATED")]))  # redelivery
+    assert projection.states == replay(store.events())
+    assert RunProjection(store.iter_events(batch=7)).states == projection.states
