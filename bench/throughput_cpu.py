@@ -1,0 +1,210 @@
+"""Training throughput on CPU: ray_finetune's training step against the Hugging Face Trainer with a padding
+collator (the common SFT recipe) and TRL's SFTTrainer with packing, in one invocation, on the same model, the same
+examples (lognormal lengths around 300 tokens, prompts masked), one epoch each (so the same target tokens) and the
+same hyperparameters. Prints useful (non-padding) tokens/s, peak RSS, mean train loss, and the ratios.
+
+    python bench/throughput_cpu.py --model tiny       # a 1M-parameter Llama built here (about a minute)
+    python bench/throughput_cpu.py --model smollm2    # SmolLM2-135M-Instruct (a few minutes)
+
+TRL's packing on CPU (no FlashAttention) lets packed examples attend to each other; ray_finetune's does not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+LEARNING_RATE = 5e-5
+
+
+def examples_for(vocab: int, count: int, context: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    sigma = 0.6
+    lengths = np.clip(rng.lognormal(math.log(300) - sigma**2 / 2, sigma, count).astype(int), 16, context)
+    out = []
+    for length in lengths:
+        prompt = max(1, int(length * rng.uniform(0.2, 0.5)))
+        ids = rng.integers(5, vocab, length).tolist()
+        out.append({"input_ids": ids, "completion_mask": [0] * prompt + [1] * (length - prompt)})
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(model_path: Path, data: list[dict], context: int, work: Path) -> dict:
+    import torch.distributed as dist
+
+    from ray_finetune.data.formats import TokenizedExample
+    from ray_finetune.data.packing import pack_examples
+    from ray_finetune.spec import Duration
+    from ray_finetune.train import loop
+    from ray_finetune.train.models import load_tokenizer
+    from ray_finetune.train.plan import make_plan
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")   # DeepSpeed's single-process rendezvous
+    if not dist.is_initialized():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    tokenizer = load_tokenizer(model_path)
+    examples = [TokenizedExample(e["input_ids"], [bool(m) for m in e["completion_mask"]]) for e in data]
+    rows, stats = pack_examples(examples, context, tokenizer.pad_token_id)
+    rows.save(str(work / "rows.npz"))
+    plan = make_plan(rows=len(rows), tokens=stats.tokens, duration=Duration(value=1, unit="ep"), world_size=1,
+                     seed=0)
+    reports = []
+
+    class Collect:
+        def model_initialized(self, info): ...
+        def step_finished(self, report): reports.append(report)
+        def checkpoint_saved(self, path, epoch, step): ...
+        def checkpoint_removed(self, path): ...
+        def stop_requested(self): return loop.STOP_NONE
+
+    config = loop.TrainConfig(run_name="bench", model_path=str(model_path), init_weights_path=None,
+                              train_rows_path=str(work / "rows.npz"), plan=plan, learning_rate=LEARNING_RATE,
+                              save_folder=str(work / "ours"), rank=0, world_size=1, seed=0)
+    loop.train(config, Collect())
+    seconds = sum(r.step_seconds for r in reports)
+    tokens = sum(r.tokens for r in reports)
+    target = sum(r.target_tokens for r in reports)
+    return {"useful_tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "target_tokens": target,
+            "mean_loss": sum(r.loss * r.target_tokens for r in reports) / target, "steps": len(reports),
+            "rows_per_step": plan.global_batch_rows, "packing_efficiency": round(stats.packing_efficiency, 4),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def _trainer_arguments(cls, work: Path, batch: int, **extra):
+    return cls(output_dir=str(work), per_device_train_batch_size=batch, num_train_epochs=1,
+               learning_rate=LEARNING_RATE, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, warmup_steps=0.02,
+               lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
+               use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True, **extra)
+
+
+def run_hf_trainer(model_path: Path, data: list[dict], batch: int, work: Path) -> dict:
+    import datasets
+    from transformers import Trainer, TrainingArguments
+
+    from ray_finetune.train.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    rows = [{"input_ids": e["input_ids"],
+             "labels": [t if m else -100 for t, m in zip(e["input_ids"], e["completion_mask"])]} for e in data]
+
+    def pad_collator(features):
+        longest = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), longest), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), -100, dtype=torch.long)
+        mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    trainer = Trainer(model=load_model(model_path), args=_trainer_arguments(TrainingArguments, work / "hf", batch),
+                      train_dataset=datasets.Dataset.from_list(rows), data_collator=pad_collator)
+    result = trainer.train()
+    tokens = sum(len(e["input_ids"]) for e in data)
+    return {"useful_tokens_per_s": tokens / result.metrics["train_runtime"], "seconds": result.metrics["train_runtime"],
+            "tokens": tokens, "mean_loss": result.training_loss, "batch": batch, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_trl(model_path: Path, data: list[dict], context: int, batch_rows: int, work: Path) -> dict:
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from ray_finetune.train.models import load_model, load_tokenizer
+
+    config = _trainer_arguments(SFTConfig, work / "trl", batch_rows, packing=True, max_length=context,
+                                completion_only_loss=True, dataset_num_proc=None)
+    trainer = SFTTrainer(model=load_model(model_path), args=config, train_dataset=datasets.Dataset.from_list(data),
+                         processing_class=load_tokenizer(model_path))
+    result = trainer.train()
+    tokens = sum(len(e["input_ids"]) for e in data)
+    return {"useful_tokens_per_s": tokens / result.metrics["train_runtime"], "seconds": result.metrics["train_runtime"],
+            "tokens": tokens, "mean_loss": result.training_loss, "batch_rows": batch_rows,
+            "peak_rss_mb": peak_rss_mb(), "examples_see_each_other": True}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--examples", type=int, default=None)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--only", choices=["ours", "hf", "trl"], default=None, help="run one contender (internal)")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    work = Path(tempfile.mkdtemp(prefix="throughput-"))
+    if args.model == "tiny":
+        from tiny_model import build_tiny_model
+
+        model_path = build_tiny_model(work / "tiny", vocab_size=2048, hidden_size=128, layers=4,
+                                      max_positions=args.context)
+        count = args.examples or 800
+    else:
+        from ray_finetune.train.models import resolve_model
+
+        model_path = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct").path
+        count = args.examples or 48
+    vocab = json.loads((model_path / "config.json").read_text())["vocab_size"]
+    data = examples_for(vocab, count, args.context)
+    if args.only:   # one contender per process, so peak memory is its own
+        ours_plan_rows = None
+        if args.only == "ours":
+            result = run_ours(model_path, data, args.context, work)
+        else:
+            from ray_finetune.data.formats import TokenizedExample
+            from ray_finetune.data.packing import pack_examples
+            from ray_finetune.train.plan import choose_global_batch_rows
+
+            rows, stats = pack_examples([TokenizedExample(e["input_ids"], [True] * len(e["input_ids"]))
+                                         for e in data], args.context, 0)
+            ours_plan_rows = choose_global_batch_rows(len(rows), 1)
+            tokens_per_step = ours_plan_rows * args.context * stats.packing_efficiency
+            batch = max(1, round(tokens_per_step / np.mean([len(e["input_ids"]) for e in data])))
+            result = (run_hf_trainer(model_path, data, batch, work) if args.only == "hf"
+                      else run_trl(model_path, data, args.context, ours_plan_rows, work))
+        print("RESULT " + json.dumps(result))
+        return
+    import subprocess
+
+    results = {}
+    for contender in ("ours", "hf", "trl"):
+        output = subprocess.run([sys.executable, __file__, "--model", args.model, "--context", str(args.context),
+                                 "--examples", str(count), "--only", contender], capture_output=True, text=True)
+        line = [l for l in output.stdout.splitlines() if l.startswith("RESULT ")]
+        if not line:
+            raise SystemExit(f"{contender} failed:\n{output.stderr[-4000:]}")
+        results[contender] = json.loads(line[0][len("RESULT "):])
+    summary = {
+        "model": args.model, "examples": count, "context": args.context, "threads": os.cpu_count(),
+        "results": {k: {m: (round(v, 3) if isinstance(v, float) else v) for m, v in r.items()}
+                    for k, r in results.items()},
+        "ratio_ours_over_hf_trainer": round(results["ours"]["useful_tokens_per_s"]
+                                            / results["hf"]["useful_tokens_per_s"], 2),
+        "ratio_ours_over_trl_packed": round(results["ours"]["useful_tokens_per_s"]
+                                            / results["trl"]["useful_tokens_per_s"], 2),
+    }
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
