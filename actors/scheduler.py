@@ -30,7 +30,7 @@ from actors.evaluator import Evaluator
 from actors.event_sink import NAMESPACE, EventSink, event_store
 from actors.messages import EvaluateRequest, PackRequest, RegisterRequest, RunContext, StopRequest, TrainRequest
 from actors.registrar import Registrar
-from actors.trainer_group import TrainerGroup
+from actors.trainer_group import TrainerGroup, remove_stale_placements
 from eventstore.schema import PENDING, QUEUED, EventType
 from ray_finetune import settings, tracking
 from ray_finetune.spec import RunSpec
@@ -90,6 +90,7 @@ class Scheduler:
     # -- the queue ---------------------------------------------------------------------------------------------
     async def _recover(self) -> None:
         """Rebuild the queue from the log; runs that were mid-flight are requeued first, in their order."""
+        remove_stale_placements()   # nothing runs yet in this incarnation, so every trainer placement is stale
         interrupted: list[str] = []
         for state in await self.store.run_states.remote():
             self.names.add(state.name)
@@ -202,7 +203,7 @@ class Scheduler:
                 await evaluator.evaluate.remote(EvaluateRequest(
                     run=context, weights_path=init_weights if init_weights and Path(init_weights).is_dir()
                     else context.spec.model_path, step=0, epoch=0, eval_rows_path=data.eval_rows_path))
-            group = TrainerGroup(world, gpus_per_worker=1 if gpus else 0)
+            group = TrainerGroup(world, gpus_per_worker=1 if gpus else 0, run_name=name)
             self.groups[name] = group
             await sink.emit_async(EventType.PLACED, f"trainer group of {world} worker(s) placed",
                                   {"world_size": world, "plan": plan.as_dict()})

@@ -131,13 +131,30 @@ class TrainerWorker:
                            steps=outcome.steps_done, stopped=outcome.stopped)
 
 
+PLACEMENT_PREFIX = "ray_finetune-trainers-"
+
+
+def remove_stale_placements() -> int:
+    """Placement groups outlive a scheduler that dies; a new scheduler frees those of its predecessor."""
+    from ray.util import placement_group_table
+    from ray.util.placement_group import PlacementGroup
+
+    removed = 0
+    for group_id, info in placement_group_table().items():
+        if info.get("name", "").startswith(PLACEMENT_PREFIX) and info.get("state") != "REMOVED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+            removed += 1
+    return removed
+
+
 class TrainerGroup:
     """Placement group + workers of one run. Lives in the scheduler; not an actor itself."""
 
-    def __init__(self, world_size: int, cpus_per_worker: int = 1, gpus_per_worker: int = 0) -> None:
+    def __init__(self, world_size: int, cpus_per_worker: int = 1, gpus_per_worker: int = 0, run_name: str = "") -> None:
         self.world_size = world_size
         bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
-        self._placement = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
+        self._placement = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK",
+                                          name=f"{PLACEMENT_PREFIX}{run_name}")
         self.workers = [
             TrainerWorker.options(
                 num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,

@@ -219,7 +219,9 @@ def follow_events(training_run: "str | TrainingRun", *, timeout: float | None = 
         if state.is_terminal and not ray.get(store.events.remote(run_name=name, after_seq=last_seq)):
             return
         if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"run {name} is still {state.status} after {timeout} s")
+            recent = ray.get(store.events.remote(run_name=name))[-5:]
+            raise TimeoutError(f"run {name} is still {state.status} after {timeout} s; its last events: "
+                               + "; ".join(f"{e.type} ({e.message})" for e in recent))
         time.sleep(poll_s)
 
 

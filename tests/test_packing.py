@@ -68,11 +68,13 @@ def model(tiny_model):
     return load_model(tiny_model).eval()
 
 
-def test_packed_and_unpacked_loss_are_equal(model):
+@pytest.mark.parametrize("per_document", [True, False], ids=["per-document", "document-mask"])
+def test_packed_and_unpacked_loss_are_equal(model, per_document):
     data = examples(12, seed=3, vocab=300)
     rows, _ = pack_examples(data, 128, pad_id=0)
     with torch.no_grad():
-        packed = sum(float(forward_loss(model, make_batch(rows, np.array([r]))).loss_sum) for r in range(len(rows)))
+        packed = sum(float(forward_loss(model, make_batch(rows, np.array([r])), per_document=per_document).loss_sum)
+                     for r in range(len(rows)))
         unpacked = 0.0
         for example in data:
             ids = torch.tensor([example.input_ids])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from ray_finetune.access import check_allowed
 from ray_finetune.errors import ValidationError
 
 SourceKind = Literal["file", "folder", "hf_dataset", "delta_table"]
@@ -74,6 +75,17 @@ def locate(parameter: str, path: str, data_prep_cluster_id: str | None = None) -
     """Decide what kind of source a user's path names; errors say what was looked for."""
     given = str(path).strip()
     volume = _VOLUME.match(given)
+    source = _locate(parameter, given, data_prep_cluster_id, volume)
+    if source.kind in ("file", "folder"):
+        check_allowed(parameter, source.url)
+    elif source.kind == "hf_dataset" and Path(source.url).parent.is_dir():
+        check_allowed(parameter, Path(source.url).parent)
+    elif source.kind == "delta_table":
+        check_allowed(parameter, table_path(source))
+    return source
+
+
+def _locate(parameter: str, given: str, data_prep_cluster_id: str | None, volume: re.Match | None) -> DataSource:
     if volume:
         url = (volumes_root() / volume.group(1)).resolve().as_uri()
     elif "://" in given:
@@ -250,6 +262,6 @@ def fingerprint(source: DataSource) -> str:
 
         digest.update(str(DeltaTable(str(table_path(source))).version()).encode())
     else:
-        for _, record in _dataset_records(source):
-            digest.update(json.dumps(record, sort_keys=True, default=str).encode())
+        name, _, split = source.url.rpartition("/")
+        digest.update(str(_load_dataset(source, name, split)._fingerprint).encode())   # datasets' content hash
     return digest.hexdigest()

@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ray_finetune.access import check_allowed
 from ray_finetune.errors import ValidationError
 
 POINTER_NAME = "latest-sharded-rank0.symlink"
@@ -89,6 +90,7 @@ def _local(path: str | Path) -> Path:
 
 def initial_weights(parameter: str, path: str | Path) -> Path:
     """custom_weights_path → an HF weights folder, or a .pt file of a state dict."""
+    check_allowed(parameter, path)
     candidate = _local(path)
     if candidate.suffix == ".pt":
         if not candidate.is_file():

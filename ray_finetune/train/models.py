@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_finetune import settings
+from ray_finetune.access import check_allowed
 from ray_finetune.errors import ValidationError
 
 # Hugging Face ids that resolve offline from a pip package: id → (package, GGUF file inside it).
@@ -29,6 +30,8 @@ def resolve_model(model: str) -> ResolvedModel:
     """The local HF folder for `model`, converting a GGUF once if needed. Errors list what was tried."""
     tried: list[str] = []
     candidate = Path(model).expanduser()
+    if candidate.is_dir() or candidate.suffix == ".gguf":
+        check_allowed("model", candidate)
     if candidate.is_dir():
         if (candidate / "config.json").exists():
             return _resolved(candidate.resolve())
