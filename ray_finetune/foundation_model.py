@@ -45,14 +45,7 @@ def create(
 
     Beyond the original API: `checkpoint_interval` ('1ep' by default, or e.g. '50ba') and `checkpoints_to_keep`
     (3 by default; the final checkpoint is always kept too)."""
-    spec = spec_module.resolve(
-        model=model, train_data_path=train_data_path, register_to=register_to,
-        experiment_path=experiment_path or None, task_type=task_type, eval_data_path=eval_data_path,
-        eval_prompts=eval_prompts, custom_weights_path=custom_weights_path, training_duration=training_duration,
-        learning_rate=learning_rate, context_length=context_length, validate_inputs=validate_inputs,
-        data_prep_cluster_id=data_prep_cluster_id, checkpoint_interval=checkpoint_interval,
-        checkpoints_to_keep=checkpoints_to_keep,
-    )
+    spec = spec_module.resolve(**locals())   # exactly create()'s arguments, by name
     cluster.connect()
     from actors import scheduler
 
@@ -85,14 +78,8 @@ def estimate(
     packing efficiency, steps and an estimated training time from a short measured probe. Queues nothing."""
     from ray_finetune.estimate import estimate as dry_run
 
-    spec = spec_module.resolve(
-        model=model, train_data_path=train_data_path, register_to=register_to or "estimate.only",
-        experiment_path=experiment_path or None, task_type=task_type, eval_data_path=eval_data_path,
-        eval_prompts=eval_prompts, custom_weights_path=custom_weights_path, training_duration=training_duration,
-        learning_rate=learning_rate, context_length=context_length, validate_inputs=validate_inputs,
-        data_prep_cluster_id=data_prep_cluster_id, checkpoint_interval=checkpoint_interval,
-        checkpoints_to_keep=checkpoints_to_keep,
-    )
+    arguments = {k: v for k, v in locals().items() if k not in ("probe", "dry_run")}
+    spec = spec_module.resolve(**{**arguments, "register_to": register_to or "estimate.only"})
     return dry_run(spec, probe=probe)
 
 

@@ -187,7 +187,8 @@ def resolve(
     return RunSpec(
         model=model, model_path=str(resolved.path), train_data_path=str(train_data_path), register_to=register_to,
         task_type=task_type,  # type: ignore[arg-type]
-        experiment_path=experiment_path, eval_data_path=eval_data_path, eval_prompts=prompts,
+        experiment_path=experiment_path or None,  # the original API's default is ''
+ eval_data_path=eval_data_path, eval_prompts=prompts,
         custom_weights_path=custom_weights_path, training_duration=str(duration), learning_rate=rate,
         context_length=context, data_prep_cluster_id=data_prep_cluster_id, validate_inputs=validate_inputs,
         created_by=current_user(), checkpoint_interval=str(interval), checkpoints_to_keep=keep,
