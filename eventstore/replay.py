@@ -94,13 +94,6 @@ def apply(state: RunState, event: Event) -> RunState:
     return replace(state, **changes)
 
 
-def replay_run(name: str, events: Iterable[Event]) -> RunState:
-    state = RunState(name=name)
-    for event in events:
-        state = apply(state, event)
-    return state
-
-
 def replay(events: Iterable[Event]) -> dict[str, RunState]:
     """All runs in the log, in creation order."""
     states: dict[str, RunState] = {}

@@ -192,10 +192,6 @@ class EventStore:
             yield from chunk
             after = chunk[-1].seq
 
-    def run_names(self) -> list[str]:
-        rows = self._conn.execute("SELECT run_name FROM events WHERE type = 'CREATED' ORDER BY seq").fetchall()
-        return [r[0] for r in rows]
-
     def sql(self, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Run one read-only statement; returns (column names, rows)."""
         try:
