@@ -1,5 +1,6 @@
 """The data packer actor: reads a run's data, formats it (template + loss mask) and packs it into rows, reusing
-packed rows cached from an earlier run on the same data."""
+packed rows cached from an earlier run on the same data. Tokenization is spread over the cluster: one Ray task
+per shard of the source, each writing its tokens to shared storage."""
 from __future__ import annotations
 
 import ray
@@ -9,17 +10,31 @@ from actors.messages import PackedData, PackRequest
 from eventstore.schema import EventType
 from ray_finetune import settings
 from ray_finetune.data.prepare import prepare
+from ray_finetune.data.tokenized import TokenizeJob
 from ray_finetune.train.models import load_tokenizer
 
 
-@ray.remote(num_cpus=1, max_restarts=0)
+@ray.remote(num_cpus=1, max_retries=2)
+def tokenize_shard_task(job: TokenizeJob) -> str:
+    return job.run()
+
+
+def map_over_cluster(jobs: list[TokenizeJob]) -> list[str]:
+    """Ray runs as many tokenize tasks at once as the cluster has free CPUs; the rest queue."""
+    return ray.get([tokenize_shard_task.remote(job) for job in jobs])
+
+
+# The packer itself mostly waits on its tokenize tasks and then packs from memory-mapped shards; it takes no CPU
+# from Ray's accounting so that on a small machine those tasks get every core.
+@ray.remote(num_cpus=0, max_restarts=0)
 class DataPacker:
     def pack(self, request: PackRequest) -> PackedData:
         run, spec = request.run, request.run.spec
         tokenizer = load_tokenizer(spec.model_path)
         common = dict(task_type=spec.task_type, model_path=spec.model_path, tokenizer=tokenizer,
                       context_length=spec.context_length, cache_dir=settings.load().packed_data_dir,
-                      data_prep_cluster_id=spec.data_prep_cluster_id)
+                      data_prep_cluster_id=spec.data_prep_cluster_id, map_shards=map_over_cluster,
+                      parallelism=int(ray.cluster_resources().get("CPU", 1)))
         train = prepare("train_data_path", spec.train_data_path, **common)
         if train.stats["rows"] == 0:
             raise ValueError(f"train_data_path {spec.train_data_path!r} has nothing to train on after formatting")

@@ -67,7 +67,7 @@ def run_ours(model_path: Path, data: list[dict], context: int, work: Path) -> di
     tokenizer = load_tokenizer(model_path)
     examples = [TokenizedExample(e["input_ids"], [bool(m) for m in e["completion_mask"]]) for e in data]
     rows, stats = pack_examples(examples, context, tokenizer.pad_token_id)
-    rows.save(str(work / "rows.npz"))
+    rows.save(work / "rows")
     plan = make_plan(rows=len(rows), tokens=stats.tokens, duration=Duration(value=1, unit="ep"), world_size=1,
                      seed=0)
     reports = []
@@ -80,7 +80,7 @@ def run_ours(model_path: Path, data: list[dict], context: int, work: Path) -> di
         def stop_requested(self): return loop.STOP_NONE
 
     config = loop.TrainConfig(run_name="bench", model_path=str(model_path), init_weights_path=None,
-                              train_rows_path=str(work / "rows.npz"), plan=plan, learning_rate=LEARNING_RATE,
+                              train_rows_path=str(work / "rows"), plan=plan, learning_rate=LEARNING_RATE,
                               save_folder=str(work / "ours"), rank=0, world_size=1, seed=0)
     loop.train(config, Collect())
     seconds = sum(r.step_seconds for r in reports)

@@ -19,6 +19,13 @@ class ValidationError(RayFinetuneError, ValueError):
             text += f"; expected {expected}"
         super().__init__(text)
 
+    def __reduce__(self):   # keyword-only fields: pickle (Ray) would otherwise fail to rebuild it
+        return _rebuild_validation_error, (self.parameter, self.problem, self.file, self.line, self.expected)
+
+
+def _rebuild_validation_error(parameter, problem, file, line, expected) -> ValidationError:
+    return ValidationError(parameter, problem, file=file, line=line, expected=expected)
+
 
 class RunNotFoundError(RayFinetuneError, LookupError):
     """No run of that name in the event log."""

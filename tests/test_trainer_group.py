@@ -44,11 +44,11 @@ def test_two_cpu_workers_give_the_same_losses_as_one(cluster, tiny_model, tmp_pa
     examples = formats.examples_from_records(tokenizer, "CHAT_COMPLETION",
                                              sources.read_records(sources.locate("train", str(data))))
     rows, stats = packing.pack_examples(examples, 64, tokenizer.pad_token_id)
-    rows.save(str(tmp_path / "rows.npz"))
+    rows.save(tmp_path / "rows")
     spec = spec_module.resolve(model=str(tiny_model), train_data_path=str(data), register_to="main.tests",
                                training_duration="2ep", learning_rate=2e-3, context_length=64)
-    one, plan_one = train_with(1, str(tmp_path / "rows.npz"), stats, spec, cluster, tmp_path)
-    two, plan_two = train_with(2, str(tmp_path / "rows.npz"), stats, spec, cluster, tmp_path)
+    one, plan_one = train_with(1, str(tmp_path / "rows"), stats, spec, cluster, tmp_path)
+    two, plan_two = train_with(2, str(tmp_path / "rows"), stats, spec, cluster, tmp_path)
     assert plan_one.global_batch_rows == plan_two.global_batch_rows >= 2
     assert plan_two.gradient_accumulation_steps * 2 == plan_one.gradient_accumulation_steps
     assert len(one) == len(two) == plan_one.total_steps

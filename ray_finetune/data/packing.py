@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Iterable
+from pathlib import Path
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from ray_finetune.data.formats import TokenizedExample
+from ray_finetune.data.tokenized import ExampleTable
 
 IGNORE_INDEX = -100
 
@@ -41,41 +43,65 @@ class PackingStats:
 
 @dataclass(frozen=True)
 class PackedRows:
-    input_ids: np.ndarray      # [rows, context] int64
-    labels: np.ndarray         # [rows, context] int64
-    position_ids: np.ndarray   # [rows, context] int64
-    segment_ids: np.ndarray    # [rows, context] int32
+    """Rows as int32 arrays; on disk a folder of .npy files that readers memory-map (rows are read by index)."""
+    input_ids: np.ndarray      # [rows, context]
+    labels: np.ndarray         # [rows, context], IGNORE_INDEX where nothing is learned
+    position_ids: np.ndarray   # [rows, context], restarting at every document
+    segment_ids: np.ndarray    # [rows, context], document index within the row, -1 for padding
+
+    FIELDS = ("input_ids", "labels", "position_ids", "segment_ids")
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def save(self, path: str) -> None:
-        np.savez(path, input_ids=self.input_ids, labels=self.labels, position_ids=self.position_ids,
-                 segment_ids=self.segment_ids)
+    @classmethod
+    def allocate(cls, rows: int, context_length: int, pad_id: int, folder: str | Path | None = None
+                 ) -> "PackedRows":
+        """Empty rows (all padding), in memory or as files under `folder` filled in place."""
+        fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "position_ids": 0, "segment_ids": -1}
+        arrays = {}
+        for name in cls.FIELDS:
+            if folder is None:
+                arrays[name] = np.full((rows, context_length), fill[name], dtype=np.int32)
+            else:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                array = np.lib.format.open_memmap(Path(folder) / f"{name}.npy", mode="w+", dtype=np.int32,
+                                                  shape=(rows, context_length))
+                array[:] = fill[name]
+                arrays[name] = array
+        return cls(**arrays)
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        for name in self.FIELDS:
+            np.save(Path(folder) / f"{name}.npy", getattr(self, name))
+
+    def flush(self) -> None:
+        for name in self.FIELDS:
+            array = getattr(self, name)
+            if isinstance(array, np.memmap):
+                array.flush()
 
     @classmethod
-    def load(cls, path: str) -> "PackedRows":
-        with np.load(path) as data:
-            return cls(data["input_ids"], data["labels"], data["position_ids"], data["segment_ids"])
+    def load(cls, folder: str | Path) -> "PackedRows":
+        return cls(**{name: np.load(Path(folder) / f"{name}.npy", mmap_mode="r") for name in cls.FIELDS})
 
     def target_tokens(self, rows: Iterable[int]) -> int:
         return int((self.labels[list(rows)] != IGNORE_INDEX).sum())
 
 
-def _histogram_bucket(length: int) -> str:
-    upper = 64
-    while length > upper:
-        upper *= 2
-    return f"<={upper}"
+def _place(rows: PackedRows, row: int, offset: int, segment: int, ids: np.ndarray, mask: np.ndarray) -> None:
+    """One document (or piece of one) into a row. Token t predicts token t+1 of the same piece, when that one is
+    a target; the last token of a piece predicts nothing."""
+    n = len(ids)
+    where = slice(offset, offset + n)
+    rows.input_ids[row, where] = ids
+    rows.labels[row, offset:offset + n - 1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
+    rows.position_ids[row, where] = np.arange(n, dtype=np.int32)
+    rows.segment_ids[row, where] = segment
 
 
-def _segment_labels(example: TokenizedExample) -> list[int]:
-    """Token t predicts token t+1 of the same document, when that one is a target."""
-    ids, mask = example.input_ids, example.target_mask
-    return [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
-
-
-def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+def best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Best-fit decreasing: each example, longest first, goes to the fullest row it still fits in."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
@@ -94,73 +120,67 @@ def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def _rows_from_segments(rows: list[list[TokenizedExample]], context_length: int, pad_id: int) -> PackedRows:
-    shape = (len(rows), context_length)
-    input_ids = np.full(shape, pad_id, dtype=np.int64)
-    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
-    position_ids = np.zeros(shape, dtype=np.int64)
-    segment_ids = np.full(shape, -1, dtype=np.int32)
-    for r, segments in enumerate(rows):
+def _length_stats(table: ExampleTable, context_length: int) -> PackingStats:
+    stats = PackingStats(context_length=context_length, examples=len(table),
+                         truncated_examples=int((table.lengths > context_length).sum()))
+    buckets = 64 * 2 ** np.ceil(np.log2(np.maximum(table.lengths, 64) / 64)).astype(np.int64)
+    for upper, count in zip(*np.unique(buckets, return_counts=True)):
+        stats.length_histogram[f"<={int(upper)}"] = int(count)
+    return stats
+
+
+def _as_table(examples: ExampleTable | Iterable[TokenizedExample], context_length: int) -> ExampleTable:
+    return examples if isinstance(examples, ExampleTable) else ExampleTable.from_examples(examples, context_length)
+
+
+def pack_examples(examples: ExampleTable | Iterable[TokenizedExample], context_length: int, pad_id: int,
+                  folder: str | Path | None = None) -> tuple[PackedRows, PackingStats]:
+    """Chat and instruction data: truncate what is too long (counted), drop what has nothing left to learn,
+    then best-fit pack. Rows are written one by one (into `folder` when given): memory holds the examples'
+    lengths and row assignments, not their tokens."""
+    table = _as_table(examples, context_length)
+    stats = _length_stats(table, context_length)
+    kept = np.flatnonzero(table.trainable > 0)
+    stats.dropped_examples = len(table) - len(kept)
+    lengths = np.minimum(table.lengths[kept], context_length)
+    bins = best_fit(lengths.tolist(), context_length)
+    rows = PackedRows.allocate(len(bins), context_length, pad_id, folder)
+    for r, members in enumerate(bins):
         offset = 0
-        for s, example in enumerate(segments):
-            n = len(example)
-            input_ids[r, offset:offset + n] = example.input_ids
-            labels[r, offset:offset + n] = _segment_labels(example)
-            position_ids[r, offset:offset + n] = np.arange(n)
-            segment_ids[r, offset:offset + n] = s
+        for segment, member in enumerate(members):
+            ids, mask = table.example(int(kept[member]))
+            n = int(lengths[member])
+            _place(rows, r, offset, segment, ids[:n], mask[:n])
             offset += n
-    return PackedRows(input_ids, labels, position_ids, segment_ids)
+    rows.flush()
+    stats.rows = len(rows)
+    stats.tokens = int(lengths.sum())
+    stats.target_tokens = int(table.trainable[kept].sum())
+    return rows, stats
 
 
-def pack_examples(examples: Iterable[TokenizedExample], context_length: int, pad_id: int
-                  ) -> tuple[PackedRows, PackingStats]:
-    """Chat and instruction data: truncate what is too long (counted), then best-fit pack."""
-    stats = PackingStats(context_length=context_length)
-    kept: list[TokenizedExample] = []
-    for example in examples:
-        stats.examples += 1
-        bucket = _histogram_bucket(len(example))
-        stats.length_histogram[bucket] = stats.length_histogram.get(bucket, 0) + 1
-        if len(example) > context_length:
-            stats.truncated_examples += 1
-            example = TokenizedExample(example.input_ids[:context_length], example.target_mask[:context_length])
-        if example.target_count == 0:
-            stats.dropped_examples += 1
-            continue
-        kept.append(example)
-    bins = best_fit([len(e) for e in kept], context_length)
-    rows = [[kept[i] for i in members] for members in bins]
-    packed = _rows_from_segments(rows, context_length, pad_id)
-    stats.rows = len(packed)
-    stats.tokens = int((packed.segment_ids >= 0).sum())
-    stats.target_tokens = int((packed.labels != IGNORE_INDEX).sum())
-    return packed, stats
-
-
-def pack_stream(documents: Iterable[TokenizedExample], context_length: int, pad_id: int
-                ) -> tuple[PackedRows, PackingStats]:
+def pack_stream(documents: ExampleTable | Iterable[TokenizedExample], context_length: int, pad_id: int,
+                folder: str | Path | None = None) -> tuple[PackedRows, PackingStats]:
     """Continued pretraining: documents (each ending in EOS) concatenated and cut into rows. A document cut by a
     row boundary continues in the next row as its own segment, so attention still never crosses documents."""
-    stats = PackingStats(context_length=context_length)
-    rows: list[list[TokenizedExample]] = [[]]
-    free = context_length
-    for document in documents:
-        stats.examples += 1
-        bucket = _histogram_bucket(len(document))
-        stats.length_histogram[bucket] = stats.length_histogram.get(bucket, 0) + 1
+    table = _as_table(documents, context_length)
+    stats = _length_stats(table, context_length)
+    stats.truncated_examples = 0   # nothing is cut off: long documents continue in the next row
+    total = int(table.lengths.sum())
+    rows = PackedRows.allocate(-(-total // context_length), context_length, pad_id, folder)
+    row, offset, segment = 0, 0, 0
+    stats.target_tokens = 0
+    for index in range(len(table)):
+        ids, mask = table.example(index)
         start = 0
-        while start < len(document):
-            if free == 0:
-                rows.append([])
-                free = context_length
-            piece = slice(start, start + free)
-            rows[-1].append(TokenizedExample(document.input_ids[piece], document.target_mask[piece]))
-            taken = len(document.input_ids[piece])
-            start += taken
-            free -= taken
-    rows = [row for row in rows if row]
-    packed = _rows_from_segments(rows, context_length, pad_id)
-    stats.rows = len(packed)
-    stats.tokens = int((packed.segment_ids >= 0).sum())
-    stats.target_tokens = int((packed.labels != IGNORE_INDEX).sum())
-    return packed, stats
+        while start < len(ids):
+            if offset == context_length:
+                row, offset, segment = row + 1, 0, 0
+            taken = min(context_length - offset, len(ids) - start)
+            _place(rows, row, offset, segment, ids[start:start + taken], mask[start:start + taken])
+            stats.target_tokens += int(mask[start + 1:start + taken].sum())
+            start, offset, segment = start + taken, offset + taken, segment + 1
+    rows.flush()
+    stats.rows = len(rows)
+    stats.tokens = total
+    return rows, stats

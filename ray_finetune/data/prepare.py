@@ -1,35 +1,31 @@
-"""Data preparation end to end: locate → read → format → pack, cached by content so a second run (or a resumed
+"""Data preparation end to end: locate → shard → tokenize → pack, cached by content so a second run (or a resumed
 run) on the same data does not tokenize again. Used by the data packer actor and by estimate()."""
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from ray_finetune.data import formats, packing, sources
-from ray_finetune.data.validation import COLUMNS
+from ray_finetune.data import packing, sources
+from ray_finetune.data.tokenized import ExampleTable, TokenizeJob
 
-FORMAT_VERSION = 1   # bump when formatting or packing changes what rows contain
+FORMAT_VERSION = 2   # bump when formatting or packing changes what rows contain
 
 
 @dataclass(frozen=True)
 class Prepared:
-    rows_path: str
+    rows_path: str     # a folder of PackedRows arrays
     stats: dict[str, Any]
     cached: bool
 
 
-def pack_source(source: sources.DataSource, task_type: str, tokenizer: Any, context_length: int
-                ) -> tuple[packing.PackedRows, packing.PackingStats]:
-    if task_type == "CONTINUED_PRETRAIN":
-        documents = (formats.format_document(tokenizer, sources.read_text(source, file))
-                     for file in sources.text_files(source))
-        return packing.pack_stream(documents, context_length, tokenizer.pad_token_id)
-    examples = formats.examples_from_records(tokenizer, task_type, sources.read_records(source, COLUMNS[task_type]))
-    return packing.pack_examples(examples, context_length, tokenizer.pad_token_id)
+# Runs tokenize jobs and returns their shard prefixes in job order: in this process by default; the data packer
+# actor passes one that spreads them over the cluster as Ray tasks.
+MapShards = Callable[[list[TokenizeJob]], list[str]]
 
 
 def tokenizer_fingerprint(model_path: str | Path) -> str:
@@ -50,21 +46,35 @@ def cache_key(source: sources.DataSource, model_path: str, task_type: str, conte
 
 
 def prepare(parameter: str, path: str, *, task_type: str, model_path: str, tokenizer: Any, context_length: int,
-            cache_dir: Path, data_prep_cluster_id: str | None = None) -> Prepared:
-    """Packed rows for one dataset, from the cache when the same data was packed the same way before."""
+            cache_dir: Path, data_prep_cluster_id: str | None = None, map_shards: MapShards | None = None,
+            shard_bytes: int = sources.SHARD_BYTES, parallelism: int = 1) -> Prepared:
+    """Packed rows for one dataset, from the cache when the same data was packed the same way before.
+
+    tokenize (shards, in parallel where map_shards allows) → pack (streaming, from memory-mapped shards) →
+    publish. Work happens in a folder private to this call; the finished rows are renamed into place and the
+    stats file, written last, marks the entry complete, so concurrent or interrupted preparations never leave
+    a half-written entry that a run would use.
+    """
     source = sources.locate(parameter, path, data_prep_cluster_id)
     folder = cache_dir / cache_key(source, model_path, task_type, context_length)
-    rows_file, stats_file = folder / "rows.npz", folder / "stats.json"
-    if rows_file.exists() and stats_file.exists():
-        return Prepared(str(rows_file), json.loads(stats_file.read_text()), cached=True)
-    rows, stats = pack_source(source, task_type, tokenizer, context_length)
-    folder.mkdir(parents=True, exist_ok=True)
-    # Each file is written under a temporary name and renamed, so a reader never sees half of one; the stats file
-    # goes last and is what marks the entry complete.
-    temporary = folder / f"rows.{os.getpid()}.tmp.npz"
-    rows.save(str(temporary))
-    temporary.replace(rows_file)
-    temporary_stats = folder / f"stats.{os.getpid()}.tmp"
-    temporary_stats.write_text(json.dumps(stats.as_dict()))
-    temporary_stats.replace(stats_file)
-    return Prepared(str(rows_file), stats.as_dict(), cached=False)
+    rows_dir, stats_file = folder / "rows", folder / "stats.json"
+    if rows_dir.is_dir() and stats_file.exists():
+        return Prepared(str(rows_dir), json.loads(stats_file.read_text()), cached=True)
+    work = folder / f"work-{uuid.uuid4().hex}"
+    try:
+        jobs = [TokenizeJob(source, shard, task_type, model_path, context_length, str(work / "tokens"))
+                for shard in sources.plan_shards(source, shard_bytes, parallelism)]
+        prefixes = map_shards(jobs) if map_shards else [job.run(tokenizer) for job in jobs]
+        pack = packing.pack_stream if task_type == "CONTINUED_PRETRAIN" else packing.pack_examples
+        _, stats = pack(ExampleTable.open(prefixes), context_length, tokenizer.pad_token_id, folder=work / "rows")
+        try:
+            (work / "rows").rename(rows_dir)
+        except OSError:
+            if not rows_dir.is_dir():   # not "another preparation of the same data got there first"
+                raise
+        temporary_stats = work / "stats.json"
+        temporary_stats.write_text(json.dumps(stats.as_dict()))
+        temporary_stats.replace(stats_file)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Prepared(str(rows_dir), stats.as_dict(), cached=False)

@@ -6,7 +6,9 @@
 - Delta tables `catalog.schema.table` under RAY_FINETUNE_CATALOG_ROOT, read with deltalake, or through Spark when
   a data_prep_cluster_id is given (`local` for an in-process session, or a Spark Connect URL sc://host:port).
 
-Records come with a location ("line 12", "row 7") for error messages.
+Records come with a location ("line 12", "row 7") for error messages. A source can be cut into shards that
+workers read independently (byte ranges of a JSONL file, row ranges of a dataset, groups of text files), so
+tokenization spreads over a cluster without any worker holding the whole source.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ _TABLE = re.compile(r"^[A-Za-z_][\w-]*\.[A-Za-z_][\w-]*\.[A-Za-z_][\w-]*$")
 _DATASET = re.compile(r"^(?:[\w.-]+/)?[\w.-]+/[\w.-]+$")
 _VOLUME = re.compile(r"^(?:dbfs:)?/Volumes/(.+)$")
 BATCH_ROWS = 1024
+SHARD_BYTES = 32 << 20      # the most of a source one tokenizer worker takes at once (its memory)
+MIN_SHARD_BYTES = 1 << 20   # the least worth a worker of its own: loading a tokenizer costs ~0.2 s
 
 
 @dataclass(frozen=True)
@@ -132,25 +136,64 @@ def read_records(source: DataSource, columns: frozenset[str] | None = None) -> I
                               expected="a .jsonl file, a Hugging Face dataset or a Delta table")
 
 
-def _jsonl_records(source: DataSource) -> Iterator[tuple[str, Any]]:
+def _jsonl_records(source: DataSource, byte_range: tuple[int, int] | None = None) -> Iterator[tuple[str, Any]]:
+    """Every line of the file, or those starting inside byte_range."""
     if not source.url.endswith(".jsonl"):
         raise ValidationError(source.parameter, f"{source.given!r} is not a .jsonl file", file=source.where,
                               expected="a .jsonl file (one JSON object per line)")
     fs, inner = _filesystem(source.parameter, source.url)
     with fs.open(inner, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
+        start = byte_range[0] if byte_range else 0
+
+        def line_number(index: int) -> int:   # a shard learns its first line's number only if it must name it
+            return index + (_first_line_number(fs, inner, start) if start else 1)
+
+        for index, (offset, raw) in enumerate(_lines(handle, byte_range)):
             try:
-                line = raw.decode("utf-8")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise ValidationError(source.parameter, f"is not UTF-8 ({error.reason} at byte {error.start})",
-                                      file=source.where, line=line_no, expected="UTF-8 text") from None
-            if not line.strip():
+                                      file=source.where, line=line_number(index), expected="UTF-8 text") from None
+            if not text.strip():
                 continue
             try:
-                yield f"line {line_no}", json.loads(line)
+                record = json.loads(text)
             except json.JSONDecodeError as error:
                 raise ValidationError(source.parameter, f"is not valid JSON ({error.msg} at column {error.colno})",
-                                      file=source.where, line=line_no, expected="one JSON object per line") from None
+                                      file=source.where, line=line_number(index),
+                                      expected="one JSON object per line") from None
+            yield (f"line {index + 1}" if not start else f"the line at byte {offset}"), record
+
+
+def _first_line_number(fs: Any, inner: str, start: int) -> int:
+    """The number of the first line starting at or after byte `start` > 0: lines start at byte 0 and after each
+    newline, and the shard begins after the newline at or after start - 1, so it is the newlines before
+    start - 1, plus two. Reads the file up to `start`: only used to name a bad line."""
+    newlines, remaining = 0, start - 1
+    with fs.open(inner, "rb") as handle:
+        while remaining > 0:
+            block = handle.read(min(remaining, 1 << 20))
+            if not block:
+                break
+            newlines += block.count(b"\n")
+            remaining -= len(block)
+    return newlines + 2
+
+
+def _lines(handle: Any, byte_range: tuple[int, int] | None) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) for the lines of a binary file, whole or those that start inside [start, end)."""
+    start, end = byte_range if byte_range is not None else (0, None)
+    if start > 0:
+        handle.seek(start - 1)
+        handle.readline()   # the rest of the line that started before `start` belongs to the previous shard
+    while True:
+        offset = handle.tell()
+        if end is not None and offset >= end:
+            return
+        raw = handle.readline()
+        if not raw:
+            return
+        yield offset, raw
 
 
 def _dataset_records(source: DataSource) -> Iterator[tuple[str, Any]]:
@@ -217,6 +260,67 @@ def _spark_batches(source: DataSource, table: Any) -> Iterator[Any]:
             rows = []
     if rows:
         yield pa.RecordBatch.from_pylist(rows)
+
+
+# -- shards: pieces of a source read independently -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    byte_range: tuple[int, int] | None = None   # JSONL: the lines that *start* inside [start, end)
+    row_range: tuple[int, int] | None = None    # dataset: rows [start, stop)
+    files: tuple[str, ...] = ()                 # text folder: whole files
+
+
+def plan_shards(source: DataSource, shard_bytes: int = SHARD_BYTES, parallelism: int = 1) -> list[Shard]:
+    """Cut a source into pieces of at most about `shard_bytes`, and into at least `parallelism` pieces when it
+    is big enough to be worth it (MIN_SHARD_BYTES each). Delta tables stay one piece: they are read through
+    deltalake's or Spark's own parallel scan."""
+    def count_for(size: int, units: int) -> int:
+        wanted = max(-(-size // shard_bytes), min(parallelism, size // MIN_SHARD_BYTES))
+        return max(1, min(wanted, units))
+
+    if source.kind == "file":
+        fs, inner = _filesystem(source.parameter, source.url)
+        size = int(fs.size(inner))
+        count = count_for(size, max(size, 1))
+        bounds = [size * i // count for i in range(count + 1)]
+        return [Shard(i, byte_range=(bounds[i], bounds[i + 1])) for i in range(count)]
+    if source.kind == "folder":
+        fs, _ = _filesystem(source.parameter, source.url)
+        files = text_files(source)
+        sizes = [int(fs.size(file)) for file in files]
+        per_shard = sum(sizes) / count_for(sum(sizes), len(files))
+        groups: list[list[str]] = [[]]
+        filled = 0
+        for file, size in zip(files, sizes):
+            if groups[-1] and filled >= per_shard:
+                groups.append([])
+                filled = 0
+            groups[-1].append(file)
+            filled += size
+        return [Shard(i, files=tuple(group)) for i, group in enumerate(groups)]
+    if source.kind == "hf_dataset":
+        name, _, split = source.url.rpartition("/")
+        dataset = _load_dataset(source, name, split)
+        rows = len(dataset)
+        count = count_for(int(dataset.data.nbytes), rows)
+        bounds = [rows * i // count for i in range(count + 1)]
+        return [Shard(i, row_range=(bounds[i], bounds[i + 1])) for i in range(count)]
+    return [Shard(0)]
+
+
+def read_shard_records(source: DataSource, shard: Shard, columns: frozenset[str] | None = None
+                       ) -> Iterator[tuple[str, Any]]:
+    """The records of one shard, in source order; the shards of a source together hold every record once."""
+    if shard.byte_range is not None:
+        yield from _jsonl_records(source, shard.byte_range)
+    elif shard.row_range is not None:
+        name, _, split = source.url.rpartition("/")
+        dataset = _load_dataset(source, name, split).select(range(*shard.row_range))
+        for index, row in enumerate(dataset, start=shard.row_range[0] + 1):
+            yield f"row {index}", {k: v for k, v in dict(row).items() if columns is None or k in columns}
+    else:
+        yield from read_records(source, columns)
 
 
 # -- documents (CONTINUED_PRETRAIN) -------------------------------------------------------------------------------

@@ -26,14 +26,16 @@ class Batch:
 def make_batch(rows: PackedRows, indices: np.ndarray) -> Batch:
     """Rows by index; EMPTY_ROW becomes a row of padding with nothing to learn."""
     real = np.where(indices == EMPTY_ROW, 0, indices)
-    labels = rows.labels[real].copy()
-    segments = rows.segment_ids[real].copy()
-    labels[indices == EMPTY_ROW] = IGNORE_INDEX
-    segments[indices == EMPTY_ROW] = -1
-    return Batch(
-        torch.from_numpy(rows.input_ids[real]), torch.from_numpy(labels),
-        torch.from_numpy(rows.position_ids[real]), torch.from_numpy(segments),
-    )
+    empty = indices == EMPTY_ROW
+
+    def gather(array: np.ndarray, empty_value: int | None = None) -> torch.Tensor:
+        picked = array[real].astype(np.int64)   # rows are stored as int32; models take int64 ids and labels
+        if empty_value is not None:
+            picked[empty] = empty_value
+        return torch.from_numpy(picked)
+
+    return Batch(gather(rows.input_ids), gather(rows.labels, IGNORE_INDEX), gather(rows.position_ids),
+                 gather(rows.segment_ids, -1))
 
 
 def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:

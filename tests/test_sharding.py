@@ -1,0 +1,161 @@
+"""Data preparation at scale: sources cut into shards that together hold every record exactly once, tokenization
+spread over the Ray cluster giving the same rows as in one process, and packing whose memory does not grow with
+the tokens of the dataset."""
+from __future__ import annotations
+
+import json
+import tempfile
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ray_finetune.data import sources
+from ray_finetune.data.formats import TokenizedExample
+from ray_finetune.data.packing import PackedRows, pack_examples, pack_stream
+from ray_finetune.data.prepare import prepare
+from ray_finetune.data.tokenized import ExampleTable, to_arrays
+from ray_finetune.train.models import load_tokenizer
+
+record = st.fixed_dictionaries({"prompt": st.text(max_size=30), "response": st.text(min_size=1, max_size=30)})
+
+
+@settings(max_examples=60, deadline=None)
+@given(records=st.lists(record, max_size=25), blank_every=st.integers(0, 5), shard_bytes=st.integers(1, 400),
+       trailing_newline=st.booleans())
+def test_jsonl_shards_hold_every_line_exactly_once(records, blank_every, shard_bytes, trailing_newline):
+    lines = []
+    for i, item in enumerate(records):
+        lines.append(json.dumps(item, ensure_ascii=False))
+        if blank_every and i % blank_every == 0:
+            lines.append("")   # blank lines are skipped wherever a shard boundary falls
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "data.jsonl"
+        path.write_text("\n".join(lines) + ("\n" if trailing_newline else ""), encoding="utf-8")
+        source = sources.locate("train_data_path", str(path))
+        shards = sources.plan_shards(source, shard_bytes)
+        from_shards = [r for shard in shards for _, r in sources.read_shard_records(source, shard)]
+    assert from_shards == records
+
+
+def test_text_folders_and_datasets_are_cut_into_shards_in_order(tmp_path):
+    import datasets
+
+    for i in range(7):
+        (tmp_path / "docs" / f"{i % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "docs" / f"{i % 2}" / f"doc{i}.txt").write_text(f"document {i} " * 20)
+    folder = sources.locate("train_data_path", str(tmp_path / "docs"))
+    shards = sources.plan_shards(folder, shard_bytes=300)
+    assert len(shards) > 1 and [f for s in shards for f in s.files] == sources.text_files(folder)
+
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(50)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "ds"))
+    dataset = sources.locate("train_data_path", f"{tmp_path}/ds/train")
+    shards = sources.plan_shards(dataset, shard_bytes=100)
+    assert len(shards) > 1
+    assert [r for s in shards for _, r in sources.read_shard_records(dataset, s)] == rows
+
+
+def conversations(count: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"question {i} " + "word " * (i % 17)},
+                          {"role": "assistant", "content": f"answer {i} " + "more " * (i % 23)}]}
+            for i in range(count)]
+
+
+def test_many_shards_pack_the_same_rows_as_one(tmp_path, tiny_model):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in conversations(120)))
+    arguments = dict(task_type="CHAT_COMPLETION", model_path=str(tiny_model), tokenizer=load_tokenizer(tiny_model),
+                     context_length=96)
+    one = prepare("train_data_path", str(data), cache_dir=tmp_path / "one", **arguments)
+    many = prepare("train_data_path", str(data), cache_dir=tmp_path / "many", shard_bytes=1000, **arguments)
+    assert len(list((tmp_path / "many").glob("*/work-*"))) == 0   # tokenized shards are removed once packed
+    assert one.stats == many.stats and one.stats["examples"] == 120
+    assert_same_rows(one.rows_path, many.rows_path)
+
+
+def assert_same_rows(first: str, second: str) -> None:
+    a, b = PackedRows.load(first), PackedRows.load(second)
+    for name in PackedRows.FIELDS:
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_tokenization_spreads_over_the_cluster_and_matches_one_process(cluster, tmp_path, tiny_model):
+    import ray
+
+    from actors.data_packer import map_over_cluster
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in conversations(200)))
+    arguments = dict(task_type="CHAT_COMPLETION", model_path=str(tiny_model), tokenizer=load_tokenizer(tiny_model),
+                     context_length=128, shard_bytes=2000)
+    local = prepare("train_data_path", str(data), cache_dir=tmp_path / "local", **arguments)
+    spread = prepare("train_data_path", str(data), cache_dir=tmp_path / "spread", map_shards=map_over_cluster,
+                     **arguments)
+    assert ray.is_initialized()
+    assert spread.stats == local.stats and not spread.cached
+    assert_same_rows(local.rows_path, spread.rows_path)
+
+
+def test_continued_pretraining_across_shards_keeps_every_token(tmp_path, tiny_model):
+    (tmp_path / "docs").mkdir()
+    for i in range(9):
+        (tmp_path / "docs" / f"{i}.txt").write_text(f"text number {i} " * (5 + 7 * i))
+    arguments = dict(task_type="CONTINUED_PRETRAIN", model_path=str(tiny_model),
+                     tokenizer=load_tokenizer(tiny_model), context_length=64)
+    one = prepare("train_data_path", str(tmp_path / "docs"), cache_dir=tmp_path / "one", **arguments)
+    many = prepare("train_data_path", str(tmp_path / "docs"), cache_dir=tmp_path / "many", shard_bytes=200,
+                   **arguments)
+    assert one.stats == many.stats
+    assert_same_rows(one.rows_path, many.rows_path)
+
+
+def test_packing_memory_does_not_grow_with_the_tokens(tmp_path):
+    """Shards on disk are memory-mapped and rows are written into files: what packing allocates is per-example
+    bookkeeping, a small fraction of the tokens it moves."""
+    rng = np.random.default_rng(0)
+    prefixes = []
+    for shard in range(4):
+        lengths = rng.integers(20, 500, size=2000)
+        examples = [TokenizedExample(rng.integers(3, 30000, size=n).tolist(), [False] * 5 + [True] * (n - 5))
+                    for n in lengths]
+        prefix = tmp_path / f"shard-{shard}"
+        for name, array in to_arrays(examples, 512).items():
+            np.save(f"{prefix}.{name}.npy", array)
+        prefixes.append(str(prefix))
+    table = ExampleTable.open(prefixes)
+    tracemalloc.start()
+    rows, stats = pack_examples(table, 512, pad_id=0, folder=tmp_path / "rows")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    row_bytes = len(rows) * 512 * 4 * len(PackedRows.FIELDS)
+    assert stats.examples == 8000 and stats.tokens == int(table.lengths.sum())
+    assert peak < row_bytes / 10, f"packing allocated {peak / 1e6:.1f} MB for {row_bytes / 1e6:.1f} MB of rows"
+    reloaded = PackedRows.load(tmp_path / "rows")
+    assert int((reloaded.segment_ids >= 0).sum()) == stats.tokens
+
+    tracemalloc.start()
+    _, stream_stats = pack_stream(table, 512, pad_id=0, folder=tmp_path / "stream")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert stream_stats.tokens == int(table.lengths.sum()) and peak < row_bytes / 10
+
+
+@settings(max_examples=30, deadline=None)
+@given(good_before=st.integers(0, 40), shard_bytes=st.integers(5, 300))
+def test_a_bad_line_in_any_shard_is_named_by_its_line_number(good_before, shard_bytes):
+    from ray_finetune.errors import ValidationError
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "data.jsonl"
+        path.write_text('{"prompt": "p", "response": "r"}\n' * good_before + "not json\n" + '{"prompt": "p"}\n' * 5)
+        source = sources.locate("train_data_path", str(path))
+        try:
+            for shard in sources.plan_shards(source, shard_bytes):
+                list(sources.read_shard_records(source, shard))
+        except ValidationError as error:
+            assert error.line == good_before + 1 and error.file == str(path.resolve())
+        else:
+            raise AssertionError("the bad line was not reported")
