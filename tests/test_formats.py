@@ -68,3 +68,41 @@ def test_documents_learn_every_token_and_end_in_eos(smollm2_tokenizer):
     example = format_document(smollm2_tokenizer, "Once upon a time.")
     assert all(example.target_mask)
     assert example.input_ids[-1] == smollm2_tokenizer.eos_token_id
+
+
+def conversation(turns: int, seed: int) -> list[dict[str, str]]:
+    import random
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", " gamma", "delta\n", "é", "  ", "<b>", "{{x}}", "42", "end."]
+    messages = [{"role": "system", "content": "Be kind."}] if seed % 2 else []
+    for t in range(turns):
+        for role in ("user", "assistant"):
+            messages.append({"role": role, "content": "".join(rng.choice(words) for _ in range(rng.randint(1, 9)))})
+    return messages
+
+
+def test_two_render_spans_equal_the_prefix_method_on_long_conversations(smollm2_tokenizer):
+    from ray_finetune.data.formats import _spans_by_prefixes, _spans_by_shape, _turn_shape
+
+    shape = _turn_shape(smollm2_tokenizer)
+    assert shape is not None and shape.closer == "<|im_end|>\n"   # SmolLM2's ChatML is regular
+    for seed in range(20):
+        messages = conversation(1 + seed % 12, seed)
+        assert _spans_by_shape(smollm2_tokenizer, messages, shape) == _spans_by_prefixes(smollm2_tokenizer, messages)
+
+
+def test_a_template_that_rewrites_contents_falls_back_to_the_prefix_method(smollm2_tokenizer):
+    import copy
+
+    from ray_finetune.data.formats import _spans_by_prefixes
+
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.chat_template = smollm2_tokenizer.chat_template.replace("message['content']",
+                                                                      "message['content'] | trim")
+    assert tokenizer.chat_template != smollm2_tokenizer.chat_template
+    messages = [{"role": "user", "content": "  padded  "}, {"role": "assistant", "content": "  answer  "}]
+    example = format_chat(tokenizer, messages)
+    full, spans = _spans_by_prefixes(tokenizer, messages)
+    assert tokenizer.decode(example.input_ids) == full and "padded  " not in full
+    assert targets_text(tokenizer, example) == ["answer<|im_end|>\n"]

@@ -6,8 +6,11 @@ the pad token *is* the EOS token, and EOS must be learned.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
+
+import numpy as np
 
 from ray_finetune.errors import ValidationError
 
@@ -34,27 +37,132 @@ def eos_token_id(tokenizer: Any) -> int:
 def format_chat(tokenizer: Any, messages: list[dict[str, str]]) -> TokenizedExample:
     """The model's own chat template; targets are the assistant turns, including their end-of-turn token.
 
-    Each assistant turn is located as the text between "the conversation so far, with the generation prompt"
-    and "the conversation including this turn"; character spans become token spans through the offsets.
+    Character spans of the assistant turns become token spans through the tokenizer's offsets. The spans come
+    from two renders of the conversation when the template lays turns out regularly (checked once per template
+    and again per conversation), else from rendering every prefix of it (exact for any prefix-stable template,
+    but quadratic in the number of turns).
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValidationError("model", "the tokenizer has no chat template",
                               expected="a chat model for CHAT_COMPLETION (or use INSTRUCTION_FINETUNE)")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans: list[tuple[int, int]] = []
+    shape = _turn_shape(tokenizer)
+    found = _spans_by_shape(tokenizer, messages, shape) if shape else None
+    full, spans = found or _spans_by_prefixes(tokenizer, messages)
+    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    begins = np.asarray([begin for begin, _ in encoding["offset_mapping"]], dtype=np.int64)
+    starts = np.asarray([start for start, _ in spans], dtype=np.int64)
+    ends = np.asarray([end for _, end in spans], dtype=np.int64)
+    # a token is a target when it begins inside a span; spans are sorted and disjoint, so only the last span
+    # starting at or before the token can hold it
+    span = np.searchsorted(starts, begins, side="right") - 1
+    mask = (span >= 0) & (begins < ends[span.clip(min=0)]) if spans else np.zeros(len(begins), dtype=bool)
+    return TokenizedExample(list(encoding["input_ids"]), mask.tolist())
+
+
+Spans = list[tuple[int, int]]
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _spans_by_prefixes(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, Spans]:
+    """Each assistant turn is the text between "the conversation so far, with the generation prompt" and "the
+    conversation including this turn"."""
+    full = _render(tokenizer, messages)
+    spans: Spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        before = _render(tokenizer, messages[:index], generation_prompt=True)
+        through = _render(tokenizer, messages[: index + 1])
         if not full.startswith(before) or not full.startswith(through):
             raise ValidationError("model", "the chat template does not render conversations incrementally, so "
                                   "assistant turns cannot be located", expected="a prefix-stable chat template")
         spans.append((len(before), len(through)))
-    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoding["input_ids"])
-    mask = [any(start <= begin < end for start, end in spans) for begin, _ in encoding["offset_mapping"]]
-    return TokenizedExample(ids, mask)
+    return full, spans
+
+
+# Stand-ins for message contents (Unicode private-use characters, which real text does not contain), so that one
+# render shows where each content lands.
+_MARK = re.compile("\ue000(\\d+)\ue001")
+
+
+def _marked(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{**message, "content": f"\ue000{k}\ue001"} for k, message in enumerate(messages)]
+
+
+@dataclass(frozen=True)
+class _TurnShape:
+    """How a regular template lays out an assistant turn: `opener` (the generation prompt) right before its
+    content, `closer` (end of turn) right after it."""
+    opener: str
+    closer: str
+
+
+_SHAPES: dict[str, _TurnShape | None] = {}
+_PROBES = [
+    [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello! How can I help?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": " and 3+3? "},
+     {"role": "assistant", "content": "6\n"}, {"role": "user", "content": "Thanks"},
+     {"role": "assistant", "content": "You are welcome."}],
+]
+
+
+def _turn_shape(tokenizer: Any) -> _TurnShape | None:
+    """The template's turn shape, when the two-render method reproduces the prefix method exactly on probe
+    conversations; None (use the prefix method) otherwise. Computed once per template."""
+    template = tokenizer.chat_template
+    if template not in _SHAPES:
+        _SHAPES[template] = _probe_turn_shape(tokenizer)
+    return _SHAPES[template]
+
+
+def _probe_turn_shape(tokenizer: Any) -> _TurnShape | None:
+    try:
+        probe = _PROBES[0]
+        opener = _render(tokenizer, probe[:1], generation_prompt=True)[len(_render(tokenizer, probe[:1])):]
+        full = _render(tokenizer, probe)
+        content = probe[1]["content"]
+        after = full.index(content) + len(content)
+        closer = full[after:]
+        shape = _TurnShape(opener, closer)
+        if all(_spans_by_shape(tokenizer, p, shape) == _spans_by_prefixes(tokenizer, p) for p in _PROBES):
+            return shape
+    except (ValidationError, ValueError):
+        pass
+    return None
+
+
+def _spans_by_shape(tokenizer: Any, messages: list[dict[str, str]], shape: _TurnShape
+                    ) -> tuple[str, Spans] | None:
+    """Two renders: one with stand-ins that shows where each content lands, one real one that must equal it
+    with the contents put back (else the template changes contents, e.g. trims them). None when any check fails."""
+    if any("\ue000" in m["content"] or "\ue001" in m["content"] for m in messages):
+        return None
+    pieces = _MARK.split(_render(tokenizer, _marked(messages)))
+    if [int(k) for k in pieces[1::2]] != list(range(len(messages))):
+        return None
+    text, starts = [pieces[0]], []
+    length = len(pieces[0])
+    for k, literal in zip(pieces[1::2], pieces[2::2]):
+        starts.append(length)
+        content = messages[int(k)]["content"]
+        text += [content, literal]
+        length += len(content) + len(literal)
+    full = "".join(text)
+    if full != _render(tokenizer, messages):
+        return None
+    spans: Spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start, end = starts[k], starts[k] + len(message["content"]) + len(shape.closer)
+        if full[start - len(shape.opener):start] != shape.opener or full[end - len(shape.closer):end] != shape.closer:
+            return None
+        spans.append((start, end))
+    return full, spans
 
 
 def format_instruction(tokenizer: Any, prompt: str, response: str) -> TokenizedExample:
