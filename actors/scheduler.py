@@ -31,6 +31,7 @@ from actors.event_sink import NAMESPACE, EventSink, event_store
 from actors.messages import EvaluateRequest, PackRequest, RegisterRequest, RunContext, StopRequest, TrainRequest
 from actors.registrar import Registrar
 from actors.trainer_group import TrainerGroup, remove_stale_placements
+from eventstore.actor import ON_HEAD_NODE
 from eventstore.schema import PENDING, QUEUED, EventType
 from ray_finetune import settings, tracking
 from ray_finetune.spec import RunSpec
@@ -203,11 +204,13 @@ class Scheduler:
                 await evaluator.evaluate.remote(EvaluateRequest(
                     run=context, weights_path=init_weights if init_weights and Path(init_weights).is_dir()
                     else context.spec.model_path, step=0, epoch=0, eval_rows_path=data.eval_rows_path))
-            group = TrainerGroup(world, gpus_per_worker=1 if gpus else 0, run_name=name)
+            group = TrainerGroup(world, gpus_per_worker=1 if gpus else 0, run_name=name,
+                                 resources=self.settings.trainer_resources)
             self.groups[name] = group
-            await sink.emit_async(EventType.PLACED, f"trainer group of {world} worker(s) placed",
-                                  {"world_size": world, "plan": plan.as_dict()})
-            await group.ready()
+            nodes = await group.ready()
+            await sink.emit_async(EventType.PLACED, f"trainer group of {world} worker(s) placed on "
+                                  f"{len(set(nodes))} node(s)", {"world_size": world, "nodes": nodes,
+                                                                 "plan": plan.as_dict()})
             result = await group.train(TrainRequest(run=context, data=data, plan=plan, init_weights_path=init_weights,
                                                     resume_from=str(resume_from) if resume_from else None,
                                                     attempt=attempt), evaluator)
@@ -291,4 +294,5 @@ class Scheduler:
 
 
 def get_or_create() -> "ray.actor.ActorHandle":
-    return Scheduler.options(name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
+    return Scheduler.options(name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+                             resources=ON_HEAD_NODE).remote()

@@ -94,6 +94,9 @@ class TrainerWorker:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def rendezvous_address(self) -> tuple[str, int]:
         with socket.socket() as probe:
             probe.bind(("", 0))
@@ -150,21 +153,26 @@ def remove_stale_placements() -> int:
 class TrainerGroup:
     """Placement group + workers of one run. Lives in the scheduler; not an actor itself."""
 
-    def __init__(self, world_size: int, cpus_per_worker: int = 1, gpus_per_worker: int = 0, run_name: str = "") -> None:
+    def __init__(self, world_size: int, cpus_per_worker: int = 1, gpus_per_worker: int = 0, run_name: str = "",
+                 resources: dict[str, float] | None = None) -> None:
         self.world_size = world_size
-        bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+        resources = resources or {}
+        bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {}), **resources}
+        # PACK: on one node when one has room (fastest collectives), across nodes when none has.
         self._placement = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK",
                                           name=f"{PLACEMENT_PREFIX}{run_name}")
         self.workers = [
             TrainerWorker.options(
-                num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, resources=resources,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, placement_group_bundle_index=i),
             ).remote(i, world_size)
             for i in range(world_size)
         ]
 
-    async def ready(self) -> None:
+    async def ready(self) -> list[str]:
+        """Wait until the cluster has room for the whole group; the Ray node id of each rank."""
         await self._placement.ready()
+        return list(await asyncio.gather(*(worker.node_id.remote() for worker in self.workers)))
 
     async def request_stop(self, request: StopRequest) -> None:
         await self.workers[0].request_stop.remote(request)

@@ -46,8 +46,13 @@ class EventStoreActor:
         return self._store.sql(query)
 
 
+# The control plane stays on the head node: the log is a file on the head's disk, and a worker node may vanish.
+ON_HEAD_NODE = {"node:__internal_head__": 0.001}
+
+
 def get_or_create(path: str) -> "ray.actor.ActorHandle":
-    return EventStoreActor.options(name=ACTOR_NAME, get_if_exists=True, lifetime="detached").remote(path)
+    return EventStoreActor.options(name=ACTOR_NAME, get_if_exists=True, lifetime="detached",
+                                   resources=ON_HEAD_NODE).remote(path)
 
 
 def append_one(store: "ray.actor.ActorHandle", new_event: NewEvent) -> Event:

@@ -100,13 +100,22 @@ def connect() -> Settings:
             address = local_head_address(config) or start_local_head(config)
             _use_token(_auth_env(config))
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR",
-                 runtime_env={"env_vars": config.as_env()})
+                 runtime_env={"env_vars": _settings_not_set_by_the_job(config)})
     from actors import scheduler
     from eventstore import actor as event_store_actor
 
     event_store_actor.get_or_create(str(config.event_log_path))
     scheduler.get_or_create()
     return config
+
+
+def _settings_not_set_by_the_job(config: Settings) -> dict[str, str]:
+    """The settings actors need, as environment variables. A driver that is itself a submitted Ray job (`ray job
+    submit --runtime-env-json ...`) may carry some of them in the job's runtime env already, and Ray refuses the
+    same key from both; those are in this process's environment anyway, so they are left to the job."""
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    from_job = ((job_config.get("runtime_env") or {}).get("env_vars") or {})
+    return {key: value for key, value in config.as_env().items() if key not in from_job}
 
 
 def down() -> bool:

@@ -1,0 +1,103 @@
+"""A driver for the multi-node tests: run in its own process against a cluster of several `ray start` nodes
+(RAY_ADDRESS, token and settings come from the environment), as a user's script or a submitted Ray job would.
+
+    python multinode_driver.py span TINY_MODEL WORK   # trainer group across nodes vs one worker: losses
+    python multinode_driver.py runs TINY_MODEL WORK   # two runs through fm.create; prints where they are placed
+                                                      # then waits for both to end (the test kills a node meanwhile)
+    python multinode_driver.py job TINY_MODEL WORK    # one run created, followed and finished (as a Ray job)
+
+Each prints JSON lines on stdout; the last one is the result.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+
+def say(**values) -> None:
+    print(json.dumps(values), flush=True)
+
+
+def span(model: str, work: Path) -> None:
+    from ray_finetune import cluster
+    from ray_finetune import spec as spec_module
+    from ray_finetune.data import formats, packing, sources
+    from ray_finetune.train.models import load_tokenizer
+    from tiny_model import write_chat_jsonl
+    from trainer_helpers import train_with
+
+    settings = cluster.connect()
+    data = write_chat_jsonl(work / "train.jsonl", 64)
+    tokenizer = load_tokenizer(model)
+    examples = formats.examples_from_records(tokenizer, "CHAT_COMPLETION",
+                                             sources.read_records(sources.locate("train", str(data))))
+    rows, stats = packing.pack_examples(examples, 64, tokenizer.pad_token_id)
+    rows.save(work / "rows")
+    spec = spec_module.resolve(model=model, train_data_path=str(data), register_to="main.tests",
+                               training_duration="2ep", learning_rate=2e-3, context_length=64)
+    resources = settings.trainer_resources
+    one, _, nodes_one = train_with(1, str(work / "rows"), stats, spec, settings, work, resources, "-span")
+    two, _, nodes_two = train_with(2, str(work / "rows"), stats, spec, settings, work, resources, "-span")
+    say(one=one, two=two, nodes_one=nodes_one, nodes_two=nodes_two)
+
+
+def node_sockets() -> dict[str, str]:
+    """Ray node id → its object store socket, whose path names the node's temp dir (how the test tells nodes
+    that share one IP apart)."""
+    import ray
+
+    return {node["NodeID"]: node["ObjectStoreSocketName"] for node in ray.nodes() if node["Alive"]}
+
+
+def log(run_name: str) -> list:
+    """Every event of a run as the log holds it (internal ones such as PLACED included)."""
+    import ray
+
+    from actors.event_sink import event_store
+
+    return ray.get(event_store().events.remote(run_name=run_name))
+
+
+def runs(model: str, work: Path) -> None:
+    from ray_finetune import foundation_model as fm
+    from tiny_model import write_chat_jsonl
+
+    data = write_chat_jsonl(work / "runs.jsonl", 48)
+    created = [fm.create(model=model, train_data_path=str(data), register_to=f"main.tests.multinode{i}",
+                         training_duration="6ep", context_length=64, learning_rate=1e-3,
+                         checkpoint_interval="1ep") for i in range(2)]
+    placed: dict[str, str] = {}
+    deadline = time.time() + 300
+    while len(placed) < 1 and time.time() < deadline:   # the test kills a node as soon as one run trains there
+        for run in created:
+            events = log(run.name)
+            if any(e.type == "CHECKPOINT_SAVED" for e in events):
+                placed[run.name] = [e for e in events if e.type == "PLACED"][-1].payload["nodes"][0]
+        time.sleep(0.5)
+    say(placed=placed, sockets=node_sockets())
+    finished = [run.wait(timeout=900) for run in created]
+    say(result={run.name: {"status": run.status.value, "events": [(e.seq, e.type) for e in log(run.name)],
+                           "nodes": [e.payload["nodes"] for e in log(run.name) if e.type == "PLACED"]}
+                for run in finished})
+
+
+def job(model: str, work: Path) -> None:
+    from ray_finetune import foundation_model as fm
+    from tiny_model import write_chat_jsonl
+
+    data = write_chat_jsonl(work / "job.jsonl", 24)
+    run = fm.create(model=model, train_data_path=str(data), register_to="main.tests.from_a_job",
+                    training_duration="1ep", context_length=64)
+    seen = [event.type for event in fm.get_events(run, follow=True)]
+    say(result={"name": run.name, "status": fm.get(run).status.value, "events": seen})
+
+
+if __name__ == "__main__":
+    scenario, model, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    work.mkdir(parents=True, exist_ok=True)
+    {"span": span, "runs": runs, "job": job}[scenario](model, work)

@@ -1,0 +1,142 @@
+"""Several Ray nodes on this machine, each its own `ray start` process on loopback with token auth: a head (the
+control plane, no accelerators) and two worker nodes with one "accelerator" each (a custom resource standing in
+for a GPU; trainers ask for it through RAY_FINETUNE_TRAINER_RESOURCES). Drivers run as separate processes, as
+users' scripts and submitted Ray jobs do.
+
+- a trainer group spread over two nodes gives the losses of one worker;
+- two runs go to the two accelerators; SIGKILL of one worker node's raylet mid-run appends REQUEUED, and that
+  run waits for an accelerator, then finishes on the surviving node from its newest checkpoint;
+- `ray job submit` against the head's job server runs a driver that creates, follows and finishes a run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+TESTS = Path(__file__).parent
+DRIVER = TESTS / "multinode_driver.py"
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ray_start(env: dict[str, str], *arguments: str) -> None:
+    result = subprocess.run([RAY, "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *arguments],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def processes_of(root: Path) -> list[psutil.Process]:
+    """Every process of this test's cluster: their command lines name its temp dirs."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if str(root) in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    root = Path(tempfile.mkdtemp(prefix="rfmn-", dir="/tmp"))   # short: Ray's socket paths must fit 107 bytes
+    home = root / "home"
+    home.mkdir()
+    token = home / "ray_auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    port, dashboard_port = free_port(), free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_"))}
+    env.update(RAY_FINETUNE_HOME=str(home), RAY_FINETUNE_TRAINER_RESOURCES='{"accelerator": 1}',
+               RAY_FINETUNE_MAX_CONCURRENT_RUNS="2", RAY_FINETUNE_TRAINER_WORKERS="1",
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
+    try:
+        ray_start(env, "--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={root}/head",
+                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}")
+        for worker in ("w1", "w2"):
+            ray_start(env, f"--address=127.0.0.1:{port}", "--num-cpus=2", '--resources={"accelerator": 1}',
+                      f"--temp-dir={root}/{worker}")
+        yield SimpleNamespace(root=root, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+                              dashboard=f"http://127.0.0.1:{dashboard_port}")
+    finally:
+        for process in processes_of(root):
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def drive(nodes, scenario: str, tiny_model: Path, work: Path) -> dict:
+    result = subprocess.run([sys.executable, str(DRIVER), scenario, str(tiny_model), str(work)], env=nodes.env,
+                            capture_output=True, text=True, timeout=900, cwd=TESTS.parent)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_trainer_group_across_two_nodes_gives_the_losses_of_one_worker(nodes, tiny_model, tmp_path):
+    result = drive(nodes, "span", tiny_model, tmp_path)
+    assert len(set(result["nodes_two"])) == 2   # one accelerator per node: the two ranks had to spread
+    assert len(result["two"]) == len(result["one"]) > 1
+    assert result["two"] == pytest.approx(result["one"], rel=1e-4)
+
+
+def test_a_killed_worker_node_requeues_its_run_which_finishes_on_the_other(nodes, tiny_model, tmp_path):
+    driver = subprocess.Popen([sys.executable, str(DRIVER), "runs", str(tiny_model), str(tmp_path)],
+                              env=nodes.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=TESTS.parent)
+    placed = json.loads(driver.stdout.readline())
+    assert placed["placed"], "no run reached its first checkpoint"
+    victim_run, victim_node = next(iter(placed["placed"].items()))
+    victim_dir = Path(placed["sockets"][victim_node]).parents[2]   # <temp dir>/session_*/sockets/plasma_store
+    assert victim_dir.parent == nodes.root and victim_dir.name in ("w1", "w2")
+    raylets = [p for p in processes_of(victim_dir) if p.name() == "raylet"]
+    assert len(raylets) == 1
+    raylets[0].send_signal(signal.SIGKILL)
+
+    out, err = driver.communicate(timeout=900)
+    assert driver.returncode == 0, err[-4000:]
+    result = json.loads(out.strip().splitlines()[-1])["result"]
+    assert {run["status"] for run in result.values()} == {"COMPLETED"}
+    victim = result[victim_run]
+    types = [t for _, t in victim["events"]]
+    assert "REQUEUED" in types and types.count("PLACED") >= 2
+    assert victim["nodes"][0] == [victim_node] and victim_node not in victim["nodes"][-1]
+    head = next(node for node, socket_path in placed["sockets"].items() if f"{nodes.root}/head/" in socket_path)
+    for run in result.values():   # trainers only ever ran where an accelerator was: never on the head
+        assert all(head not in placement for placement in run["nodes"])
+
+
+def test_ray_job_submit_runs_a_driver_that_creates_follows_and_finishes_a_run(nodes, tiny_model, tmp_path):
+    job_env = {key: nodes.env[key] for key in nodes.env if key.startswith("RAY_FINETUNE_")}
+    command = [RAY, "job", "submit", f"--address={nodes.dashboard}",
+               f"--runtime-env-json={json.dumps({'env_vars': job_env})}", "--",
+               sys.executable, str(DRIVER), "job", str(tiny_model), str(tmp_path)]
+    for _ in range(30):   # the job server answers "no available agent" until the head's agent has registered
+        submitted = subprocess.run(command, env={k: v for k, v in nodes.env.items() if k != "RAY_ADDRESS"},
+                                   capture_output=True, text=True, timeout=600)
+        if "No available agent" not in submitted.stdout + submitted.stderr:
+            break
+        time.sleep(2)
+    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-4000:]
+    line = next(line for line in reversed(submitted.stdout.splitlines()) if line.startswith('{"result"'))
+    result = json.loads(line)["result"]
+    assert result["status"] == "COMPLETED"
+    assert result["events"][0] == "CREATED" and result["events"][-1] == "COMPLETED"

@@ -1,0 +1,33 @@
+"""Running a TrainerGroup directly (without the scheduler) and reading back its per-step losses."""
+from __future__ import annotations
+
+import asyncio
+
+import ray
+
+from actors.evaluator import Evaluator
+from actors.event_sink import event_store
+from actors.messages import PackedData, RunContext, TrainRequest
+from actors.trainer_group import TrainerGroup
+from ray_finetune import tracking
+from ray_finetune.train.plan import make_plan
+
+
+def train_with(world_size: int, rows_path: str, stats, spec, cluster, tmp_path, resources=None,
+               label: str = "") -> tuple[list[float], object, list[str]]:
+    """Losses per step, the plan, and the node of each rank."""
+    name = f"group-test{label}-{world_size}"
+    tracked = tracking.start_run(cluster, experiment_path=f"/tests/{name}", run_name=name, params={})
+    context = RunContext(run_name=name, spec=spec, mlflow_run_id=tracked.run_id, save_folder=str(tmp_path / name))
+    plan = make_plan(rows=stats.rows, tokens=stats.tokens, duration=spec.duration, world_size=world_size,
+                     seed=spec.seed)
+    group = TrainerGroup(world_size, resources=resources)
+    try:
+        nodes = asyncio.run(group.ready())
+        request = TrainRequest(run=context, data=PackedData(train_rows_path=rows_path, train_stats=stats.as_dict()),
+                               plan=plan)
+        asyncio.run(group.train(request, Evaluator.remote()))
+    finally:
+        group.shutdown()
+    events = ray.get(event_store().events.remote(run_name=name, types=["TRAIN_UPDATED"]))
+    return [e.payload["loss"] for e in events], plan, nodes
