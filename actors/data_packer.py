@@ -20,7 +20,10 @@ def tokenize_shard_task(job: TokenizeJob) -> str:
 
 
 def map_over_cluster(jobs: list[TokenizeJob]) -> list[str]:
-    """Ray runs as many tokenize tasks at once as the cluster has free CPUs; the rest queue."""
+    """Ray runs as many tokenize tasks at once as the cluster has free CPUs; the rest queue. A source of one
+    shard is tokenized right here: a task would only add a worker's start-up to a small run's wait."""
+    if len(jobs) == 1:
+        return [jobs[0].run()]
     return ray.get([tokenize_shard_task.remote(job) for job in jobs])
 
 

@@ -1,4 +1,5 @@
-"""How actors append their events: through the event-store actor, acknowledged before they go on."""
+"""How actors append their events: through the event-store actor, acknowledged before they go on (or, for the
+trainer's per-step events, sent at once and acknowledged in batches)."""
 from __future__ import annotations
 
 import uuid
@@ -31,7 +32,13 @@ class EventSink:
 
     def emit(self, kind: EventType, message: str = "", payload: dict[str, Any] | None = None,
              key: str | None = None) -> Event:
-        return ray.get(self._store.append.remote([self._event(kind, message, payload, key)]))[0]
+        return ray.get(self.submit(kind, message, payload, key))[0]
+
+    def submit(self, kind: EventType, message: str = "", payload: dict[str, Any] | None = None,
+               key: str | None = None) -> "ray.ObjectRef":
+        """Append without waiting; the returned reference resolves when the event is durable. The store runs one
+        caller's appends in the order they were sent."""
+        return self._store.append.remote([self._event(kind, message, payload, key)])
 
     async def emit_async(self, kind: EventType, message: str = "", payload: dict[str, Any] | None = None,
                          key: str | None = None) -> Event:

@@ -63,12 +63,22 @@ def local_artifact_path(uri: str) -> str:
 
 
 def log_metrics(settings: Settings, run_id: str, metrics: dict[str, float], step: int) -> None:
+    log_metric_history(settings, run_id, [(step, metrics)])
+
+
+MLFLOW_BATCH = 1000   # the most metrics MLflow takes in one log_batch
+
+
+def log_metric_history(settings: Settings, run_id: str, steps: list[tuple[int, dict[str, float]]]) -> None:
+    """Metrics of many steps in as few writes as MLflow allows."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    client(settings).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    metrics = [Metric(k, float(v), now, step) for step, values in steps for k, v in values.items()]
+    for start in range(0, len(metrics), MLFLOW_BATCH):
+        client(settings).log_batch(run_id, metrics=metrics[start:start + MLFLOW_BATCH])
 
 
 def log_generations(settings: Settings, run_id: str, rows: list[dict[str, str]], step: int) -> None:
