@@ -73,6 +73,21 @@ def _use_token(env: dict[str, str]) -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+# Ray replaces a loopback --node-ip-address with the machine's address, and its servers then listen on every
+# interface, unless told the cluster is single-machine (its switch for laptops, which also refuses worker nodes).
+# The local head is one machine by definition: with the switch, Ray advertises 127.0.0.1 and listens on loopback.
+SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def _stay_on_loopback() -> None:
+    """This driver must reach the local head at 127.0.0.1 as well. Ray read the switch when it was imported, so
+    its constant is set again here."""
+    os.environ.update(SINGLE_MACHINE)
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def start_local_head(config: Settings) -> str:
     config.home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
@@ -81,7 +96,7 @@ def start_local_head(config: Settings) -> str:
         _ray_command(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
         "--include-dashboard=false", "--disable-usage-stats",
     ]
-    env = {**os.environ, **config.as_env(), **_auth_env(config), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **config.as_env(), **_auth_env(config), **SINGLE_MACHINE, "RAY_USAGE_STATS_ENABLED": "0"}
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise ConfigError(f"could not start a local Ray head ({' '.join(command)}):\n{result.stderr[-2000:]}")
@@ -99,6 +114,7 @@ def connect() -> Settings:
         if not address:
             address = local_head_address(config) or start_local_head(config)
             _use_token(_auth_env(config))
+            _stay_on_loopback()
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR",
                  runtime_env={"env_vars": _settings_not_set_by_the_job(config)})
     from actors import scheduler

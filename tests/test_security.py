@@ -60,13 +60,46 @@ def test_a_driver_without_the_token_is_refused(cluster, tmp_path):
 
     address = json.loads((cluster.home / "head.json").read_text())["address"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    env.update(HOME=str(tmp_path), RAY_AUTH_MODE="disabled")   # no token anywhere this driver can see
+    env.update(HOME=str(tmp_path), RAY_AUTH_MODE="disabled",   # no token anywhere this driver can see
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")          # (Ray's switch to dial 127.0.0.1 as given)
     code = f"import ray; ray.init(address={address!r}, logging_level='ERROR')"
     refused = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert refused.returncode != 0
     assert "Authentication" in refused.stderr or "Unauthenticated" in refused.stderr
     token = (cluster.home / "ray_auth_token")
     assert oct(token.stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.cluster
+def test_the_local_head_listens_on_loopback_only(cluster):
+    """Every server of the head ray_finetune started (GCS, raylet, object manager, agents, idle workers) accepts
+    connections from this machine only."""
+    import json
+
+    import psutil
+
+    port = json.loads((cluster.home / "head.json").read_text())["address"].rsplit(":", 1)[1]
+    listening = []
+    for process in psutil.process_iter(["cmdline", "name"]):
+        if f":{port}" not in " ".join(process.info["cmdline"] or []) and \
+                f"port={port}" not in " ".join(process.info["cmdline"] or []):
+            continue
+        try:
+            listening += [(c.laddr.ip, c.laddr.port, process.info["name"])
+                          for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            continue
+    assert any(entry[1] == int(port) for entry in listening)   # the head's own GCS port is among them
+    exposed = [entry for entry in listening if not is_loopback(entry[0])]
+    assert not exposed, exposed
+
+
+def is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)   # ::ffff:127.0.0.1 is IPv4 loopback on an IPv6 socket
+    return (mapped or address).is_loopback
 
 
 @pytest.mark.cluster
