@@ -92,9 +92,11 @@ def start_local_head(config: Settings) -> str:
     config.home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     cpus = max(os.cpu_count() or 1, 4)  # logical slots: trainer workers + packer; the actors' threads are capped
+    # Ray's fixed default ports (agent 52365, client server 10001) collide with any other Ray on the machine.
     command = [
         _ray_command(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
-        "--include-dashboard=false", "--disable-usage-stats",
+        "--include-dashboard=false", "--disable-usage-stats", f"--dashboard-agent-listen-port={_free_port()}",
+        f"--ray-client-server-port={_free_port()}",
     ]
     env = {**os.environ, **config.as_env(), **_auth_env(config), **SINGLE_MACHINE, "RAY_USAGE_STATS_ENABLED": "0"}
     result = subprocess.run(command, env=env, capture_output=True, text=True)

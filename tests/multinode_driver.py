@@ -82,7 +82,9 @@ def runs(model: str, work: Path) -> None:
     say(placed=placed, sockets=node_sockets())
     finished = [run.wait(timeout=900) for run in created]
     say(result={run.name: {"status": run.status.value, "events": [(e.seq, e.type) for e in log(run.name)],
-                           "nodes": [e.payload["nodes"] for e in log(run.name) if e.type == "PLACED"]}
+                           "nodes": [e.payload["nodes"] for e in log(run.name) if e.type == "PLACED"],
+                           "resumed_at": [e.payload["resumed_at_step"] for e in log(run.name)
+                                          if e.type == "MODEL_INITIALIZED"]}
                 for run in finished})
 
 

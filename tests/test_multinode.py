@@ -40,7 +40,9 @@ def free_port() -> int:
 
 
 def ray_start(env: dict[str, str], *arguments: str) -> None:
-    result = subprocess.run([RAY, "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *arguments],
+    """One node; its agent gets a port of its own (Ray's default, 52365, is taken by any other Ray here)."""
+    result = subprocess.run([RAY, "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+                             f"--dashboard-agent-listen-port={free_port()}", *arguments],
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -69,6 +71,7 @@ def nodes():
                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
     try:
         ray_start(env, "--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={root}/head",
+                  f"--ray-client-server-port={free_port()}",
                   "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}")
         for worker in ("w1", "w2"):
             ray_start(env, f"--address=127.0.0.1:{port}", "--num-cpus=2", '--resources={"accelerator": 1}',
@@ -119,6 +122,7 @@ def test_a_killed_worker_node_requeues_its_run_which_finishes_on_the_other(nodes
     types = [t for _, t in victim["events"]]
     assert "REQUEUED" in types and types.count("PLACED") >= 2
     assert victim["nodes"][0] == [victim_node] and victim_node not in victim["nodes"][-1]
+    assert victim["resumed_at"][0] == 0 and victim["resumed_at"][-1] > 0   # from its checkpoint, not from scratch
     head = next(node for node, socket_path in placed["sockets"].items() if f"{nodes.root}/head/" in socket_path)
     for run in result.values():   # trainers only ever ran where an accelerator was: never on the head
         assert all(head not in placement for placement in run["nodes"])
