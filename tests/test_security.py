@@ -46,6 +46,17 @@ def test_paths_outside_are_refused_even_through_dotdot_or_symlinks(confined, tmp
         resolve(confined / "model", confined / "train.jsonl", custom_weights_path=str(tmp_path / "elsewhere"))
 
 
+def test_a_path_outside_the_roots_is_refused_before_anyone_looks_whether_it_exists(confined, tmp_path):
+    from ray_finetune.data import sources
+
+    for outside in (tmp_path / "elsewhere" / "secret.jsonl", tmp_path / "missing.jsonl"):
+        if outside.name == "secret.jsonl":
+            outside.parent.mkdir()
+            outside.write_text("{}\n")
+        with pytest.raises(ValidationError, match="outside the allowed roots"):
+            sources.locate("train_data_path", str(outside))   # same answer whether it exists or not
+
+
 def test_url_roots_are_prefixes(confined):
     from ray_finetune.access import check_allowed
 

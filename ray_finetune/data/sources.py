@@ -79,6 +79,11 @@ def locate(parameter: str, path: str, data_prep_cluster_id: str | None = None) -
     """Decide what kind of source a user's path names; errors say what was looked for."""
     given = str(path).strip()
     volume = _VOLUME.match(given)
+    # Confinement first: probing a path outside the allowed roots would tell whether it exists.
+    if volume:
+        check_allowed(parameter, volumes_root() / volume.group(1))
+    elif "://" in given or Path(given).expanduser().is_absolute() or given.startswith("."):
+        check_allowed(parameter, given if "://" in given else Path(given).expanduser())
     source = _locate(parameter, given, data_prep_cluster_id, volume)
     if source.kind in ("file", "folder"):
         check_allowed(parameter, source.url)
