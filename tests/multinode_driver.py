@@ -25,24 +25,13 @@ def say(**values) -> None:
 
 def span(model: str, work: Path) -> None:
     from ray_finetune import cluster
-    from ray_finetune import spec as spec_module
-    from ray_finetune.data import formats, packing, sources
-    from ray_finetune.train.models import load_tokenizer
-    from tiny_model import write_chat_jsonl
-    from trainer_helpers import train_with
+    from trainer_helpers import packed_chat_run, train_with
 
     settings = cluster.connect()
-    data = write_chat_jsonl(work / "train.jsonl", 64)
-    tokenizer = load_tokenizer(model)
-    examples = formats.examples_from_records(tokenizer, "CHAT_COMPLETION",
-                                             sources.read_records(sources.locate("train", str(data))))
-    rows, stats = packing.pack_examples(examples, 64, tokenizer.pad_token_id)
-    rows.save(work / "rows")
-    spec = spec_module.resolve(model=model, train_data_path=str(data), register_to="main.tests",
-                               training_duration="2ep", learning_rate=2e-3, context_length=64)
+    rows, stats, spec = packed_chat_run(model, work)
     resources = settings.trainer_resources
-    one, _, nodes_one = train_with(1, str(work / "rows"), stats, spec, settings, work, resources, "-span")
-    two, _, nodes_two = train_with(2, str(work / "rows"), stats, spec, settings, work, resources, "-span")
+    one, _, nodes_one = train_with(1, rows, stats, spec, settings, work, resources, "-span")
+    two, _, nodes_two = train_with(2, rows, stats, spec, settings, work, resources, "-span")
     say(one=one, two=two, nodes_one=nodes_one, nodes_two=nodes_two)
 
 

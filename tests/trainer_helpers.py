@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import ray
 
@@ -9,8 +10,26 @@ from actors.evaluator import Evaluator
 from actors.event_sink import event_store
 from actors.messages import PackedData, RunContext, TrainRequest
 from actors.trainer_group import TrainerGroup
+from ray_finetune import spec as spec_module
 from ray_finetune import tracking
+from ray_finetune.data import formats, packing, sources
+from ray_finetune.train.models import load_tokenizer
 from ray_finetune.train.plan import make_plan
+from tiny_model import write_chat_jsonl
+
+
+def packed_chat_run(model: str, folder: Path) -> tuple[str, object, object]:
+    """64 chat examples packed at context 64 into `folder/rows`, and the spec of a 2-epoch run on them:
+    (rows path, packing stats, spec)."""
+    data = write_chat_jsonl(folder / "train.jsonl", 64)
+    tokenizer = load_tokenizer(model)
+    examples = formats.examples_from_records(tokenizer, "CHAT_COMPLETION",
+                                             sources.read_records(sources.locate("train", str(data))))
+    rows, stats = packing.pack_examples(examples, 64, tokenizer.pad_token_id)
+    rows.save(folder / "rows")
+    spec = spec_module.resolve(model=str(model), train_data_path=str(data), register_to="main.tests",
+                               training_duration="2ep", learning_rate=2e-3, context_length=64)
+    return str(folder / "rows"), stats, spec
 
 
 def train_with(world_size: int, rows_path: str, stats, spec, cluster, tmp_path, resources=None,
