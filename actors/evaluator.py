@@ -14,7 +14,7 @@ from eventstore.schema import EventType
 from ray_finetune import settings, tracking
 from ray_finetune.data.packing import PackedRows
 from ray_finetune.train.models import load_model, load_tokenizer
-from ray_finetune.train.step import forward_loss, make_batch
+from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
 
 # SPEC §2: how eval prompts are sampled.
 SAMPLING = {"max_new_tokens": 100, "do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 0.95}
@@ -31,7 +31,7 @@ def prompt_text(tokenizer, task_type: str, prompt: str) -> str:
 def evaluate_loss(model, rows: PackedRows) -> tuple[float, float]:
     loss_sum, targets, correct = 0.0, 0, 0
     for index in range(len(rows)):
-        result = forward_loss(model, make_batch(rows, np.array([index])))
+        result = forward_loss(CausalLMLoss(model), make_batch(rows, np.array([index])))
         loss_sum += float(result.loss_sum)
         targets += result.target_tokens
         correct += result.correct_tokens

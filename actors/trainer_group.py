@@ -21,6 +21,7 @@ from actors.messages import EvaluateRequest, StopRequest, TrainRequest, TrainRes
 from eventstore.schema import EventType
 from ray_finetune import settings, tracking
 from ray_finetune.train.loop import STOP_AND_CHECKPOINT, STOP, STOP_NONE, StepReport, TrainConfig
+from ray_finetune.train.plan import TrainingPlan
 
 
 # Per-step reporting must cost a small step next to nothing: TRAIN_UPDATED events are sent without waiting and
@@ -53,10 +54,11 @@ class EventReporter:
 
     def model_initialized(self, info: dict[str, Any]) -> None:
         self._sink.emit(EventType.MODEL_INITIALIZED, f"{info['parameters']:,} parameters on {info['world_size']} "
-                        f"{info['device'].split(':')[0]} worker(s), {info['dtype']}", info)
-        plan = self._request.plan
+                        f"{info['device'].split(':')[0]} worker(s), {info['precision']}, {info['attention']} attention", info)
+        plan = TrainingPlan(**info["plan"])   # the micro-batch may have been fitted to the GPU
         self._sink.emit(EventType.TRAIN_STARTED, f"training for {plan.total_steps} steps of "
-                        f"{plan.global_batch_rows} rows", {"plan": plan.as_dict()})
+                        f"{plan.global_batch_rows} rows ({plan.micro_batch_rows} at a time per worker)",
+                        {"plan": plan.as_dict()})
 
     def step_finished(self, report: StepReport) -> None:
         payload = {

@@ -26,10 +26,10 @@ import torch.distributed as dist  # noqa: E402
 from ray_finetune.data.formats import TokenizedExample  # noqa: E402
 from ray_finetune.data.packing import pack_examples  # noqa: E402
 from ray_finetune.spec import parse_duration  # noqa: E402
-from ray_finetune.train import loop  # noqa: E402
+from ray_finetune.train import hardware, loop  # noqa: E402
 from ray_finetune.train.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from ray_finetune.train.plan import make_plan  # noqa: E402
-from ray_finetune.train.step import forward_loss, make_batch  # noqa: E402
+from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch  # noqa: E402
 
 
 def size_mb(path: Path) -> float:
@@ -42,8 +42,8 @@ def engine_for(model_path: Path, plan, learning_rate: float = 1e-5):
 
     model = load_model(model_path)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=loop.BETAS, weight_decay=0.0)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=loop.deepspeed_config(plan, on_gpu=False))
+    engine, _, _, _ = deepspeed.initialize(model=CausalLMLoss(model), optimizer=optimizer,
+                                           config=hardware.deepspeed_config(plan, 0, hardware.FP32))
     return engine, optimizer
 
 

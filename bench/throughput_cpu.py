@@ -5,6 +5,7 @@ same hyperparameters. Prints useful (non-padding) tokens/s, peak RSS, mean train
 
     python bench/throughput_cpu.py --model tiny       # a 1M-parameter Llama built here (about a minute)
     python bench/throughput_cpu.py --model smollm2    # SmolLM2-135M-Instruct (a few minutes)
+    python bench/throughput_cpu.py --model smollm2 --precision bf16   # all three in bf16 (fp32 master weights)
 
 TRL's packing on CPU (no FlashAttention) lets packed examples attend to each other; ray_finetune's does not.
 """
@@ -93,6 +94,7 @@ def run_ours(model_path: Path, data: list[dict], context: int, work: Path) -> di
 
 
 def _trainer_arguments(cls, work: Path, batch: int, **extra):
+    extra.setdefault("bf16", os.environ.get("RAY_FINETUNE_PRECISION") == "bf16")   # the Trainer's autocast
     return cls(output_dir=str(work), per_device_train_batch_size=batch, num_train_epochs=1,
                learning_rate=LEARNING_RATE, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, warmup_steps=0.02,
                lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
@@ -150,7 +152,9 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=None)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--only", choices=["ours", "hf", "trl"], default=None, help="run one contender (internal)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args()
+    os.environ["RAY_FINETUNE_PRECISION"] = args.precision   # ours reads it; the peers get bf16=True from it
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
     if args.model == "tiny":
@@ -189,13 +193,15 @@ def main() -> None:
     results = {}
     for contender in ("ours", "hf", "trl"):
         output = subprocess.run([sys.executable, __file__, "--model", args.model, "--context", str(args.context),
-                                 "--examples", str(count), "--only", contender], capture_output=True, text=True)
+                                 "--examples", str(count), "--only", contender, "--precision", args.precision],
+                                capture_output=True, text=True)
         line = [l for l in output.stdout.splitlines() if l.startswith("RESULT ")]
         if not line:
             raise SystemExit(f"{contender} failed:\n{output.stderr[-4000:]}")
         results[contender] = json.loads(line[0][len("RESULT "):])
     summary = {
         "model": args.model, "examples": count, "context": args.context, "threads": os.cpu_count(),
+        "precision": args.precision,
         "results": {k: {m: (round(v, 3) if isinstance(v, float) else v) for m, v in r.items()}
                     for k, r in results.items()},
         "ratio_ours_over_hf_trainer": round(results["ours"]["useful_tokens_per_s"]

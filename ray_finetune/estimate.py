@@ -11,7 +11,7 @@ from ray_finetune import settings
 from ray_finetune.data.packing import PackedRows
 from ray_finetune.data.prepare import prepare
 from ray_finetune.spec import RunSpec
-from ray_finetune.train.plan import make_plan
+from ray_finetune.train.plan import make_plan, trainer_world_size
 
 PROBE_MICRO_BATCHES = 2
 
@@ -73,8 +73,12 @@ def estimate(spec: RunSpec, *, probe: bool = True) -> Estimate:
     train = prepare("train_data_path", spec.train_data_path, **common)
     evaluation = prepare("eval_data_path", spec.eval_data_path, **common) if spec.eval_data_path else None
     stats = train.stats
+    import torch
+
+    local_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     plan = make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=spec.duration,
-                     world_size=config.trainer_workers, seed=spec.seed)
+                     world_size=trainer_world_size(local_gpus, config.trainer_workers, config.max_concurrent_runs),
+                     seed=spec.seed)
     seconds, device = (_probe_step_seconds(spec, train.rows_path, plan) if probe else (0.0, "not probed"))
     return Estimate(
         examples=stats["examples"], tokens=stats["tokens"], target_tokens=stats["target_tokens"],
@@ -93,19 +97,22 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
     import numpy as np
     import torch
 
+    from ray_finetune import settings
+    from ray_finetune.train.hardware import BF16, choose_precision, training_device
     from ray_finetune.train.models import load_model
-    from ray_finetune.train.step import forward_loss, make_batch
+    from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
 
     rows = PackedRows.load(rows_path)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(spec.model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
+    device = training_device()
+    precision = choose_precision(device, settings.load().precision)   # the precision the run will train in
+    model = load_model(spec.model_path, dtype=torch.bfloat16 if precision == BF16 else torch.float32).to(device)
     timings = []
     for index in range(PROBE_MICRO_BATCHES + 1):   # the first one warms up
         batch = make_batch(rows, np.arange(index, index + plan.micro_batch_rows) % len(rows)).to(device)
         started = time.perf_counter()
-        forward_loss(model, batch).loss_sum.backward()
+        forward_loss(CausalLMLoss(model), batch).loss_sum.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - started)
     per_micro_batch = sum(timings[1:]) / PROBE_MICRO_BATCHES
-    return per_micro_batch * plan.gradient_accumulation_steps, str(device)
+    return per_micro_batch * plan.gradient_accumulation_steps, f"{device}, {precision}"

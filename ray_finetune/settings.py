@@ -12,11 +12,19 @@ class Settings:
     home: Path
     storage: Path
     tracking_uri: str
-    trainer_workers: int
+    trainer_workers: int            # 0: automatic (plan.trainer_world_size)
     max_concurrent_runs: int
     # Ray resources each trainer worker needs besides its CPU/GPU, e.g. {"a100": 1} to keep trainers on one node
     # type of a mixed cluster (tests use a custom resource standing in for GPUs).
     trainer_resources: dict[str, float] = field(default_factory=dict)
+    # "auto" (bf16 where the hardware multiplies bf16 natively, else fp32), "bf16" or "fp32".
+    precision: str = "auto"
+    # "auto" (see train/hardware.choose_attention) or a transformers attention implementation.
+    attention: str = "auto"
+    # "auto" (see train/hardware.zero_stage), "0", "1" or "2".
+    zero_stage: str = "auto"
+    # "off" or "on": torch.compile each decoder layer on GPUs (compiles for a minute or two at the start of a run).
+    compile: str = "off"
 
     @property
     def event_log_path(self) -> Path:
@@ -39,6 +47,10 @@ class Settings:
             "RAY_FINETUNE_TRAINER_WORKERS": str(self.trainer_workers),
             "RAY_FINETUNE_MAX_CONCURRENT_RUNS": str(self.max_concurrent_runs),
             "RAY_FINETUNE_TRAINER_RESOURCES": json.dumps(self.trainer_resources),
+            "RAY_FINETUNE_PRECISION": self.precision,
+            "RAY_FINETUNE_ATTENTION": self.attention,
+            "RAY_FINETUNE_ZERO_STAGE": self.zero_stage,
+            "RAY_FINETUNE_COMPILE": self.compile,
         }
 
 
@@ -50,10 +62,29 @@ def load() -> Settings:
         home=home,
         storage=storage,
         tracking_uri=tracking_uri,
-        trainer_workers=int(os.environ.get("RAY_FINETUNE_TRAINER_WORKERS", "1")),
+        trainer_workers=int(os.environ.get("RAY_FINETUNE_TRAINER_WORKERS", "") or 0),
         max_concurrent_runs=int(os.environ.get("RAY_FINETUNE_MAX_CONCURRENT_RUNS", "1")),
         trainer_resources=_resources(os.environ.get("RAY_FINETUNE_TRAINER_RESOURCES", "")),
+        precision=_one_of("RAY_FINETUNE_PRECISION", PRECISIONS),
+        attention=_one_of("RAY_FINETUNE_ATTENTION", ATTENTIONS),
+        zero_stage=_one_of("RAY_FINETUNE_ZERO_STAGE", ZERO_STAGES),
+        compile=_one_of("RAY_FINETUNE_COMPILE", ("off", "on")),
     )
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+ATTENTIONS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
+ZERO_STAGES = ("auto", "0", "1", "2")
+
+
+def _one_of(variable: str, allowed: tuple[str, ...]) -> str:
+    from ray_finetune.errors import ConfigError
+
+    text = os.environ.get(variable, "")
+    value = text.strip().lower() or allowed[0]
+    if value not in allowed:
+        raise ConfigError(f"{variable}={text!r} is not one of {', '.join(allowed)}")
+    return value
 
 
 def _resources(text: str) -> dict[str, float]:

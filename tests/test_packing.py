@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ray_finetune.data.formats import TokenizedExample
 from ray_finetune.data.packing import IGNORE_INDEX, best_fit, pack_examples, pack_stream
 from ray_finetune.train.models import load_model
-from ray_finetune.train.step import forward_loss, make_batch
+from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
 
 
 def examples(count: int, seed: int = 0, vocab: int = 300, max_length: int = 60) -> list[TokenizedExample]:
@@ -68,12 +68,19 @@ def model(tiny_model):
     return load_model(tiny_model).eval()
 
 
-@pytest.mark.parametrize("per_document", [True, False], ids=["per-document", "document-mask"])
-def test_packed_and_unpacked_loss_are_equal(model, per_document):
+# How a packed row can run: each document alone (the CPU path), or the whole row with the documents kept apart by
+# their position ids under each attention implementation (FlexAttention has no CPU backward: forward only here).
+LAYOUTS = [("per-document", "sdpa"), ("packed", "sdpa"), ("packed", "eager"), ("packed", "flex_attention")]
+
+
+@pytest.mark.parametrize("layout,attention", LAYOUTS, ids=[f"{a}-{b}" for a, b in LAYOUTS])
+def test_packed_and_unpacked_loss_are_equal(tiny_model, layout, attention):
+    model = load_model(tiny_model, attention=attention).eval()
+    per_document = layout == "per-document"
     data = examples(12, seed=3, vocab=300)
     rows, _ = pack_examples(data, 128, pad_id=0)
     with torch.no_grad():
-        packed = sum(float(forward_loss(model, make_batch(rows, np.array([r])), per_document=per_document).loss_sum)
+        packed = sum(float(forward_loss(CausalLMLoss(model), make_batch(rows, np.array([r])), per_document=per_document).loss_sum)
                      for r in range(len(rows)))
         unpacked = 0.0
         for example in data:
@@ -90,13 +97,11 @@ def test_attention_never_crosses_documents(model):
     rows, _ = pack_examples([first, second], 128, pad_id=0)
     changed = TokenizedExample([(t + 7) % 290 + 3 for t in first.input_ids], first.target_mask)
     rows_changed, _ = pack_examples([changed, second], 128, pad_id=0)
-    from ray_finetune.train.step import document_attention_mask
 
     def logits(packed):
         batch = make_batch(packed, np.array([0]))
-        with torch.no_grad():
-            return model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                         attention_mask=document_attention_mask(batch.segment_ids)).logits[0]
+        with torch.no_grad():   # no attention mask and no cache: the restarting position ids keep documents apart
+            return model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits[0]
 
     # find the second document in both packings (best fit may order them either way)
     def span(packed, length):

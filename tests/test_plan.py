@@ -41,3 +41,14 @@ def test_batch_size_does_not_depend_on_the_number_of_workers_when_data_allows():
     sizes = {make_plan(rows=64, tokens=1, duration=parse_duration("1ep"), world_size=w, seed=0).global_batch_rows
              for w in (1, 2, 4, 8)}
     assert sizes == {8}
+
+
+def test_a_run_gets_its_share_of_the_gpus_and_one_worker_on_cpu():
+    from ray_finetune.train.plan import trainer_world_size
+
+    assert trainer_world_size(gpus=0, requested=0, concurrent_runs=1) == 1        # CPU default
+    assert trainer_world_size(gpus=0, requested=2, concurrent_runs=1) == 2        # CPU, asked for
+    assert trainer_world_size(gpus=8, requested=0, concurrent_runs=1) == 8        # all GPUs to the one run
+    assert trainer_world_size(gpus=8, requested=0, concurrent_runs=3) == 2        # equal shares, whole GPUs
+    assert trainer_world_size(gpus=8, requested=4, concurrent_runs=1) == 4        # capped
+    assert trainer_world_size(gpus=2, requested=0, concurrent_runs=4) == 1        # never zero

@@ -20,16 +20,19 @@ import torch
 import torch.distributed as dist
 
 from ray_finetune.data.packing import PackedRows
+from ray_finetune import settings
 from ray_finetune.train import checkpoint
 from ray_finetune.errors import CheckpointError
 from ray_finetune.spec import Duration
+from ray_finetune.train.hardware import (BF16, choose_attention, choose_precision, deepspeed_config,
+                                         training_device, zero_stage)
+from ray_finetune.train.memory import fit_micro_batch
 from ray_finetune.train.models import load_initial_model, load_tokenizer
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
 from ray_finetune.train.schedule import lr_factor
-from ray_finetune.train.step import forward_loss, make_batch
+from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
 
 BETAS = (0.9, 0.95)
-GRADIENT_CLIPPING = 1.0
 
 
 @dataclass(frozen=True)
@@ -84,31 +87,6 @@ class Reporter(Protocol):
     def stop_requested(self) -> int: ...   # STOP_NONE, STOP or STOP_AND_CHECKPOINT
 
 
-def device_for_rank(rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
-def deepspeed_config(plan: TrainingPlan, on_gpu: bool) -> dict[str, Any]:
-    """ZeRO-2 on GPUs (bf16 with fp32 master weights, sharded optimizer state); on CPU ZeRO stage 0, which keeps
-    the same engine and gradient all-reduce but skips the partition bookkeeping that costs ~1 s a step there
-    (measured: BENCHMARKS.md)."""
-    return {
-        "train_micro_batch_size_per_gpu": plan.micro_batch_rows,
-        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-        "train_batch_size": plan.global_batch_rows,
-        "gradient_clipping": GRADIENT_CLIPPING,
-        "zero_optimization": {"stage": 2 if on_gpu else 0},
-        "bf16": {"enabled": on_gpu},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-
-
 def is_checkpoint_step(plan: TrainingPlan, every: Duration, step: int) -> bool:
     """Whether optimizer step `step` (0-based) ends with a checkpoint. The last step always does."""
     if step + 1 == plan.total_steps:
@@ -125,17 +103,26 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     plan, rank, world = config.plan, config.rank, config.world_size
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    device = device_for_rank(rank)
+    device = training_device()
+    chosen = settings.load()
+    precision = choose_precision(device, chosen.precision)
     rows = PackedRows.load(config.train_rows_path)
     tokenizer = load_tokenizer(config.model_path)
-    model = load_initial_model(config.model_path, config.init_weights_path)
+    attention = choose_attention(device, chosen.attention)
+    model = load_initial_model(config.model_path, config.init_weights_path, attention)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=BETAS, weight_decay=0.0)
+    sizing: dict[str, Any] = {}
+    if device.type == "cuda":
+        model, attention, plan, sizing = _fit_to_gpu(model, attention, plan, rows, device, precision,
+                                                     compile_layers=chosen.compile == "on")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=BETAS, weight_decay=0.0,
+                                  fused=True)
+    stage = zero_stage(device, precision, chosen.zero_stage)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan.total_steps))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule,
-        config=deepspeed_config(plan, on_gpu=device.type == "cuda"),
+        model=CausalLMLoss(model), optimizer=optimizer, lr_scheduler=schedule,
+        config=deepspeed_config(plan, stage, precision),
     )
     start_step = 0
     if config.resume_from:
@@ -143,7 +130,8 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     if rank == 0:
         reporter.model_initialized({
             "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
-            "dtype": "bfloat16" if device.type == "cuda" else "float32", "world_size": world,
+            "precision": precision, "attention": attention, "zero_stage": stage, "world_size": world,
+            "plan": plan.as_dict(), **sizing,
             "weights_from": config.resume_from or config.init_weights_path or config.model_path,
             "resumed_at_step": start_step, "pid": os.getpid(),
         })
@@ -186,6 +174,39 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
         if is_checkpoint_step(plan, config.checkpoint_every, step):
             last_checkpoint = _checkpoint(engine, tokenizer, config, reporter, step)
     return TrainOutcome(final_checkpoint=last_checkpoint, steps_done=plan.total_steps, stopped=False)
+
+
+def _fit_to_gpu(model: Any, attention: str, plan: TrainingPlan, rows: PackedRows, device: torch.device,
+                precision: str, compile_layers: bool) -> tuple[Any, str, TrainingPlan, dict[str, Any]]:
+    """Move the model to the GPU, compile its decoder layers if asked, make sure its attention implementation runs
+    there (FlexAttention compiles kernels and can fail on an unusual GPU or toolchain: then SDPA, which is exact
+    too), and find the largest micro-batch that fits."""
+    model.to(device, dtype=torch.bfloat16 if precision == BF16 else torch.float32)
+    layers = getattr(getattr(model, getattr(model, "base_model_prefix", ""), None), "layers", None)
+    compiled = bool(compile_layers and layers is not None)
+    if compiled:
+        # Layer by layer: every layer has the same code, so one compilation serves all (minutes less than compiling
+        # the whole model), and the loss stays outside (it has its own chunked kernel).
+        for layer in layers:
+            layer.compile(dynamic=True)
+    trial = CausalLMLoss(model)
+
+    def try_rows(count: int) -> None:
+        batch = make_batch(rows, np.arange(count) % len(rows)).to(device)
+        forward_loss(trial, batch).loss_sum.backward()
+        model.zero_grad(set_to_none=True)
+
+    notes: dict[str, Any] = {}
+    if attention != "sdpa":
+        try:
+            try_rows(1)
+        except Exception as error:  # noqa: BLE001 - any failure of the faster kernel falls back to the exact default
+            notes["attention_fallback"] = f"{attention} failed ({type(error).__name__}: {str(error)[:200]})"
+            model.set_attn_implementation("sdpa")
+            attention = "sdpa"
+    parameters = sum(p.numel() for p in model.parameters())
+    plan, sizing = fit_micro_batch(plan, parameters, device, try_rows)
+    return model, attention, plan, {**notes, **sizing, "compiled_layers": compiled}
 
 
 def _epochs_done(plan: TrainingPlan, step: int) -> int:
@@ -235,6 +256,7 @@ def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, *, epoch: 
         "numpy_rng": np.random.get_state(),
         "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
+    weights_state = master_weights(engine.module.lm)   # collective: every rank takes part
     try:
         if config.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)   # left by an earlier, interrupted attempt
@@ -243,7 +265,7 @@ def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, *, epoch: 
         engine.save_checkpoint(str(directory), tag=staging.name, save_latest=False, client_state=client_state)
         if config.rank == 0:
             weights = staging / checkpoint.WEIGHTS_DIR
-            engine.module.save_pretrained(weights)
+            engine.module.lm.save_pretrained(weights, state_dict=weights_state)
             tokenizer.save_pretrained(weights)
             # Written last: its presence is what makes the checkpoint complete.
             checkpoint.write_state(staging, {"epoch": epoch, "step": step, "plan": config.plan.as_dict(),
@@ -256,6 +278,21 @@ def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, *, epoch: 
                               "(earlier checkpoints are intact)") from error
     _barrier(config.world_size)
     return directory / name
+
+
+def master_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's weights as the optimizer holds them: under bf16 the fp32 master copies (what training has
+    learned, not its bf16 rounding), which continued training, evaluation and registration then start from.
+    Every rank must call it: the masters of ZeRO-partitioned parameters are gathered from all ranks."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}
+    for parameter in module.parameters():
+        full = safe_get_full_fp32_param(parameter)
+        if full is not None:
+            masters[id(parameter)] = full.detach().to("cpu", torch.float32)
+    return {name: masters.get(id(value), value.detach())
+            for name, value in module.state_dict(keep_vars=True).items()}
 
 
 def _barrier(world_size: int) -> None:

@@ -108,26 +108,26 @@ def load_tokenizer(path: str | Path) -> Any:
     return tokenizer
 
 
-def load_model(path: str | Path, dtype: Any = None) -> Any:
-    """An HF causal LM with SDPA attention (exact with the packed, document-blocked masks we pass)."""
+def load_model(path: str | Path, dtype: Any = None, attention: str = "sdpa") -> Any:
+    """An HF causal LM. Every attention implementation keeps packed documents apart (see step.forward_loss)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype or torch.float32, attn_implementation="sdpa", trust_remote_code=False,
+        str(path), dtype=dtype or torch.float32, attn_implementation=attention, trust_remote_code=False,
     )
 
 
-def load_initial_model(model_path: str | Path, weights: str | Path | None) -> Any:
+def load_initial_model(model_path: str | Path, weights: str | Path | None, attention: str = "sdpa") -> Any:
     """The model a run starts from: the base model, an HF weights folder, or the base model with a .pt state dict
     loaded into it (weights only; the run's schedule starts at step 0)."""
     if weights is None:
-        return load_model(model_path)
+        return load_model(model_path, attention=attention)
     if Path(weights).suffix != ".pt":
-        return load_model(weights)
+        return load_model(weights, attention=attention)
     import torch
 
-    model = load_model(model_path)
+    model = load_model(model_path, attention=attention)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state.get("module", state), strict=False)
     return model

@@ -52,6 +52,15 @@ class TrainingPlan:
         return [mine[i:i + self.micro_batch_rows] for i in range(0, per_rank, self.micro_batch_rows)]
 
 
+def trainer_world_size(gpus: int, requested: int, concurrent_runs: int) -> int:
+    """Trainer workers of a run. GPUs: one worker per GPU, each of the runs that may train at once getting an equal
+    share of the cluster's GPUs (all of them by default), `requested` capping it. CPU: `requested` (default 1)."""
+    if not gpus:
+        return requested or 1
+    share = max(1, gpus // max(1, concurrent_runs))
+    return min(share, requested) if requested else share
+
+
 def choose_global_batch_rows(rows: int, world_size: int) -> int:
     """About TARGET_STEPS_PER_EPOCH steps per epoch, a power of two, at least one row per rank."""
     batch = 1

@@ -1,13 +1,14 @@
-"""One forward pass over packed rows: the document-blocked attention mask and the summed token loss."""
+"""One forward pass over packed rows: batches of rows, documents kept apart, and the summed token loss."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ray_finetune.data.packing import IGNORE_INDEX, PackedRows
+from ray_finetune.train.loss import LossSums, linear_cross_entropy, split_head, token_loss
 from ray_finetune.train.plan import EMPTY_ROW
 
 
@@ -38,39 +39,49 @@ def make_batch(rows: PackedRows, indices: np.ndarray) -> Batch:
                  gather(rows.segment_ids, -1))
 
 
-def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[B, 1, T, T] boolean: causal, within one document only. Padding attends to itself alone so that no row of
-    the mask is empty (an empty row makes SDPA return NaN); padding has no labels, so it never reaches the loss."""
-    length = segment_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
-    same_document = segment_ids[:, :, None] == segment_ids[:, None, :]
-    real = (segment_ids >= 0)[:, :, None]
-    eye = torch.eye(length, dtype=torch.bool, device=segment_ids.device)
-    return ((same_document & causal & real) | eye)[:, None]
+class CausalLMLoss(torch.nn.Module):
+    """A causal LM and its token loss as one module, so that what DeepSpeed wraps returns the loss itself (its
+    backward bookkeeping hangs on the returned tensor) and the output layer can run chunked (loss.py) instead of
+    returning full logits. `lm` is the Hugging Face model; the state dict is exactly the model's, so checkpoints
+    hold plain Hugging Face parameter names."""
 
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
 
-@dataclass
-class LossSums:
-    loss_sum: torch.Tensor       # differentiable sum of token losses
-    target_tokens: int
-    correct_tokens: int
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        # No attention mask and no cache: that is when transformers reads restarting position ids as packed documents.
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+        split = split_head(self.lm)
+        if split is None:
+            sums = token_loss(self.lm(**inputs).logits, labels)
+        else:
+            sums = linear_cross_entropy(split.base(**inputs).last_hidden_state, split.head.weight, labels)
+        return sums.loss_sum, sums.target_tokens, sums.correct_tokens
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self.lm.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        return self.lm.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def forward_loss(model: torch.nn.Module, batch: Batch, per_document: bool | None = None) -> LossSums:
-    """Summed token loss of packed rows, documents kept apart.
+    """Summed token loss of packed rows, documents kept apart. `model` is a CausalLMLoss or a DeepSpeed engine
+    around one.
 
     Two exact ways: on CPU each document runs as its own sequence (plain causal attention over L tokens instead of
-    a masked L_row x L_row attention, and no mask to build); elsewhere the whole row runs at once with a
-    document-blocked attention mask. Both give the same loss as training the examples one by one (a test)."""
+    a masked L_row x L_row attention, and no mask to build); elsewhere the whole row runs at once, and the model
+    keeps documents apart by their position ids, which restart at 0 with every document: with no attention mask
+    given, transformers reads such rows as packed sequences and attends within each only (varlen FlashAttention,
+    a FlexAttention block mask, or a document-blocked SDPA/eager mask, whichever the model runs). Both give the
+    same loss as training the examples one by one (tests, for each attention implementation)."""
     if per_document is None:
         per_document = batch.input_ids.device.type == "cpu"
     if per_document:
         return _per_document_loss(model, batch)
-    output = model(
-        input_ids=batch.input_ids, position_ids=batch.position_ids,
-        attention_mask=document_attention_mask(batch.segment_ids), use_cache=False,
-    )
-    return _token_loss(output.logits, batch.labels)
+    return LossSums(*model(input_ids=batch.input_ids, position_ids=batch.position_ids, labels=batch.labels))
 
 
 def _per_document_loss(model: torch.nn.Module, batch: Batch) -> LossSums:
@@ -81,9 +92,9 @@ def _per_document_loss(model: torch.nn.Module, batch: Batch) -> LossSums:
         for start, end in zip(starts, starts[1:] + [segments.shape[0]]):
             if int(segments[start]) < 0:
                 continue   # padding
-            output = model(input_ids=batch.input_ids[row:row + 1, start:end],
-                           position_ids=batch.position_ids[row:row + 1, start:end], use_cache=False)
-            part = _token_loss(output.logits, batch.labels[row:row + 1, start:end])
+            part = LossSums(*model(input_ids=batch.input_ids[row:row + 1, start:end],
+                                   position_ids=batch.position_ids[row:row + 1, start:end],
+                                   labels=batch.labels[row:row + 1, start:end]))
             total = part if total is None else LossSums(total.loss_sum + part.loss_sum,
                                                         total.target_tokens + part.target_tokens,
                                                         total.correct_tokens + part.correct_tokens)
@@ -91,13 +102,3 @@ def _per_document_loss(model: torch.nn.Module, batch: Batch) -> LossSums:
         zero = sum(p.sum() for p in model.parameters()) * 0.0
         return LossSums(loss_sum=zero, target_tokens=0, correct_tokens=0)
     return total
-
-
-def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> LossSums:
-    logits = logits.float()
-    flat_logits, flat_labels = logits.view(-1, logits.shape[-1]), labels.reshape(-1)
-    loss_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    targets = flat_labels != IGNORE_INDEX
-    with torch.no_grad():
-        correct = int((flat_logits.argmax(-1)[targets] == flat_labels[targets]).sum())
-    return LossSums(loss_sum=loss_sum, target_tokens=int(targets.sum()), correct_tokens=correct)

@@ -1,0 +1,301 @@
+"""GPU training throughput: ray_finetune's training loop (the code each DeepSpeed trainer worker runs, called
+directly, without Ray) against the Hugging Face Trainer with a padding collator, in one invocation, on the same
+Llama-3.2-1B-shaped model (random init), the same SFT-like examples (lognormal lengths around 330 tokens, 40% of
+each a masked prompt), learning rate and optimizer (AdamW, bf16 with fp32 master weights). Prints useful
+(non-padding) tokens/s, MFU (6 N tokens/s over 989 TFLOP/s dense bf16), peak GPU memory, and the ratios.
+
+    python bench/gpu_bench.py              # ours vs the HF Trainer, context 2048 (about 4 minutes on an H200)
+    python bench/gpu_bench.py --variants sdpa,compiled   # also ours with SDPA attention / compiled decoder layers
+    python bench/gpu_bench.py --scaling    # ours: step time and memory by context length 512..8192, two model sizes
+    python bench/gpu_bench.py --tiny       # a small config, CPU is fine: checks that the script runs (a minute)
+
+Each contender runs in its own process (its own peak memory, a clean GPU). With OUT=<folder> the results are also
+written to <folder>/gpu_bench.json. Needs torch, transformers, deepspeed, pydantic, numpy; not Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")   # DeepSpeed 0.19.8 cannot parse torch's "9.0a"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+PEAK_FLOPS = 989e12          # H100/H200 SXM, dense bf16
+LEARNING_RATE = 1e-5
+MODELS = {
+    # Llama-3.2-1B's shape (tied embeddings, as the peers' baseline)
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+    # SmolLM2-135M's shape
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0),
+    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def examples_for(vocab: int, count: int, context: int, mean_fraction: float = 0.12, seed: int = 0) -> list[dict]:
+    """Lengths lognormal around mean_fraction x context (331 tokens mean at 2048, as the peers' baseline), 40% of
+    each a prompt without loss."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        length = max(16, min(context, int(rng.lognormvariate(math.log(context * mean_fraction), 0.8))))
+        prompt = max(1, int(length * 0.4))
+        out.append({"input_ids": [rng.randrange(10, vocab) for _ in range(length)], "prompt": prompt})
+    return out
+
+
+def build_model(name: str, folder: Path, context: int) -> Path:
+    """A random-init model of the given shape saved as an HF folder (bf16), with a small tokenizer for its pad id."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiny_model import build_tiny_model
+
+    if (folder / "config.json").exists():
+        return folder
+    build_tiny_model(folder)   # writes a tokenizer (and a tiny model, replaced below)
+    config = LlamaConfig(**MODELS[name], max_position_embeddings=max(context, 2048), tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def gpu_peak_gb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def matmul_parameters(model_name: str) -> int:
+    shape = MODELS[model_name]
+    hidden, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = hidden // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    per_layer = hidden * hidden * 2 + hidden * kv * 2 + hidden * inter * 3
+    return layers * per_layer + shape["vocab_size"] * hidden    # the output layer (tied with the embedding)
+
+
+def run_ours(model_path: Path, model_name: str, context: int, examples: list[dict], steps: int, warmup: int,
+             work: Path) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from ray_finetune.data.formats import TokenizedExample
+    from ray_finetune.data.packing import pack_examples
+    from ray_finetune.spec import Duration
+    from ray_finetune.train import loop
+    from ray_finetune.train.plan import make_plan
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                            init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    documents = [TokenizedExample(e["input_ids"], [False] * e["prompt"] + [True] * (len(e["input_ids"]) - e["prompt"]))
+                 for e in examples]
+    rows, stats = pack_examples(documents, context, pad_id=2)
+    rows.save(work / "rows")
+    # One step more than measured: the stop comes first, so no final checkpoint is written (nor any other).
+    plan = make_plan(rows=len(rows), tokens=stats.tokens, duration=Duration(value=steps + 1, unit="ba"),
+                     world_size=1, seed=0)
+    reports, initialized = [], {}
+
+    class Collect:   # stops after `steps` steps (a plain stop writes no checkpoint)
+        def model_initialized(self, info): initialized.update(info)
+        def step_finished(self, report): reports.append(report)
+        def checkpoint_saved(self, path, epoch, step): ...
+        def checkpoint_removed(self, path): ...
+        def stop_requested(self): return loop.STOP if len(reports) >= steps else loop.STOP_NONE
+
+    config = loop.TrainConfig(run_name="bench", model_path=str(model_path), init_weights_path=None,
+                              train_rows_path=str(work / "rows"), plan=plan, learning_rate=LEARNING_RATE,
+                              save_folder=str(work / "ours"), rank=0, world_size=1, seed=0,
+                              checkpoint_every=Duration(value=10**6, unit="ba"))
+    started = time.perf_counter()
+    loop.train(config, Collect())
+    timed = reports[warmup:]
+    if not timed:
+        raise SystemExit(f"only {len(reports)} steps ran; need more than {warmup} (more examples)")
+    seconds = sum(r.step_seconds for r in timed)
+    tokens = sum(r.tokens for r in timed)
+    rate = tokens / seconds
+    return {"useful_tokens_per_s": rate, "mfu": 6 * matmul_parameters(model_name) * rate / PEAK_FLOPS,
+            "step_seconds": seconds / len(timed), "tokens_per_step": tokens / len(timed),
+            "mean_loss": sum(r.loss for r in timed) / len(timed), "steps_timed": len(timed),
+            "peak_memory_gb": gpu_peak_gb(), "packing_efficiency": round(stats.packing_efficiency, 4),
+            "precision": initialized.get("precision"), "attention": initialized.get("attention"),
+            "micro_batch_rows": initialized.get("plan", {}).get("micro_batch_rows"),
+            "out_of_memory_at": initialized.get("out_of_memory_at"),
+            "attention_fallback": initialized.get("attention_fallback"),
+            "wall_seconds": time.perf_counter() - started}
+
+
+def run_hf_trainer(model_path: Path, model_name: str, examples: list[dict], steps: int, warmup: int, batch: int,
+                   work: Path) -> dict:
+    """The common SFT recipe: Trainer, padding collator, bf16 autocast, fused AdamW, SDPA."""
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    on_gpu = torch.cuda.is_available()
+    rows = [{"input_ids": e["input_ids"], "labels": [-100] * e["prompt"] + e["input_ids"][e["prompt"]:]}
+            for e in examples]
+    counted: list[int] = []
+
+    def pad_collator(features):
+        longest = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), longest), 2, dtype=torch.long)
+        labels = torch.full((len(features), longest), -100, dtype=torch.long)
+        mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+        counted.append(int(mask.sum()))
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.marks = {}
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                if on_gpu:
+                    torch.cuda.synchronize()
+                self.marks["start"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == steps:
+                if on_gpu:
+                    torch.cuda.synchronize()
+                self.marks["end"] = time.perf_counter()
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32, attn_implementation="sdpa")
+    arguments = TrainingArguments(
+        output_dir=str(work / "hf"), per_device_train_batch_size=batch, max_steps=steps, learning_rate=LEARNING_RATE,
+        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, bf16=on_gpu, logging_steps=1,
+        save_strategy="no", report_to=[], dataloader_num_workers=0, remove_unused_columns=False, seed=0,
+        optim="adamw_torch_fused" if on_gpu else "adamw_torch", use_cpu=not on_gpu, disable_tqdm=True)
+    timer = Timer()
+    trainer = Trainer(model=model, args=arguments, train_dataset=rows, data_collator=pad_collator, callbacks=[timer])
+    result = trainer.train()
+    seconds = timer.marks["end"] - timer.marks["start"]
+    tokens = sum(counted[warmup:steps])
+    rate = tokens / seconds
+    return {"useful_tokens_per_s": rate, "mfu": 6 * matmul_parameters(model_name) * rate / PEAK_FLOPS,
+            "step_seconds": seconds / (steps - warmup), "tokens_per_step": tokens / (steps - warmup),
+            "mean_loss": result.training_loss, "batch": batch, "peak_memory_gb": gpu_peak_gb()}
+
+
+def contender(args: argparse.Namespace) -> dict:
+    work = Path(args.work)
+    examples = examples_for(MODELS[args.model_name]["vocab_size"], args.examples, args.context,
+                            mean_fraction=args.mean_fraction)
+    model_path = build_model(args.model_name, work / f"model-{args.model_name}", args.context)
+    run_work = Path(tempfile.mkdtemp(dir=work))
+    if args.only == "ours":
+        return run_ours(model_path, args.model_name, args.context, examples, args.steps, args.warmup, run_work)
+    return run_hf_trainer(model_path, args.model_name, examples, args.steps, args.warmup, args.batch, run_work)
+
+
+# Variants of ours: the settings a trainer worker reads from its environment.
+VARIANTS = {"sdpa": {"RAY_FINETUNE_ATTENTION": "sdpa"}, "compiled": {"RAY_FINETUNE_COMPILE": "on"}}
+
+
+def launch(work: Path, who: str, model_name: str, context: int, examples: int, steps: int, warmup: int,
+           batch: int = 8, mean_fraction: float = 0.12, timeout: float = 600, env: dict | None = None) -> dict:
+    command = [sys.executable, __file__, "--only", who, "--work", str(work), "--model-name", model_name,
+               "--context", str(context), "--examples", str(examples), "--steps", str(steps), "--warmup",
+               str(warmup), "--batch", str(batch), "--mean-fraction", str(mean_fraction)]
+    started = time.perf_counter()
+    try:
+        output = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        return {"error": output.stderr[-3000:]}
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["process_seconds"] = round(time.perf_counter() - started, 1)
+    print(who, model_name, context, json.dumps(result), flush=True)
+    return result
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true", help="a small config that runs on CPU in about a minute")
+    parser.add_argument("--scaling", action="store_true", help="ours only: step time and memory by context length")
+    parser.add_argument("--only", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--model-name", default="llama-1b", choices=sorted(MODELS))
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--examples", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8, help="the HF Trainer's examples per step")
+    parser.add_argument("--mean-fraction", type=float, default=0.12, help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    args = parser.parse_args()
+    if args.only:
+        print("RESULT " + json.dumps(contender(args)), flush=True)
+        return
+    work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+    summary: dict = {**environment(), "command": " ".join(["python", "bench/gpu_bench.py"] + sys.argv[1:])}
+    if args.scaling:
+        table = []
+        for model_name, contexts in (("smollm2-135m", (512, 2048, 8192)), ("llama-1b", (512, 2048, 4096, 8192))):
+            for context in contexts:
+                # about 64k tokens a step (the plan takes ~1/8 of the rows a step) whatever the context; the
+                # documents' mean length is 0.12 x 1.38 of the context (lognormal, sigma 0.8)
+                count = max(64, int(8 * 65536 / (context * 0.165)))
+                result = launch(work, "ours", model_name, context, count, steps=5, warmup=2, mean_fraction=0.12)
+                table.append({"model": model_name, "context": context, **result})
+        summary["scaling"] = table
+    else:
+        model_name, steps, warmup, examples = args.model_name, args.steps, args.warmup, args.examples
+        if args.tiny:
+            model_name, steps, warmup, examples = "tiny", 6, 2, 400
+            args.context = min(args.context, 512)
+        ours = launch(work, "ours", model_name, args.context, examples, steps, warmup)
+        # The HF Trainer takes `batch` examples a step; give it as many steps' worth of examples as it needs.
+        peer = launch(work, "hf", model_name, args.context, examples, steps * 5, warmup * 5, batch=args.batch)
+        summary.update({"model": model_name, "context": args.context, "ours": ours, "hf_trainer_padded": peer})
+        for variant in filter(None, args.variants.split(",")):
+            summary[f"ours_{variant}"] = launch(work, "ours", model_name, args.context, examples, steps, warmup,
+                                                env=VARIANTS[variant])
+        if "useful_tokens_per_s" in ours and "useful_tokens_per_s" in peer:
+            summary["ratio_ours_over_hf_trainer"] = round(ours["useful_tokens_per_s"] / peer["useful_tokens_per_s"], 2)
+            if ours.get("peak_memory_gb") and peer.get("peak_memory_gb"):
+                summary["memory_ours_over_hf_trainer"] = round(ours["peak_memory_gb"] / peer["peak_memory_gb"], 2)
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_bench.json").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""What the device a trainer runs on can do: which device, which precision, and the DeepSpeed set-up that follows.
+
+Precision: on GPUs with bf16, bf16 compute with fp32 master weights, fp32 optimizer state and fp32 gradient
+accumulation; elsewhere fp32. CPUs stay in fp32 by default although many multiply bf16 natively: on this
+project's AVX512-BF16 development CPU bf16 made the demo's steps 1.46x faster but its eval loss after 26 steps
+3.560 instead of 3.469 (BENCHMARKS.md) -- short CPU runs at small learning rates lose updates that fall below bf16's
+resolution. RAY_FINETUNE_PRECISION=bf16 or fp32 overrides the choice.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import torch
+
+from ray_finetune.train.plan import TrainingPlan
+
+BF16, FP32 = "bf16", "fp32"
+GRADIENT_CLIPPING = 1.0
+
+
+def training_device() -> torch.device:
+    if torch.cuda.is_available():
+        # Ray gives each GPU worker its own CUDA_VISIBLE_DEVICES, so the local device is LOCAL_RANK (0 under Ray).
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def choose_attention(device: torch.device, requested: str = "auto") -> str:
+    """How packed rows attend on `device`. CPUs run each document as its own sequence (step.py), for which SDPA is
+    fastest; GPUs run whole rows: varlen FlashAttention when flash-attn is installed, else FlexAttention's block
+    masks (compiled), both of which skip the masked-out blocks that a dense document mask makes SDPA compute."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "sdpa"
+    if importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "flex_attention"
+
+
+def choose_precision(device: torch.device, requested: str = "auto") -> str:
+    if requested in (BF16, FP32):
+        return requested
+    return BF16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else FP32
+
+
+def zero_stage(device: torch.device, precision: str, requested: str = "auto") -> int:
+    """GPUs: ZeRO-2 (optimizer state and gradients sharded over the ranks). CPU: ZeRO-0 in fp32 (ZeRO-2's partition
+    bookkeeping cost ~1 s a step there, measured: BENCHMARKS.md), ZeRO-1 in bf16 (DeepSpeed's BF16 optimizer: fp32
+    master weights and fp32 gradient accumulation)."""
+    if requested != "auto":
+        return int(requested)
+    if device.type == "cuda":
+        return 2
+    return 1 if precision == BF16 else 0
+
+
+def deepspeed_config(plan: TrainingPlan, stage: int, precision: str) -> dict[str, Any]:
+    bf16 = precision == BF16
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch_rows,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "train_batch_size": plan.global_batch_rows,
+        "gradient_clipping": GRADIENT_CLIPPING,
+        # Elastic: the optimizer state is saved by parameter, not by rank, so a checkpoint loads on any number of
+        # workers (a run requeued onto fewer or more GPUs resumes from it).
+        "zero_optimization": {"stage": stage, **({"elastic_checkpoint": True} if stage in (1, 2) else {})},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        # bf16 gradients summed over many micro-batches lose the small ones; accumulate in fp32.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config

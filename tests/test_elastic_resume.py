@@ -1,0 +1,90 @@
+"""A checkpoint written by two workers resumes on one: the run goes on with the losses it would have had.
+
+The training loop runs here as its trainer workers run it (one process per rank, one gloo group), without Ray;
+under ZeRO-0 (the CPU default) and ZeRO-2 (the GPU default, whose optimizer state is sharded over the ranks and
+saved by parameter so that it can be re-sharded)."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from ray_finetune.spec import Duration
+from ray_finetune.train import checkpoint
+from ray_finetune.train.plan import make_plan
+from trainer_helpers import packed_chat_run
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", DS_ACCELERATOR="cpu",
+                      RAY_FINETUNE_ZERO_STAGE=arguments.pop("zero_stage"))
+    import torch
+    import torch.distributed as dist
+
+    from ray_finetune.train import loop
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    stats = arguments.pop("stats")
+    plan = make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=Duration(value=2, unit="ep"),
+                     world_size=world, seed=0)
+    losses: dict[int, float] = {}
+    initialized: dict = {}
+
+    class Collect:
+        def model_initialized(self, info): initialized.update(info)
+        def step_finished(self, report): losses[report.step] = report.loss
+        def checkpoint_saved(self, path, epoch, step): ...
+        def checkpoint_removed(self, path): ...
+        def stop_requested(self): return loop.STOP_NONE
+
+    loop.train(loop.TrainConfig(plan=plan, rank=rank, world_size=world, seed=0, learning_rate=2e-3, **arguments),
+               Collect())
+    if rank == 0:
+        Path(out).write_text(json.dumps({"losses": losses, "initialized": initialized}))
+    dist.destroy_process_group()
+
+
+def train_ranks(world: int, out: Path, **arguments) -> dict:
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    processes = [context.Process(target=_rank, args=(rank, world, port, dict(arguments), str(out)))
+                 for rank in range(world)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+    result = json.loads(out.read_text())
+    return {"losses": {int(k): v for k, v in result["losses"].items()}, "initialized": result["initialized"]}
+
+
+@pytest.mark.parametrize("zero_stage", ["0", "2"])
+def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_stage):
+    rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
+    common = dict(model_path=str(tiny_model), init_weights_path=None, train_rows_path=rows_path,
+                  stats=stats.as_dict(), zero_stage=zero_stage)
+    two = train_ranks(2, tmp_path / "two.json", run_name="two", save_folder=str(tmp_path / "two"), **common)
+    assert two["initialized"]["zero_stage"] == int(zero_stage) and two["initialized"]["world_size"] == 2
+
+    folder = checkpoint.checkpoints_dir(tmp_path / "two", "two")
+    first_epoch = min((p for p in folder.iterdir() if checkpoint.is_complete(p)),
+                      key=lambda p: checkpoint.parse_name(p.name)[1])
+    resumed_at = checkpoint.parse_name(first_epoch.name)[1]
+    one = train_ranks(1, tmp_path / "one.json", run_name="one", save_folder=str(tmp_path / "one"),
+                      resume_from=str(first_epoch), **common)
+
+    assert one["initialized"]["resumed_at_step"] == resumed_at > 0
+    assert sorted(one["losses"]) == [s for s in sorted(two["losses"]) if s > resumed_at]
+    for step, loss in one["losses"].items():
+        assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
