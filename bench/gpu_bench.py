@@ -267,7 +267,9 @@ def main() -> None:
     summary: dict = {**environment(), "command": " ".join(["python", "bench/gpu_bench.py"] + sys.argv[1:])}
     if args.scaling:
         table = []
-        for model_name, contexts in (("smollm2-135m", (512, 2048, 8192)), ("llama-1b", (512, 2048, 4096, 8192))):
+        sizes = ((("tiny", (256, 512)),) if args.tiny else
+                 (("smollm2-135m", (512, 2048, 8192)), ("llama-1b", (512, 2048, 4096, 8192))))
+        for model_name, contexts in sizes:
             for context in contexts:
                 # about 64k tokens a step (the plan takes ~1/8 of the rows a step) whatever the context; the
                 # documents' mean length is 0.12 x 1.38 of the context (lognormal, sigma 0.8)

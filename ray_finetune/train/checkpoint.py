@@ -48,6 +48,29 @@ def publish(directory: Path, name: str) -> Path:
     return final
 
 
+UNIVERSAL_DIR = "universal"
+
+
+def universal(folder: Path) -> Path:
+    """The checkpoint's DeepSpeed state in DeepSpeed's universal layout (optimizer state by parameter instead of by
+    rank), which loads on any number of ranks: what a ZeRO-1/2 run resumed on a different number of workers needs.
+    Converted once, into `folder/universal`, under a temporary name renamed into place when complete."""
+    target = folder / UNIVERSAL_DIR
+    if target.is_dir():
+        return target
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    staging = folder / f".tmp-{UNIVERSAL_DIR}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    ds_to_universal.main(argparse.Namespace(
+        input_folder=str(folder), output_folder=str(staging), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True))
+    staging.rename(target)
+    return target
+
+
 def write_state(folder: Path, state: dict) -> None:
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
 

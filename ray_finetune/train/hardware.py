@@ -66,9 +66,9 @@ def deepspeed_config(plan: TrainingPlan, stage: int, precision: str) -> dict[str
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "train_batch_size": plan.global_batch_rows,
         "gradient_clipping": GRADIENT_CLIPPING,
-        # Elastic: the optimizer state is saved by parameter, not by rank, so a checkpoint loads on any number of
-        # workers (a run requeued onto fewer or more GPUs resumes from it).
-        "zero_optimization": {"stage": stage, **({"elastic_checkpoint": True} if stage in (1, 2) else {})},
+        # ZeRO-1/2 save the optimizer state by rank; a run resumed on another number of workers converts it
+        # (loop._resumable_state). DeepSpeed's "elastic" format cannot be converted, nor loaded on another count.
+        "zero_optimization": {"stage": stage},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,

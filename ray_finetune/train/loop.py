@@ -120,13 +120,13 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
                                   fused=True)
     stage = zero_stage(device, precision, chosen.zero_stage)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan.total_steps))
-    engine, _, _, _ = deepspeed.initialize(
-        model=CausalLMLoss(model), optimizer=optimizer, lr_scheduler=schedule,
-        config=deepspeed_config(plan, stage, precision),
-    )
-    start_step = 0
-    if config.resume_from:
-        start_step = resume(engine, Path(config.resume_from))
+    resume_from = _resumable_state(config, stage)
+    engine_config = deepspeed_config(plan, stage, precision)
+    if resume_from is not None and resume_from.name == checkpoint.UNIVERSAL_DIR:
+        engine_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=CausalLMLoss(model), optimizer=optimizer, lr_scheduler=schedule,
+                                           config=engine_config)
+    start_step = resume(engine, resume_from) if resume_from else 0
     if rank == 0:
         reporter.model_initialized({
             "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
@@ -207,6 +207,21 @@ def _fit_to_gpu(model: Any, attention: str, plan: TrainingPlan, rows: PackedRows
     parameters = sum(p.numel() for p in model.parameters())
     plan, sizing = fit_micro_batch(plan, parameters, device, try_rows)
     return model, attention, plan, {**notes, **sizing, "compiled_layers": compiled}
+
+
+def _resumable_state(config: TrainConfig, stage: int) -> Path | None:
+    """The DeepSpeed state to resume from. ZeRO-1/2 save the optimizer state partitioned by rank; on a different
+    number of workers (a requeued run placed on fewer or more GPUs) it loads from the universal conversion."""
+    if not config.resume_from:
+        return None
+    folder = Path(config.resume_from)
+    saved_world = int(checkpoint.read_state(folder)["plan"]["world_size"])
+    if stage not in (1, 2) or saved_world == config.world_size:
+        return folder
+    if config.rank == 0:
+        checkpoint.universal(folder)
+    _barrier(config.world_size)
+    return folder / checkpoint.UNIVERSAL_DIR
 
 
 def _epochs_done(plan: TrainingPlan, step: int) -> int:

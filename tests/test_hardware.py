@@ -1,0 +1,65 @@
+"""What a trainer chooses from its device and settings: precision, attention, ZeRO stage, DeepSpeed config; and
+settings that are not understood are refused with the variable, the value and what is allowed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ray_finetune import settings
+from ray_finetune.errors import ConfigError
+from ray_finetune.spec import Duration
+from ray_finetune.train.hardware import (BF16, FP32, choose_attention, choose_precision, deepspeed_config,
+                                         zero_stage)
+from ray_finetune.train.plan import make_plan
+
+CPU = torch.device("cpu")
+
+
+def test_cpu_defaults_are_exact_fp32_sdpa_zero0():
+    assert choose_precision(CPU) == FP32
+    assert choose_attention(CPU) == "sdpa"
+    assert zero_stage(CPU, FP32) == 0
+
+
+def test_cpu_bf16_uses_the_optimizer_with_fp32_masters_and_fp32_accumulation():
+    assert choose_precision(CPU, "bf16") == BF16
+    assert zero_stage(CPU, BF16) == 1
+    plan = make_plan(rows=40, tokens=4000, duration=Duration(value=1, unit="ep"), world_size=1, seed=0)
+    config = deepspeed_config(plan, 1, BF16)
+    assert config["bf16"] == {"enabled": True}
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert config["zero_optimization"] == {"stage": 1}
+
+
+def test_explicit_choices_win():
+    assert choose_attention(CPU, "eager") == "eager"
+    assert zero_stage(CPU, FP32, "2") == 2
+
+
+def test_gpu_attention_prefers_flash_then_flex(monkeypatch):
+    gpu = torch.device("cuda")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    assert choose_attention(gpu) == "flex_attention"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    assert choose_attention(gpu) == "flash_attention_2"
+    assert zero_stage(gpu, BF16) == 2
+
+
+@pytest.mark.parametrize("variable,value", [("RAY_FINETUNE_PRECISION", "fp16"), ("RAY_FINETUNE_ATTENTION", "flash"),
+                                            ("RAY_FINETUNE_ZERO_STAGE", "3"), ("RAY_FINETUNE_COMPILE", "yes")])
+def test_unknown_settings_are_refused_naming_what_is_allowed(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=f"{variable}='{value}' is not one of"):
+        settings.load()
+
+
+def test_settings_travel_to_the_actors(monkeypatch):
+    monkeypatch.setenv("RAY_FINETUNE_PRECISION", "BF16")
+    monkeypatch.setenv("RAY_FINETUNE_ZERO_STAGE", "2")
+    loaded = settings.load()
+    assert (loaded.precision, loaded.zero_stage) == ("bf16", "2")
+    environment = loaded.as_env()
+    assert environment["RAY_FINETUNE_PRECISION"] == "bf16" and environment["RAY_FINETUNE_ZERO_STAGE"] == "2"
