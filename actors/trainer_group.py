@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import time
 from typing import Any, Callable
 
@@ -20,6 +19,7 @@ from actors.event_sink import EventSink
 from actors.messages import EvaluateRequest, StopRequest, TrainRequest, TrainResult
 from eventstore.schema import EventType
 from ray_finetune import settings, tracking
+from ray_finetune.train.distributed import free_port, join_process_group
 from ray_finetune.train.loop import STOP_AND_CHECKPOINT, STOP, STOP_NONE, StepReport, TrainConfig
 from ray_finetune.train.plan import TrainingPlan
 
@@ -114,22 +114,13 @@ class TrainerWorker:
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
         self._stop = STOP_NONE
-        # Ray gives each GPU worker its own CUDA_VISIBLE_DEVICES, so the local device is always 0.
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
     def rendezvous_address(self) -> tuple[str, int]:
-        with socket.socket() as probe:
-            probe.bind(("", 0))
-            port = probe.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return ray.util.get_node_ip_address(), free_port(host="")
 
     def request_stop(self, request: StopRequest) -> None:
         """Stop at the next step boundary (after a final checkpoint if asked)."""
@@ -144,9 +135,7 @@ class TrainerWorker:
         if not torch.cuda.is_available():
             # Ray's CPU count is a scheduling token; the math should use the node's cores, shared by the ranks.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world_size))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                init_method=f"tcp://{master[0]}:{master[1]}", rank=self.rank,
-                                world_size=self.world_size)
+        join_process_group(self.rank, self.world_size, master)
         config = TrainConfig(
             run_name=request.run.run_name, model_path=request.run.spec.model_path,
             init_weights_path=request.init_weights_path, train_rows_path=request.data.train_rows_path,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -47,7 +46,6 @@ class Timed:
 
 
 def per_step_overhead(model: str, data: Path, context: int, steps: int, work: Path, settings) -> dict:
-    import torch.distributed as dist
 
     from actors.evaluator import Evaluator
     from actors.messages import PackedData, RunContext, TrainRequest
@@ -57,14 +55,11 @@ def per_step_overhead(model: str, data: Path, context: int, steps: int, work: Pa
     from ray_finetune.data.prepare import prepare
     from ray_finetune.spec import Duration
     from ray_finetune.train import loop
+    from ray_finetune.train.distributed import join_process_group
     from ray_finetune.train.models import load_tokenizer
     from ray_finetune.train.plan import make_plan
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    join_process_group(0, 1)
     prepared = prepare("train_data_path", str(data), task_type="CHAT_COMPLETION", model_path=model,
                        tokenizer=load_tokenizer(model), context_length=context, cache_dir=work / "cache")
     plan = make_plan(rows=prepared.stats["rows"], tokens=prepared.stats["tokens"],

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -21,12 +20,12 @@ os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 from ray_finetune.data.formats import TokenizedExample  # noqa: E402
 from ray_finetune.data.packing import pack_examples  # noqa: E402
 from ray_finetune.spec import parse_duration  # noqa: E402
 from ray_finetune.train import hardware, loop  # noqa: E402
+from ray_finetune.train.distributed import join_process_group  # noqa: E402
 from ray_finetune.train.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from ray_finetune.train.plan import make_plan  # noqa: E402
 from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch  # noqa: E402
@@ -53,10 +52,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    join_process_group(0, 1)
     model_path = resolve_model(args.model).path
     tokenizer = load_tokenizer(model_path)
     rng = np.random.default_rng(0)

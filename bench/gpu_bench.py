@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -91,23 +90,14 @@ def matmul_parameters(model_name: str) -> int:
 
 def run_ours(model_path: Path, model_name: str, context: int, examples: list[dict], steps: int, warmup: int,
              work: Path) -> dict:
-    import torch
-    import torch.distributed as dist
-
     from ray_finetune.data.formats import TokenizedExample
     from ray_finetune.data.packing import pack_examples
     from ray_finetune.spec import Duration
     from ray_finetune.train import loop
+    from ray_finetune.train.distributed import join_process_group
     from ray_finetune.train.plan import make_plan
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    join_process_group(0, 1)
     documents = [TokenizedExample(e["input_ids"], [False] * e["prompt"] + [True] * (len(e["input_ids"]) - e["prompt"]))
                  for e in examples]
     rows, stats = pack_examples(documents, context, pad_id=2)

@@ -16,10 +16,8 @@ import json
 import math
 import os
 import resource
-import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -56,15 +54,12 @@ def run_ours(model_path: Path, data: list[dict], context: int, work: Path) -> di
     from ray_finetune.data.packing import pack_examples
     from ray_finetune.spec import Duration
     from ray_finetune.train import loop
+    from ray_finetune.train.distributed import join_process_group
     from ray_finetune.train.models import load_tokenizer
     from ray_finetune.train.plan import make_plan
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")   # DeepSpeed's single-process rendezvous
     if not dist.is_initialized():
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        join_process_group(0, 1)
     tokenizer = load_tokenizer(model_path)
     examples = [TokenizedExample(e["input_ids"], [bool(m) for m in e["completion_mask"]]) for e in data]
     rows, stats = pack_examples(examples, context, tokenizer.pad_token_id)

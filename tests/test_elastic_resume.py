@@ -8,33 +8,26 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from ray_finetune.spec import Duration
 from ray_finetune.train import checkpoint
+from ray_finetune.train.distributed import free_port, join_process_group
 from ray_finetune.train.plan import make_plan
 from trainer_helpers import packed_chat_run
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", DS_ACCELERATOR="cpu",
-                      RAY_FINETUNE_ZERO_STAGE=arguments.pop("zero_stage"))
+    os.environ["RAY_FINETUNE_ZERO_STAGE"] = arguments.pop("zero_stage")
     import torch
     import torch.distributed as dist
 
     from ray_finetune.train import loop
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    join_process_group(rank, world, ("127.0.0.1", port))
     stats = arguments.pop("stats")
     plan = make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=Duration(value=2, unit="ep"),
                      world_size=world, seed=0)
@@ -57,7 +50,7 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
 
 def train_ranks(world: int, out: Path, **arguments) -> dict:
     context = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     processes = [context.Process(target=_rank, args=(rank, world, port, dict(arguments), str(out)))
                  for rank in range(world)]
     for process in processes:

@@ -41,7 +41,7 @@ def test_linear_cross_entropy_matches_full_logits(chunk_elements, dtype, monkeyp
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert fused.target_tokens == plain.target_tokens == 2 * 12
     assert fused.correct_tokens == plain.correct_tokens
-    assert float(fused.loss_sum) == pytest.approx(float(plain.loss_sum), rel=tolerance)
+    assert float(fused.loss_sum.detach()) == pytest.approx(float(plain.loss_sum.detach()), rel=tolerance)
     for mine, reference in zip(fused_grads, (hidden.grad, weight.grad)):
         assert mine.dtype == reference.dtype
         assert torch.allclose(mine.float(), reference.float(), rtol=tolerance, atol=tolerance * 1e-2)
@@ -102,3 +102,27 @@ def test_models_that_change_their_logits_take_the_plain_path(tiny_model):
     logits = capped(input_ids=ids).logits
     expected = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), reduction="sum")
     assert float(loss_sum) == pytest.approx(float(expected), rel=1e-5) and targets == 7
+
+
+def test_evaluation_computes_no_gradients():
+    """Under no_grad the chunked loss multiplies once per chunk (the logits), not three times (+ both gradients)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    hidden = torch.randn(1, 10, 8, requires_grad=True)
+    weight = torch.randn(30, 8, requires_grad=True)
+    labels = torch.randint(0, 30, (1, 10))
+    with torch.no_grad(), CountMatmuls() as evaluating:
+        evaluated = linear_cross_entropy(hidden, weight, labels)
+    with CountMatmuls() as training:
+        trained = linear_cross_entropy(hidden, weight, labels)
+    assert evaluating.count == 1 and training.count == 3
+    assert float(evaluated.loss_sum) == pytest.approx(float(trained.loss_sum))

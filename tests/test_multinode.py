@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,17 +25,13 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
+from ray_finetune.train.distributed import free_port
+
 pytestmark = pytest.mark.cluster
 
 TESTS = Path(__file__).parent
 DRIVER = TESTS / "multinode_driver.py"
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def ray_start(env: dict[str, str], *arguments: str) -> None:

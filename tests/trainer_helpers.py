@@ -6,6 +6,7 @@ from pathlib import Path
 
 import ray
 
+from actors import scheduler
 from actors.evaluator import Evaluator
 from actors.event_sink import event_store
 from actors.messages import PackedData, RunContext, TrainRequest
@@ -40,6 +41,8 @@ def train_with(world_size: int, rows_path: str, stats, spec, cluster, tmp_path, 
     context = RunContext(run_name=name, spec=spec, mlflow_run_id=tracked.run_id, save_folder=str(tmp_path / name))
     plan = make_plan(rows=stats.rows, tokens=stats.tokens, duration=spec.duration, world_size=world_size,
                      seed=spec.seed)
+    # A scheduler that starts removes every trainer placement it finds (its predecessor's): let it start first.
+    ray.get(scheduler.get_or_create().queued.remote())
     group = TrainerGroup(world_size, resources=resources)
     try:
         nodes = asyncio.run(group.ready())

@@ -82,7 +82,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         zero = (hidden.sum() + weight.sum()) * 0.0   # keeps both in the graph: every rank reduces every gradient
         return LossSums(loss_sum=zero, target_tokens=0, correct_tokens=0)
     chunk = max(1, CHUNK_LOGIT_ELEMENTS // weight.shape[0])
-    loss_sum, correct = _LinearCrossEntropy.apply(flat_hidden[targets], weight, flat_labels[targets], chunk)
+    # Under no_grad (evaluation) autograd still reports the inputs as needing gradients; say it explicitly.
+    loss_sum, correct = _LinearCrossEntropy.apply(flat_hidden[targets], weight, flat_labels[targets], chunk,
+                                                  torch.is_grad_enabled())
     return LossSums(loss_sum=loss_sum, target_tokens=int(targets.numel()), correct_tokens=int(correct))
 
 
@@ -91,8 +93,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+                chunk: int, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        need_hidden, need_weight = training and ctx.needs_input_grad[0], training and ctx.needs_input_grad[1]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -114,6 +116,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_weight:
                     grad_weight.add_(gradient.T @ part)   # promoted to fp32 in place, no fp32 copy
         ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight) if t is not None))
+        ctx.computed = (need_hidden, need_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(correct)
         return loss, correct
@@ -121,7 +124,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, _grad_correct: Any) -> tuple[Any, ...]:
         saved = list(ctx.saved_tensors)
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_hidden, need_weight = ctx.computed
         grad_hidden = saved.pop(0) * grad_loss.to(saved[0].dtype) if need_hidden else None
         grad_weight = (saved.pop(0) * grad_loss).to(ctx.weight_dtype) if need_weight else None
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
