@@ -1,8 +1,7 @@
-"""A checkpoint written by two workers resumes on one: the run goes on with the losses it would have had.
-
-The training loop runs here as its trainer workers run it (one process per rank, one gloo group), without Ray;
-under ZeRO-0 (the CPU default) and ZeRO-2 (the GPU default, whose optimizer state is sharded over the ranks and
-saved by parameter so that it can be re-sharded)."""
+"""The training loop run as its trainer workers run it (one process per rank, one gloo group), without Ray:
+a checkpoint written by two workers resumes on one with the losses the run would have had, under ZeRO-0 (the CPU
+default) and ZeRO-2 (the GPU default, whose per-rank optimizer state is converted to be re-sharded); and a bf16
+run's checkpoint holds its fp32 master weights, not their bf16 rounding."""
 from __future__ import annotations
 
 import json
@@ -21,6 +20,7 @@ from trainer_helpers import packed_chat_run
 
 def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
     os.environ["RAY_FINETUNE_ZERO_STAGE"] = arguments.pop("zero_stage")
+    os.environ["RAY_FINETUNE_PRECISION"] = arguments.pop("precision", "auto")
     import torch
     import torch.distributed as dist
 
@@ -83,3 +83,23 @@ def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_s
     assert sorted(one["losses"]) == [s for s in sorted(two["losses"]) if s > resumed_at]
     for step, loss in one["losses"].items():
         assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
+
+
+def test_a_bf16_run_saves_its_fp32_master_weights(tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
+    run = train_ranks(1, tmp_path / "bf16.json", run_name="bf16", save_folder=str(tmp_path / "bf16"),
+                      model_path=str(tiny_model), init_weights_path=None, train_rows_path=rows_path,
+                      stats=stats.as_dict(), zero_stage="auto", precision="bf16")
+    assert run["initialized"]["precision"] == "bf16" and run["initialized"]["zero_stage"] == 1
+
+    final = checkpoint.latest_complete(checkpoint.checkpoints_dir(tmp_path / "bf16", "bf16"))
+    saved = load_file(str(final / checkpoint.WEIGHTS_DIR / "model.safetensors"))
+    initial = load_file(str(tiny_model / "model.safetensors"))
+    weight = "model.layers.0.mlp.down_proj.weight"
+    assert saved[weight].dtype == torch.float32
+    assert not torch.equal(saved[weight], initial[weight])                  # trained
+    # fp32 masters: most values fall between two bf16 numbers; a bf16 copy would round-trip exactly
+    assert not torch.equal(saved[weight], saved[weight].to(torch.bfloat16).float())
