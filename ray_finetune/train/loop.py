@@ -26,7 +26,7 @@ from ray_finetune.errors import CheckpointError
 from ray_finetune.spec import Duration
 from ray_finetune.train.hardware import (BF16, choose_attention, choose_precision, deepspeed_config,
                                          training_device, zero_stage)
-from ray_finetune.train.memory import fit_micro_batch
+from ray_finetune.train.memory import fit_micro_batch, with_micro_batch
 from ray_finetune.train.models import load_initial_model, load_tokenizer
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
 from ray_finetune.train.schedule import lr_factor
@@ -116,6 +116,11 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     if device.type == "cuda":
         model, attention, plan, sizing = _fit_to_gpu(model, attention, plan, rows, device, precision,
                                                      compile_layers=chosen.compile == "on")
+        if world > 1:   # every rank must split its rows alike, or their gradient reductions would not meet
+            smallest = torch.tensor([plan.micro_batch_rows], device=device)
+            dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+            plan = with_micro_batch(plan, int(smallest.item()))
+            sizing["micro_batch_rows"] = plan.micro_batch_rows
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=BETAS, weight_decay=0.0,
                                   fused=True)
     stage = zero_stage(device, precision, chosen.zero_stage)
