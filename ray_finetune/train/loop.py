@@ -197,9 +197,11 @@ def _fit_to_gpu(model: Any, attention: str, plan: TrainingPlan, rows: PackedRows
     trial = CausalLMLoss(model)
 
     def try_rows(count: int) -> None:
-        batch = make_batch(rows, np.arange(count) % len(rows)).to(device)
-        forward_loss(trial, batch).loss_sum.backward()
-        model.zero_grad(set_to_none=True)
+        try:
+            batch = make_batch(rows, np.arange(count) % len(rows)).to(device)
+            forward_loss(trial, batch).loss_sum.backward()
+        finally:   # also after running out of memory halfway through the backward pass
+            model.zero_grad(set_to_none=True)
 
     notes: dict[str, Any] = {}
     if attention != "sdpa":

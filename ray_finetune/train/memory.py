@@ -37,8 +37,9 @@ def largest_fitting(candidates: list[int], try_size: Callable[[int], None]) -> t
             return size, failed
         except torch.OutOfMemoryError:
             failed.append(size)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        # Outside the handler: the error, and the activations its traceback still held, are gone by now.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     raise torch.OutOfMemoryError(
         f"not even one packed row of the context length fits in GPU memory (tried micro-batches of {failed} rows); "
         "use a shorter context_length, more GPUs per run, or a GPU with more memory")
