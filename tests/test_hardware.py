@@ -31,6 +31,38 @@ def test_cpu_bf16_uses_the_optimizer_with_fp32_masters_and_fp32_accumulation():
     assert config["zero_optimization"] == {"stage": 1}
 
 
+ENGINE_STEP = """
+import torch
+from ray_finetune.train.distributed import join_process_group
+join_process_group(0, 1)
+import deepspeed
+from ray_finetune.spec import Duration
+from ray_finetune.train.hardware import deepspeed_config
+from ray_finetune.train.plan import make_plan
+plan = make_plan(rows=40, tokens=4000, duration=Duration(value=1, unit="ep"), world_size=1, seed=0)
+for stage in (0, 1, 2):
+    for precision in ("bf16", "fp32"):
+        model = torch.nn.Linear(8, 8)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                          config=deepspeed_config(plan, stage, precision))
+        inputs = torch.randn(2, 8, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+        engine.backward(engine(inputs).float().sum())
+        engine.step()
+        print("stepped", stage, precision, flush=True)
+"""
+
+
+def test_every_stage_and_precision_the_settings_allow_builds_and_steps_a_deepspeed_engine():
+    """E.g. DeepSpeed refuses fp32 gradient accumulation without ZeRO: a bf16 run at RAY_FINETUNE_ZERO_STAGE=0
+    must not ask for it. (Its own process: DeepSpeed and the process group stay out of the test runner.)"""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", ENGINE_STEP], capture_output=True, text=True, timeout=300)
+    assert result.stdout.count("stepped") == 6, result.stderr[-3000:]
+
+
 def test_explicit_choices_win():
     assert choose_attention(CPU, "eager") == "eager"
     assert zero_stage(CPU, FP32, "2") == 2

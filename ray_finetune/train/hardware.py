@@ -74,7 +74,8 @@ def deepspeed_config(plan: TrainingPlan, stage: int, precision: str) -> dict[str
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if bf16:
-        # bf16 gradients summed over many micro-batches lose the small ones; accumulate in fp32.
+    if bf16 and stage >= 1:
+        # bf16 gradients summed over many micro-batches lose the small ones; accumulate in fp32. (Without ZeRO,
+        # DeepSpeed accumulates bf16 gradients in bf16 and refuses anything else.)
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
