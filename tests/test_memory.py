@@ -52,3 +52,30 @@ def test_a_new_micro_batch_keeps_every_step_the_same():
             after = [list(m) for m in fitted.rank_micro_batches(step, rank)]
             assert sum(before, []) == sum(after, [])       # the same rows, in the same order
             assert all(len(m) == 4 for m in after)
+
+
+def test_gpu_set_up_falls_back_to_sdpa_and_fits_a_micro_batch(tiny_model, tmp_path, monkeypatch):
+    """The GPU set-up of the trainer, run on CPU before any GPU session: FlexAttention cannot run a backward pass
+    here (a real failure of the faster kernel), so the model falls back to SDPA and says why; then a micro-batch
+    is fitted with the optimizer's memory held (the device's memory is what mem_get_info reports, stubbed)."""
+    from ray_finetune.train import loop
+    from ray_finetune.train.hardware import FP32
+    from ray_finetune.train.models import load_model
+    from trainer_helpers import packed_chat_run
+
+    rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
+    from ray_finetune.data.packing import PackedRows
+
+    rows = PackedRows.load(rows_path)
+    plan = make_plan(rows=stats.rows, tokens=stats.tokens, duration=Duration(value=1, unit="ep"), world_size=1,
+                     seed=0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 16 << 30))
+    model = load_model(tiny_model, attention="flex_attention")
+    model, attention, fitted, notes = loop._fit_to_gpu(model, "flex_attention", plan, rows, torch.device("cpu"),
+                                                        FP32, compile_layers=False)
+    assert attention == "sdpa" and "flex_attention failed" in notes["attention_fallback"]
+    assert model.config._attn_implementation == "sdpa"
+    per_rank = plan.global_batch_rows
+    assert fitted.micro_batch_rows == per_rank == notes["micro_batch_rows"]      # plenty of room: all rows at once
+    assert fitted.gradient_accumulation_steps == 1 and notes["out_of_memory_at"] == []
+    assert all(p.grad is None for p in model.parameters())                        # trials leave no gradients
