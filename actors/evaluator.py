@@ -30,8 +30,9 @@ def prompt_text(tokenizer, task_type: str, prompt: str) -> str:
 @torch.no_grad()
 def evaluate_loss(model, rows: PackedRows) -> tuple[float, float]:
     loss_sum, targets, correct = 0.0, 0, 0
+    scored = CausalLMLoss(model)
     for index in range(len(rows)):
-        result = forward_loss(CausalLMLoss(model), make_batch(rows, np.array([index])))
+        result = forward_loss(scored, make_batch(rows, np.array([index])))
         loss_sum += float(result.loss_sum)
         targets += result.target_tokens
         correct += result.correct_tokens

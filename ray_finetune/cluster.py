@@ -13,11 +13,10 @@ from pathlib import Path
 
 import ray
 
-from ray_finetune.train.distributed import free_port
-
 from ray_finetune import settings as settings_module
 from ray_finetune.errors import ConfigError
 from ray_finetune.settings import Settings
+from ray_finetune.train.distributed import free_port
 
 NAMESPACE = "ray_finetune"
 HEAD_FILE = "head.json"

@@ -17,7 +17,7 @@ class Settings:
     # Ray resources each trainer worker needs besides its CPU/GPU, e.g. {"a100": 1} to keep trainers on one node
     # type of a mixed cluster (tests use a custom resource standing in for GPUs).
     trainer_resources: dict[str, float] = field(default_factory=dict)
-    # "auto" (bf16 where the hardware multiplies bf16 natively, else fp32), "bf16" or "fp32".
+    # "auto" (bf16 on GPUs that have it, else fp32: see train/hardware.py), "bf16" or "fp32".
     precision: str = "auto"
     # "auto" (see train/hardware.choose_attention) or a transformers attention implementation.
     attention: str = "auto"
@@ -62,8 +62,8 @@ def load() -> Settings:
         home=home,
         storage=storage,
         tracking_uri=tracking_uri,
-        trainer_workers=int(os.environ.get("RAY_FINETUNE_TRAINER_WORKERS", "") or 0),
-        max_concurrent_runs=int(os.environ.get("RAY_FINETUNE_MAX_CONCURRENT_RUNS", "1")),
+        trainer_workers=_count("RAY_FINETUNE_TRAINER_WORKERS", default=0, least=0),
+        max_concurrent_runs=_count("RAY_FINETUNE_MAX_CONCURRENT_RUNS", default=1, least=1),
         trainer_resources=_resources(os.environ.get("RAY_FINETUNE_TRAINER_RESOURCES", "")),
         precision=_one_of("RAY_FINETUNE_PRECISION", PRECISIONS),
         attention=_one_of("RAY_FINETUNE_ATTENTION", ATTENTIONS),
@@ -75,6 +75,17 @@ def load() -> Settings:
 PRECISIONS = ("auto", "bf16", "fp32")
 ATTENTIONS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
 ZERO_STAGES = ("auto", "0", "1", "2")
+
+
+def _count(variable: str, default: int, least: int) -> int:
+    from ray_finetune.errors import ConfigError
+
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < least:
+        raise ConfigError(f"{variable}={text!r} is not a whole number of at least {least}")
+    return int(text)
 
 
 def _one_of(variable: str, allowed: tuple[str, ...]) -> str:

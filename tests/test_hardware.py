@@ -88,6 +88,14 @@ def test_unknown_settings_are_refused_naming_what_is_allowed(monkeypatch, variab
         settings.load()
 
 
+@pytest.mark.parametrize("variable,value", [("RAY_FINETUNE_TRAINER_WORKERS", "two"),
+                                            ("RAY_FINETUNE_MAX_CONCURRENT_RUNS", "0")])
+def test_counts_that_are_not_counts_are_refused(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=f"{variable}='{value}' is not a whole number"):
+        settings.load()
+
+
 def test_settings_travel_to_the_actors(monkeypatch):
     monkeypatch.setenv("RAY_FINETUNE_PRECISION", "BF16")
     monkeypatch.setenv("RAY_FINETUNE_ZERO_STAGE", "2")

@@ -62,7 +62,7 @@ def universal(folder: Path) -> Path:
 
     from deepspeed.checkpoint import ds_to_universal
 
-    staging = folder / f".tmp-{UNIVERSAL_DIR}-{os.getpid()}"
+    staging = folder / f".tmp-{UNIVERSAL_DIR}"   # one converter per run (rank 0); a failed attempt's is replaced
     shutil.rmtree(staging, ignore_errors=True)
     ds_to_universal.main(argparse.Namespace(
         input_folder=str(folder), output_folder=str(staging), num_extract_workers=1, num_merge_workers=1,

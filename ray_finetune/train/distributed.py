@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -27,3 +31,19 @@ def join_process_group(rank: int, world_size: int, master: tuple[str, int] | Non
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=f"tcp://{host}:{port}",
                             rank=rank, world_size=world_size)
+
+
+def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """`values` (a CPU tensor) reduced over all ranks ("sum", "min" or "max"). NCCL reduces GPU tensors only, so
+    under NCCL the values travel through the GPU; every rank must call it."""
+    import torch
+    import torch.distributed as dist
+
+    operation = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
+    if dist.get_backend() == "nccl":
+        on_gpu = values.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=operation)
+        return on_gpu.cpu()
+    reduced = values.clone()
+    dist.all_reduce(reduced, op=operation)
+    return reduced

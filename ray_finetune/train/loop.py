@@ -26,6 +26,7 @@ from ray_finetune.errors import CheckpointError
 from ray_finetune.spec import Duration
 from ray_finetune.train.hardware import (BF16, choose_attention, choose_precision, deepspeed_config,
                                          training_device, zero_stage)
+from ray_finetune.train.distributed import all_reduce
 from ray_finetune.train.memory import fit_micro_batch, with_micro_batch
 from ray_finetune.train.models import load_initial_model, load_tokenizer
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
@@ -117,9 +118,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
         model, attention, plan, sizing = _fit_to_gpu(model, attention, plan, rows, device, precision,
                                                      compile_layers=chosen.compile == "on")
         if world > 1:   # every rank must split its rows alike, or their gradient reductions would not meet
-            smallest = torch.tensor([plan.micro_batch_rows], device=device)
-            dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-            plan = with_micro_batch(plan, int(smallest.item()))
+            plan = with_micro_batch(plan, int(all_reduce(torch.tensor([plan.micro_batch_rows]), "min")))
             sizing["micro_batch_rows"] = plan.micro_batch_rows
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=BETAS, weight_decay=0.0,
                                   fused=True)
@@ -163,7 +162,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
             sums += torch.tensor([result.loss_sum.item(), result.target_tokens, result.correct_tokens,
                                   int((batch.segment_ids >= 0).sum())], dtype=torch.float64)
         if world > 1:
-            dist.all_reduce(sums)
+            sums = all_reduce(sums)
         if rank == 0:
             elapsed = time.monotonic() - started
             step_seconds = time.monotonic() - step_started
@@ -225,9 +224,15 @@ def _resumable_state(config: TrainConfig, stage: int) -> Path | None:
     saved_world = int(checkpoint.read_state(folder)["plan"]["world_size"])
     if stage not in (1, 2) or saved_world == config.world_size:
         return folder
+    failure = ""
     if config.rank == 0:
-        checkpoint.universal(folder)
-    _barrier(config.world_size)
+        try:
+            checkpoint.universal(folder)
+        except Exception as error:  # noqa: BLE001 - every rank must learn it failed, or the others wait forever
+            failure = f"{type(error).__name__}: {error}"
+    if int(all_reduce(torch.tensor([1 if failure else 0]), "max")):
+        raise CheckpointError(f"checkpoint {folder} was written by {saved_world} workers and could not be converted "
+                              f"to load on {config.world_size}: {failure or 'see rank 0'}")
     return folder / checkpoint.UNIVERSAL_DIR
 
 
@@ -239,9 +244,7 @@ def _agreed_stop(local: int, world: int) -> int:
     """Rank 0 decides; every rank learns the decision at the same step boundary."""
     if world == 1:
         return local
-    decision = torch.tensor([local], dtype=torch.int64)
-    dist.all_reduce(decision, op=dist.ReduceOp.MAX)
-    return int(decision.item())
+    return int(all_reduce(torch.tensor([local], dtype=torch.int64), "max"))
 
 
 def _checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, reporter: Reporter, step: int) -> Path:
@@ -278,7 +281,7 @@ def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, *, epoch: 
         "numpy_rng": np.random.get_state(),
         "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
-    weights_state = master_weights(engine.module.lm)   # collective: every rank takes part
+    weights_state = master_weights(engine.module.lm, keep=config.rank == 0)   # collective: every rank takes part
     try:
         if config.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)   # left by an earlier, interrupted attempt
@@ -302,17 +305,20 @@ def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, *, epoch: 
     return directory / name
 
 
-def master_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def master_weights(module: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     """The module's weights as the optimizer holds them: under bf16 the fp32 master copies (what training has
     learned, not its bf16 rounding), which continued training, evaluation and registration then start from.
-    Every rank must call it: the masters of ZeRO-partitioned parameters are gathered from all ranks."""
+    Every rank must call it (the masters of ZeRO-partitioned parameters are gathered from all ranks); only the
+    rank that writes them (`keep`) holds a host copy."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     masters = {}
     for parameter in module.parameters():
         full = safe_get_full_fp32_param(parameter)
-        if full is not None:
+        if full is not None and keep:
             masters[id(parameter)] = full.detach().to("cpu", torch.float32)
+    if not keep:
+        return {}
     return {name: masters.get(id(value), value.detach())
             for name, value in module.state_dict(keep_vars=True).items()}
 

@@ -55,9 +55,14 @@ def _probe_split(model: torch.nn.Module) -> SplitModel | None:
         return None
     device = head.weight.device
     probe = torch.arange(1, 9, device=device)[None] % head.out_features
-    with torch.no_grad():
-        whole = model(input_ids=probe, use_cache=False).logits
-        split = head(base(input_ids=probe, use_cache=False).last_hidden_state)
+    training = model.training
+    model.eval()   # dropout would make the two forward passes differ for no reason of structure
+    try:
+        with torch.no_grad():
+            whole = model(input_ids=probe, use_cache=False).logits
+            split = head(base(input_ids=probe, use_cache=False).last_hidden_state)
+    finally:
+        model.train(training)
     # Same modules, same order: a model that post-processes logits (soft-capping, scaling) differs by far more.
     if whole.shape != split.shape or not torch.allclose(whole.float(), split.float(), rtol=1e-3, atol=1e-3):
         return None
