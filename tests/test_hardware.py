@@ -75,7 +75,8 @@ def test_gpu_attention_prefers_flash_then_flex(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
     assert choose_attention(gpu) == "flex_attention"
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real(name, *a))
     assert choose_attention(gpu) == "flash_attention_2"
     assert zero_stage(gpu, BF16) == 2
 

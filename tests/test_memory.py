@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ray_finetune.spec import Duration
-from ray_finetune.train.memory import largest_fitting, micro_batch_candidates, with_micro_batch
+from ray_finetune.train.memory import fit_micro_batch, largest_fitting, micro_batch_candidates, with_micro_batch
 from ray_finetune.train.plan import make_plan
 
 
@@ -54,10 +54,10 @@ def test_a_new_micro_batch_keeps_every_step_the_same():
             assert all(len(m) == 4 for m in after)
 
 
-def test_gpu_set_up_falls_back_to_sdpa_and_fits_a_micro_batch(tiny_model, tmp_path, monkeypatch):
-    """The GPU set-up of the trainer, run on CPU before any GPU session: FlexAttention cannot run a backward pass
-    here (a real failure of the faster kernel), so the model falls back to SDPA and says why; then a micro-batch
-    is fitted with the optimizer's memory held (the device's memory is what mem_get_info reports, stubbed)."""
+def test_set_up_falls_back_to_sdpa_and_fits_a_micro_batch(tiny_model, tmp_path, monkeypatch):
+    """The trainer's set-up, run on CPU before any GPU session: FlexAttention cannot run a backward pass here (a
+    real failure of the faster kernel), so the model falls back to SDPA and says why; then a micro-batch is fitted
+    with the optimizer's memory held (the device's memory is what mem_get_info reports, stubbed)."""
     from ray_finetune.train import loop
     from ray_finetune.train.hardware import FP32
     from ray_finetune.train.models import load_model
@@ -71,9 +71,11 @@ def test_gpu_set_up_falls_back_to_sdpa_and_fits_a_micro_batch(tiny_model, tmp_pa
                      seed=0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 16 << 30))
     model = load_model(tiny_model, attention="flex_attention")
-    model, attention, fitted, notes = loop._fit_to_gpu(model, "flex_attention", plan, rows, torch.device("cpu"),
-                                                        FP32, compile_layers=False)
+    attention, notes = loop._ready_model(model, "flex_attention", rows, torch.device("cpu"), FP32,
+                                         compile_layers=False)
     assert attention == "sdpa" and "flex_attention failed" in notes["attention_fallback"]
+    fitted, notes = fit_micro_batch(plan, sum(p.numel() for p in model.parameters()), torch.device("cpu"),
+                                    loop.trial_step(model, rows, torch.device("cpu")))
     assert model.config._attn_implementation == "sdpa"
     per_rank = plan.global_batch_rows
     assert fitted.micro_batch_rows == per_rank == notes["micro_batch_rows"]      # plenty of room: all rows at once

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -113,13 +113,13 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     model = load_initial_model(config.model_path, config.init_weights_path, attention)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    sizing: dict[str, Any] = {}
+    attention, sizing = _ready_model(model, attention, rows, device, precision, compile_layers=chosen.compile == "on")
     if device.type == "cuda":
-        model, attention, plan, sizing = _fit_to_gpu(model, attention, plan, rows, device, precision,
-                                                     compile_layers=chosen.compile == "on")
+        plan, fitted = fit_micro_batch(plan, sum(p.numel() for p in model.parameters()), device,
+                                       trial_step(model, rows, device))
         if world > 1:   # every rank must split its rows alike, or their gradient reductions would not meet
             plan = with_micro_batch(plan, int(all_reduce(torch.tensor([plan.micro_batch_rows]), "min")))
-            sizing["micro_batch_rows"] = plan.micro_batch_rows
+        sizing.update(fitted, micro_batch_rows=plan.micro_batch_rows)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=BETAS, weight_decay=0.0,
                                   fused=True)
     stage = zero_stage(device, precision, chosen.zero_stage)
@@ -180,19 +180,8 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     return TrainOutcome(final_checkpoint=last_checkpoint, steps_done=plan.total_steps, stopped=False)
 
 
-def _fit_to_gpu(model: Any, attention: str, plan: TrainingPlan, rows: PackedRows, device: torch.device,
-                precision: str, compile_layers: bool) -> tuple[Any, str, TrainingPlan, dict[str, Any]]:
-    """Move the model to the GPU, compile its decoder layers if asked, make sure its attention implementation runs
-    there (FlexAttention compiles kernels and can fail on an unusual GPU or toolchain: then SDPA, which is exact
-    too), and find the largest micro-batch that fits."""
-    model.to(device, dtype=torch.bfloat16 if precision == BF16 else torch.float32)
-    layers = getattr(getattr(model, getattr(model, "base_model_prefix", ""), None), "layers", None)
-    compiled = bool(compile_layers and layers is not None)
-    if compiled:
-        # Layer by layer: every layer has the same code, so one compilation serves all (minutes less than compiling
-        # the whole model), and the loss stays outside (it has its own chunked kernel).
-        for layer in layers:
-            layer.compile(dynamic=True)
+def trial_step(model: Any, rows: PackedRows, device: torch.device) -> Callable[[int], None]:
+    """A forward + backward of the first `count` rows that leaves no gradients behind (even when it fails)."""
     trial = CausalLMLoss(model)
 
     def try_rows(count: int) -> None:
@@ -202,17 +191,32 @@ def _fit_to_gpu(model: Any, attention: str, plan: TrainingPlan, rows: PackedRows
         finally:   # also after running out of memory halfway through the backward pass
             model.zero_grad(set_to_none=True)
 
+    return try_rows
+
+
+def _ready_model(model: Any, attention: str, rows: PackedRows, device: torch.device, precision: str,
+                 compile_layers: bool) -> tuple[str, dict[str, Any]]:
+    """On a GPU: move the model there and compile its decoder layers if asked. On any device: make sure the
+    attention implementation trains there (FlexAttention compiles kernels that can fail on an unusual GPU or
+    toolchain, and has no CPU backward at all); if not, SDPA, which is exact too. Returns the attention in use."""
     notes: dict[str, Any] = {}
+    if device.type == "cuda":
+        model.to(device, dtype=torch.bfloat16 if precision == BF16 else torch.float32)
+        layers = getattr(getattr(model, getattr(model, "base_model_prefix", ""), None), "layers", None)
+        notes["compiled_layers"] = bool(compile_layers and layers is not None)
+        if notes["compiled_layers"]:
+            # Layer by layer: every layer has the same code, so one compilation serves all (minutes less than
+            # compiling the whole model), and the loss stays outside (it has its own chunked kernel).
+            for layer in layers:
+                layer.compile(dynamic=True)
     if attention != "sdpa":
         try:
-            try_rows(1)
+            trial_step(model, rows, device)(1)
         except Exception as error:  # noqa: BLE001 - any failure of the faster kernel falls back to the exact default
             notes["attention_fallback"] = f"{attention} failed ({type(error).__name__}: {str(error)[:200]})"
             model.set_attn_implementation("sdpa")
             attention = "sdpa"
-    parameters = sum(p.numel() for p in model.parameters())
-    plan, sizing = fit_micro_batch(plan, parameters, device, try_rows)
-    return model, attention, plan, {**notes, **sizing, "compiled_layers": compiled}
+    return attention, notes
 
 
 def _resumable_state(config: TrainConfig, stage: int) -> Path | None:
