@@ -148,16 +148,9 @@ def run_hf_trainer(model_path: Path, model_name: str, examples: list[dict], step
             for e in examples]
     counted: list[int] = []
 
-    def pad_collator(features):
-        longest = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), longest), 2, dtype=torch.long)
-        labels = torch.full((len(features), longest), -100, dtype=torch.long)
-        mask = torch.zeros((len(features), longest), dtype=torch.long)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
-        counted.append(int(mask.sum()))
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    from peers import padding_collator   # bench/, beside this script
+
+    pad_collator = padding_collator(2, counted)
 
     class Timer(TrainerCallback):
         def __init__(self):

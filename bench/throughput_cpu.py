@@ -106,15 +106,9 @@ def run_hf_trainer(model_path: Path, data: list[dict], batch: int, work: Path) -
     rows = [{"input_ids": e["input_ids"],
              "labels": [t if m else -100 for t, m in zip(e["input_ids"], e["completion_mask"])]} for e in data]
 
-    def pad_collator(features):
-        longest = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), longest), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), longest), -100, dtype=torch.long)
-        mask = torch.zeros((len(features), longest), dtype=torch.long)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    from peers import padding_collator   # bench/, beside this script
+
+    pad_collator = padding_collator(tokenizer.pad_token_id)
 
     trainer = Trainer(model=load_model(model_path), args=_trainer_arguments(TrainingArguments, work / "hf", batch),
                       train_dataset=datasets.Dataset.from_list(rows), data_collator=pad_collator)
