@@ -21,8 +21,10 @@ class Settings:
     precision: str = "auto"
     # "auto" (see train/hardware.choose_attention) or a transformers attention implementation.
     attention: str = "auto"
-    # "auto" (see train/hardware.zero_stage), "0", "1" or "2".
+    # "auto" (see train/hardware.zero_stage), "0", "1", "2" or "3".
     zero_stage: str = "auto"
+    # "auto" (on GPUs, only when memory requires it: train/memory.py), "on" or "off".
+    activation_checkpointing: str = "auto"
     # "off" or "on": torch.compile each decoder layer on GPUs (compiles for a minute or two at the start of a run).
     compile: str = "off"
 
@@ -50,6 +52,7 @@ class Settings:
             "RAY_FINETUNE_PRECISION": self.precision,
             "RAY_FINETUNE_ATTENTION": self.attention,
             "RAY_FINETUNE_ZERO_STAGE": self.zero_stage,
+            "RAY_FINETUNE_ACTIVATION_CHECKPOINTING": self.activation_checkpointing,
             "RAY_FINETUNE_COMPILE": self.compile,
         }
 
@@ -68,13 +71,14 @@ def load() -> Settings:
         precision=_one_of("RAY_FINETUNE_PRECISION", PRECISIONS),
         attention=_one_of("RAY_FINETUNE_ATTENTION", ATTENTIONS),
         zero_stage=_one_of("RAY_FINETUNE_ZERO_STAGE", ZERO_STAGES),
+        activation_checkpointing=_one_of("RAY_FINETUNE_ACTIVATION_CHECKPOINTING", ("auto", "on", "off")),
         compile=_one_of("RAY_FINETUNE_COMPILE", ("off", "on")),
     )
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
 ATTENTIONS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
-ZERO_STAGES = ("auto", "0", "1", "2")
+ZERO_STAGES = ("auto", "0", "1", "2", "3")
 
 
 def _count(variable: str, default: int, least: int) -> int:

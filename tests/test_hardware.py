@@ -75,14 +75,29 @@ def test_gpu_attention_prefers_flash_then_flex(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
     assert choose_attention(gpu) == "flex_attention"
+    assert choose_attention(gpu, stage=3) == "sdpa"     # nothing can be tried before ZeRO-3 shards the model
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "flash_attn" else real(name, *a))
     assert choose_attention(gpu) == "flash_attention_2"
-    assert zero_stage(gpu, BF16) == 2
+
+
+def test_gpu_zero_stage_follows_the_model_and_the_gpus(monkeypatch):
+    from types import SimpleNamespace
+
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 << 30))
+    assert zero_stage(gpu, BF16, parameters=1_240_000_000, world=1) == 2      # Llama-3.2-1B
+    assert zero_stage(gpu, BF16, parameters=8_000_000_000, world=8) == 2      # 48 GB of model state on 80
+    assert zero_stage(gpu, BF16, parameters=30_000_000_000, world=8) == 3     # 180 GB: the weights are sharded too
+    assert zero_stage(gpu, BF16, parameters=30_000_000_000, world=1) == 2     # nothing to shard over
+    assert zero_stage(gpu, BF16, "2", parameters=30_000_000_000, world=8) == 2
+    with pytest.raises(torch.OutOfMemoryError, match=r"bf16 weights \(130.4 GiB\) do not fit"):
+        zero_stage(gpu, BF16, parameters=70_000_000_000, world=8)
 
 
 @pytest.mark.parametrize("variable,value", [("RAY_FINETUNE_PRECISION", "fp16"), ("RAY_FINETUNE_ATTENTION", "flash"),
-                                            ("RAY_FINETUNE_ZERO_STAGE", "3"), ("RAY_FINETUNE_COMPILE", "yes")])
+                                            ("RAY_FINETUNE_ZERO_STAGE", "4"), ("RAY_FINETUNE_COMPILE", "yes"),
+                                            ("RAY_FINETUNE_ACTIVATION_CHECKPOINTING", "sometimes")])
 def test_unknown_settings_are_refused_naming_what_is_allowed(monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=f"{variable}='{value}' is not one of"):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ray_finetune.spec import Duration
-from ray_finetune.train.memory import fit_micro_batch, largest_fitting, micro_batch_candidates, with_micro_batch
+from ray_finetune.train.memory import (checkpoint_activations, fit_micro_batch, largest_fitting,
+                                       micro_batch_candidates, with_micro_batch)
 from ray_finetune.train.plan import make_plan
 
 
@@ -42,6 +43,51 @@ def test_other_errors_are_not_taken_for_out_of_memory():
         largest_fitting([2, 1], broken)
 
 
+def test_activations_are_recomputed_only_when_not_even_one_row_fits(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 20, 16 << 20))
+    plan = make_plan(rows=64, tokens=6400, duration=Duration(value=1, unit="ep"), world_size=1, seed=0)
+    assert 2 in micro_batch_candidates(plan.global_batch_rows) and plan.global_batch_rows > 2
+    recomputing = []
+
+    def try_rows(size: int) -> None:   # without recomputation nothing fits; with it, up to 2 rows
+        if not recomputing or size > 2:
+            raise torch.OutOfMemoryError(f"{size} rows")
+
+    def recompute() -> bool:
+        recomputing.append(True)
+        return True
+
+    fitted, notes = fit_micro_batch(plan, 1000, torch.device("cpu"), try_rows, recompute)
+    assert recomputing == [True] and notes["activation_checkpointing"] is True
+    assert fitted.micro_batch_rows == 2
+    assert notes["out_of_memory_at"] == [s for s in micro_batch_candidates(plan.global_batch_rows) if s > 2]
+
+    recomputing.append(True)     # already recomputing: a size that fits needs no more
+    fitted, notes = fit_micro_batch(plan, 1000, torch.device("cpu"), try_rows, recompute)
+    assert notes["activation_checkpointing"] is False and fitted.micro_batch_rows == 2
+
+    recomputing.clear()          # off ("RAY_FINETUNE_ACTIVATION_CHECKPOINTING=off"): nothing fits, say so
+    with pytest.raises(torch.OutOfMemoryError, match="context_length"):
+        fit_micro_batch(plan, 1000, torch.device("cpu"), try_rows, None)
+
+
+def test_checkpointed_activations_give_the_same_gradients(tiny_model):
+    from ray_finetune.train.models import load_model
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (2, 24))
+    gradients = []
+    for recompute in (False, True):
+        model = load_model(tiny_model)
+        model.train()
+        if recompute:
+            assert checkpoint_activations(model) and model.is_gradient_checkpointing
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        gradients.append([p.grad for p in model.parameters()])
+    for plain, recomputed in zip(*gradients):
+        torch.testing.assert_close(recomputed, plain)
+
+
 def test_a_new_micro_batch_keeps_every_step_the_same():
     plan = make_plan(rows=100, tokens=10_000, duration=Duration(value=2, unit="ep"), world_size=2, seed=3)
     fitted = with_micro_batch(plan, 4)
@@ -71,7 +117,7 @@ def test_set_up_falls_back_to_sdpa_and_fits_a_micro_batch(tiny_model, tmp_path, 
                      seed=0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 16 << 30))
     model = load_model(tiny_model, attention="flex_attention")
-    attention, notes = loop._ready_model(model, "flex_attention", rows, torch.device("cpu"), FP32,
+    attention, notes = loop._ready_model(model, "flex_attention", rows, torch.device("cpu"), FP32, stage=2,
                                          compile_layers=False)
     assert attention == "sdpa" and "flex_attention failed" in notes["attention_fallback"]
     fitted, notes = fit_micro_batch(plan, sum(p.numel() for p in model.parameters()), torch.device("cpu"),

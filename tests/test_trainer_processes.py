@@ -21,11 +21,15 @@ from trainer_helpers import packed_chat_run
 def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
     os.environ["RAY_FINETUNE_ZERO_STAGE"] = arguments.pop("zero_stage")
     os.environ["RAY_FINETUNE_PRECISION"] = arguments.pop("precision", "auto")
+    os.environ["RAY_FINETUNE_ACTIVATION_CHECKPOINTING"] = arguments.pop("activation_checkpointing", "auto")
+    import faulthandler
+
     import torch
     import torch.distributed as dist
 
     from ray_finetune.train import loop
 
+    faulthandler.dump_traceback_later(240, exit=True)   # a rank stuck in a collective says where, then ends
     torch.set_num_threads(1)
     join_process_group(rank, world, ("127.0.0.1", port))
     stats = arguments.pop("stats")
@@ -62,7 +66,7 @@ def train_ranks(world: int, out: Path, **arguments) -> dict:
     return {"losses": {int(k): v for k, v in result["losses"].items()}, "initialized": result["initialized"]}
 
 
-@pytest.mark.parametrize("zero_stage", ["0", "2"])
+@pytest.mark.parametrize("zero_stage", ["0", "2", "3"])
 def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_stage):
     rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
     common = dict(model_path=str(tiny_model), init_weights_path=None, train_rows_path=rows_path,
@@ -78,11 +82,37 @@ def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_s
                       resume_from=str(first_epoch), **common)
 
     assert one["initialized"]["resumed_at_step"] == resumed_at > 0
-    # ZeRO-2's per-rank optimizer state went through DeepSpeed's universal layout; ZeRO-0's needs no conversion
-    assert (first_epoch / checkpoint.UNIVERSAL_DIR).is_dir() == (zero_stage == "2")
+    # ZeRO-2/3's per-rank state went through DeepSpeed's universal layout; ZeRO-0's needs no conversion
+    assert (first_epoch / checkpoint.UNIVERSAL_DIR).is_dir() == (zero_stage != "0")
     assert sorted(one["losses"]) == [s for s in sorted(two["losses"]) if s > resumed_at]
     for step, loss in one["losses"].items():
         assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
+
+
+def test_zero3_trains_and_saves_what_zero0_does(tiny_model, tmp_path):
+    """ZeRO-3 partitions the weights themselves: every layer is gathered when it runs (again when its activations
+    are recomputed, as they are on GPUs under ZeRO-3), the chunked loss borrows the output weight (tied to the
+    embeddings in this model), and the checkpoint's model/ must hold whole weights, not this rank's slice."""
+    import torch
+    from safetensors.torch import load_file
+
+    rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
+    runs, weights = {}, {}
+    for stage in ("0", "3"):
+        runs[stage] = train_ranks(2, tmp_path / f"{stage}.json", run_name=f"z{stage}",
+                                  save_folder=str(tmp_path / stage), model_path=str(tiny_model),
+                                  init_weights_path=None, train_rows_path=rows_path, stats=stats.as_dict(),
+                                  zero_stage=stage, activation_checkpointing="on" if stage == "3" else "off")
+        final = checkpoint.latest_complete(checkpoint.checkpoints_dir(tmp_path / stage, f"z{stage}"))
+        weights[stage] = load_file(str(final / checkpoint.WEIGHTS_DIR / "model.safetensors"))
+    assert runs["3"]["initialized"]["zero_stage"] == 3 and runs["3"]["initialized"]["activation_checkpointing"]
+    assert sorted(runs["3"]["losses"]) == sorted(runs["0"]["losses"])
+    for step, loss in runs["0"]["losses"].items():
+        assert runs["3"]["losses"][step] == pytest.approx(loss, rel=1e-4), step
+    assert weights["3"].keys() == weights["0"].keys()
+    for name, value in weights["0"].items():
+        assert weights["3"][name].shape == value.shape, name
+        torch.testing.assert_close(weights["3"][name], value, rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_a_bf16_run_saves_its_fp32_master_weights(tiny_model, tmp_path):

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ray_finetune.train.memory import gpu_zero_stage
 from ray_finetune.train.plan import TrainingPlan
 
 BF16, FP32 = "bf16", "fp32"
@@ -29,17 +30,19 @@ def training_device() -> torch.device:
     return torch.device("cpu")
 
 
-def choose_attention(device: torch.device, requested: str = "auto") -> str:
+def choose_attention(device: torch.device, requested: str = "auto", stage: int = 2) -> str:
     """How packed rows attend on `device`. CPUs run each document as its own sequence (step.py), for which SDPA is
     fastest; GPUs run whole rows: varlen FlashAttention when flash-attn is installed, else FlexAttention's block
-    masks (compiled), both of which skip the masked-out blocks that a dense document mask makes SDPA compute."""
+    masks (compiled), both of which skip the masked-out blocks that a dense document mask makes SDPA compute.
+    Under ZeRO-3 on GPUs the model cannot be tried before DeepSpeed shards it (loop._ready_model), so FlexAttention,
+    whose compiled kernels can fail, gives way to SDPA, which is exact too."""
     if requested != "auto":
         return requested
     if device.type != "cuda":
         return "sdpa"
     if importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "flex_attention"
+    return "flex_attention" if stage < 3 else "sdpa"
 
 
 def choose_precision(device: torch.device, requested: str = "auto") -> str:
@@ -48,14 +51,16 @@ def choose_precision(device: torch.device, requested: str = "auto") -> str:
     return BF16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else FP32
 
 
-def zero_stage(device: torch.device, precision: str, requested: str = "auto") -> int:
-    """GPUs: ZeRO-2 (optimizer state and gradients sharded over the ranks). CPU: ZeRO-0 in fp32 (ZeRO-2's partition
-    bookkeeping cost ~1 s a step there, measured: BENCHMARKS.md), ZeRO-1 in bf16 (DeepSpeed's BF16 optimizer: fp32
-    master weights and fp32 gradient accumulation)."""
+def zero_stage(device: torch.device, precision: str, requested: str = "auto", parameters: int = 0,
+               world: int = 1) -> int:
+    """GPUs: ZeRO-2 (optimizer state and gradients sharded over the ranks), ZeRO-3 when a model of `parameters`
+    needs it on `world` GPUs (memory.gpu_zero_stage). CPU: ZeRO-0 in fp32 (ZeRO-2's partition bookkeeping cost ~1 s
+    a step there, measured: BENCHMARKS.md), ZeRO-1 in bf16 (DeepSpeed's BF16 optimizer: fp32 master weights and
+    fp32 gradient accumulation)."""
     if requested != "auto":
         return int(requested)
     if device.type == "cuda":
-        return 2
+        return gpu_zero_stage(parameters, world, torch.cuda.get_device_properties(device).total_memory)
     return 1 if precision == BF16 else 0
 
 

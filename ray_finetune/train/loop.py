@@ -27,8 +27,8 @@ from ray_finetune.spec import Duration
 from ray_finetune.train.hardware import (BF16, choose_attention, choose_precision, deepspeed_config,
                                          training_device, zero_stage)
 from ray_finetune.train.distributed import all_reduce
-from ray_finetune.train.memory import fit_micro_batch, with_micro_batch
-from ray_finetune.train.models import load_initial_model, load_tokenizer
+from ray_finetune.train.memory import checkpoint_activations, fit_micro_batch, with_micro_batch
+from ray_finetune.train.models import load_initial_model, load_tokenizer, parameter_count
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
 from ray_finetune.train.schedule import lr_factor
 from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
@@ -109,31 +109,36 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     precision = choose_precision(device, chosen.precision)
     rows = PackedRows.load(config.train_rows_path)
     tokenizer = load_tokenizer(config.model_path)
-    attention = choose_attention(device, chosen.attention)
+    parameters = parameter_count(config.model_path)
+    stage = zero_stage(device, precision, chosen.zero_stage, parameters, world)
+    attention = choose_attention(device, chosen.attention, stage)
     model = load_initial_model(config.model_path, config.init_weights_path, attention)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    attention, sizing = _ready_model(model, attention, rows, device, precision, compile_layers=chosen.compile == "on")
-    if device.type == "cuda":
-        plan, fitted = fit_micro_batch(plan, sum(p.numel() for p in model.parameters()), device,
-                                       trial_step(model, rows, device))
-        if world > 1:   # every rank must split its rows alike, or their gradient reductions would not meet
-            plan = with_micro_batch(plan, int(all_reduce(torch.tensor([plan.micro_batch_rows]), "min")))
-        sizing.update(fitted, micro_batch_rows=plan.micro_batch_rows)
+    attention, sizing = _ready_model(model, attention, rows, device, precision, stage,
+                                     compile_layers=chosen.compile == "on")
+    plan, fitted = _fit_memory(model, plan, rows, device, stage, chosen.activation_checkpointing)
+    sizing.update(fitted)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=BETAS, weight_decay=0.0,
                                   fused=True)
-    stage = zero_stage(device, precision, chosen.zero_stage)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan.total_steps))
     resume_from = _resumable_state(config, stage)
     engine_config = deepspeed_config(plan, stage, precision)
     if resume_from is not None and resume_from.name == checkpoint.UNIVERSAL_DIR:
         engine_config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=CausalLMLoss(model), optimizer=optimizer, lr_scheduler=schedule,
+    wrapped = CausalLMLoss(model)
+    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=schedule,
                                            config=engine_config)
+    if stage == 3:
+        for parameter in wrapped.borrowed_parameters():
+            deepspeed.zero.register_external_parameter(wrapped, parameter)
+    # ZeRO-3 gathers each layer's weights from all ranks whenever the layer runs, so every rank must run the same
+    # modules the same number of times: whole rows, not one forward per document (their number differs by rank).
+    per_document = None if stage < 3 else False
     start_step = resume(engine, resume_from) if resume_from else 0
     if rank == 0:
         reporter.model_initialized({
-            "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
+            "parameters": parameters, "device": str(device),
             "precision": precision, "attention": attention, "zero_stage": stage, "world_size": world,
             "plan": plan.as_dict(), **sizing,
             "weights_from": config.resume_from or config.init_weights_path or config.model_path,
@@ -155,7 +160,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
         sums = torch.zeros(4, dtype=torch.float64)   # loss, targets, correct, real tokens (this rank)
         for micro_rows in plan.rank_micro_batches(step, rank):
             batch = make_batch(rows, micro_rows).to(device)
-            result = forward_loss(engine, batch)
+            result = forward_loss(engine, batch, per_document)
             # DeepSpeed averages gradients over ranks; multiplying by world undoes that, leaving sum/step_targets.
             engine.backward(result.loss_sum * (world / step_targets), scale_wrt_gas=False)
             engine.step()
@@ -194,12 +199,16 @@ def trial_step(model: Any, rows: PackedRows, device: torch.device) -> Callable[[
     return try_rows
 
 
-def _ready_model(model: Any, attention: str, rows: PackedRows, device: torch.device, precision: str,
+def _ready_model(model: Any, attention: str, rows: PackedRows, device: torch.device, precision: str, stage: int,
                  compile_layers: bool) -> tuple[str, dict[str, Any]]:
     """On a GPU: move the model there and compile its decoder layers if asked. On any device: make sure the
     attention implementation trains there (FlexAttention compiles kernels that can fail on an unusual GPU or
-    toolchain, and has no CPU backward at all); if not, SDPA, which is exact too. Returns the attention in use."""
+    toolchain, and has no CPU backward at all); if not, SDPA, which is exact too. Returns the attention in use.
+    Under ZeRO-3 on GPUs the model stays on the host: DeepSpeed moves it and shards it, and nothing can be tried
+    before (hardware.choose_attention picks accordingly)."""
     notes: dict[str, Any] = {}
+    if device.type == "cuda" and stage == 3:
+        return attention, {"compiled_layers": False}
     if device.type == "cuda":
         model.to(device, dtype=torch.bfloat16 if precision == BF16 else torch.float32)
         layers = getattr(getattr(model, getattr(model, "base_model_prefix", ""), None), "layers", None)
@@ -219,14 +228,33 @@ def _ready_model(model: Any, attention: str, rows: PackedRows, device: torch.dev
     return attention, notes
 
 
+def _fit_memory(model: Any, plan: TrainingPlan, rows: PackedRows, device: torch.device, stage: int,
+                checkpointing: str) -> tuple[TrainingPlan, dict[str, Any]]:
+    """The micro-batch and activation checkpointing (`checkpointing`: auto, on or off). ZeRO-2 GPUs fit the largest
+    micro-batch and recompute activations only when not even one row fits without; under ZeRO-3 (a model that
+    barely fits) one row at a time, recomputing activations; CPUs keep the plan's micro-batch."""
+    recomputing = (checkpointing == "on" or (checkpointing == "auto" and device.type == "cuda" and stage == 3)) \
+        and checkpoint_activations(model)
+    fitted: dict[str, Any] = {}
+    if device.type == "cuda" and stage < 3:
+        fallback = (lambda: checkpoint_activations(model)) if checkpointing == "auto" else None
+        plan, fitted = fit_micro_batch(plan, sum(p.numel() for p in model.parameters()), device,
+                                       trial_step(model, rows, device), fallback)
+        recomputing = recomputing or fitted["activation_checkpointing"]
+        if plan.world_size > 1:   # every rank must split its rows alike, or their gradient reductions would not meet
+            plan = with_micro_batch(plan, int(all_reduce(torch.tensor([plan.micro_batch_rows]), "min")))
+    return plan, {**fitted, "activation_checkpointing": recomputing, "micro_batch_rows": plan.micro_batch_rows}
+
+
 def _resumable_state(config: TrainConfig, stage: int) -> Path | None:
-    """The DeepSpeed state to resume from. ZeRO-1/2 save the optimizer state partitioned by rank; on a different
-    number of workers (a requeued run placed on fewer or more GPUs) it loads from the universal conversion."""
+    """The DeepSpeed state to resume from. ZeRO-1/2/3 save the optimizer state (ZeRO-3 also the weights)
+    partitioned by rank; on a different number of workers (a requeued run placed on fewer or more GPUs) it loads
+    from the universal conversion."""
     if not config.resume_from:
         return None
     folder = Path(config.resume_from)
     saved_world = int(checkpoint.read_state(folder)["plan"]["world_size"])
-    if stage not in (1, 2) or saved_world == config.world_size:
+    if stage == 0 or saved_world == config.world_size:
         return folder
     failure = ""
     if config.rank == 0:

@@ -1,4 +1,9 @@
-"""How many packed rows a GPU trains at once: the micro-batch, found by trying and backing off on out-of-memory.
+"""What a run keeps in GPU memory: the ZeRO stage, the micro-batch, and whether activations are recomputed.
+
+ZeRO-2 unless its model state would leave too little room for activations; then ZeRO-3, which shards the weights
+too (at the cost of gathering every layer's weights from all ranks whenever it runs).
+
+The micro-batch (packed rows a GPU trains at once) is found by trying and backing off on out-of-memory.
 
 The global batch (rows per optimizer step) is fixed by the plan; only its split into micro-batches x gradient
 accumulation changes, and the loss of a step does not depend on that split (loop.py sums token losses over the
@@ -21,6 +26,34 @@ SHARDED_BYTES_PER_PARAMETER = 16
 REPLICATED_BYTES_PER_PARAMETER = 2
 # Left free for the allocator's fragmentation and the collectives' buffers.
 HEADROOM = 0.08
+# ZeRO-2 also keeps the bf16 weights (2 B/param) whole on every GPU. When weights + optimizer side would take more
+# than this share of a GPU, too little is left for activations at a useful micro-batch, and ZeRO-3 pays off.
+ZERO2_STATE_SHARE = 0.6
+BF16_BYTES = 2
+
+
+def gpu_zero_stage(parameters: int, world: int, gpu_memory: int) -> int:
+    """ZeRO-2, or ZeRO-3 when ZeRO-2's model state would take more than ZERO2_STATE_SHARE of each GPU and there are
+    ranks to shard the weights over. The weights are loaded whole on each GPU before ZeRO-3 shards them, so they
+    must fit one GPU either way."""
+    weights = BF16_BYTES * parameters
+    if weights > (1 - HEADROOM) * gpu_memory:
+        raise torch.OutOfMemoryError(
+            f"the model's bf16 weights ({weights / 2**30:.1f} GiB) do not fit in one GPU's memory "
+            f"({gpu_memory / 2**30:.1f} GiB): each GPU loads the whole model before ZeRO-3 shards it; "
+            "use GPUs with more memory")
+    zero2_state = weights + parameters * (REPLICATED_BYTES_PER_PARAMETER + SHARDED_BYTES_PER_PARAMETER / world)
+    return 3 if world > 1 and zero2_state > ZERO2_STATE_SHARE * gpu_memory else 2
+
+
+def checkpoint_activations(model: torch.nn.Module) -> bool:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them (about a third more
+    compute, a fraction of the activation memory). False when the model cannot."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return False
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    return True
 
 
 def micro_batch_candidates(rows_per_rank: int) -> list[int]:
@@ -51,19 +84,31 @@ def with_micro_batch(plan: TrainingPlan, micro_batch_rows: int) -> TrainingPlan:
                                gradient_accumulation_steps=per_rank // micro_batch_rows)
 
 
-def fit_micro_batch(plan: TrainingPlan, parameters: int, device: torch.device,
-                    try_rows: Callable[[int], None]) -> tuple[TrainingPlan, dict]:
+def fit_micro_batch(plan: TrainingPlan, parameters: int, device: torch.device, try_rows: Callable[[int], None],
+                    recompute_activations: Callable[[], bool] | None = None) -> tuple[TrainingPlan, dict]:
     """The plan with the largest micro-batch that fits on `device`, and what was tried (for the run's events).
-    `try_rows(n)` runs forward + backward of n rows and frees what it made."""
+    `try_rows(n)` runs forward + backward of n rows and frees what it made. When not even one row fits and
+    `recompute_activations` is given, it is called (activation checkpointing: only when memory requires it) and the
+    search runs again."""
     per_rank = plan.global_batch_rows // plan.world_size
     reserve_bytes = parameters * (SHARDED_BYTES_PER_PARAMETER / plan.world_size + REPLICATED_BYTES_PER_PARAMETER)
     free, total = torch.cuda.mem_get_info(device)
     reserve_bytes += int(total * HEADROOM)
     reserved = torch.empty(int(min(reserve_bytes, free)), dtype=torch.uint8, device=device)
+    candidates = micro_batch_candidates(per_rank)
+    recomputing = False
     try:
-        size, failed = largest_fitting(micro_batch_candidates(per_rank), try_rows)
+        try:
+            size, failed = largest_fitting(candidates, try_rows)
+        except torch.OutOfMemoryError:
+            if recompute_activations is None or not recompute_activations():
+                raise
+            recomputing = True
+        if recomputing:   # outside the handler, so the failed trials' memory is gone
+            size, failed = largest_fitting(candidates, try_rows)
     finally:
         del reserved
         torch.cuda.empty_cache()
     return with_micro_batch(plan, size), {"micro_batch_rows": size, "out_of_memory_at": failed,
+                                          "activation_checkpointing": recomputing,
                                           "reserved_for_optimizer_gb": round(reserve_bytes / 2**30, 2)}

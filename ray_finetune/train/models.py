@@ -118,6 +118,16 @@ def load_model(path: str | Path, dtype: Any = None, attention: str = "sdpa") -> 
     )
 
 
+def parameter_count(path: str | Path) -> int:
+    """How many parameters the model at `path` has, without loading its weights (built on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+    return sum(p.numel() for p in model.parameters())
+
+
 def load_initial_model(model_path: str | Path, weights: str | Path | None, attention: str = "sdpa") -> Any:
     """The model a run starts from: the base model, an HF weights folder, or the base model with a .pt state dict
     loaded into it (weights only; the run's schedule starts at step 0)."""

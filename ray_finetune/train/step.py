@@ -48,16 +48,23 @@ class CausalLMLoss(torch.nn.Module):
     def __init__(self, lm: torch.nn.Module) -> None:
         super().__init__()
         self.lm = lm
+        # Probed now, while every weight is whole: under ZeRO-3 they are partitioned once DeepSpeed wraps this.
+        self.split = split_head(lm)
+
+    def borrowed_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters this module's forward reads directly rather than by calling the module that owns them (the
+        chunked loss multiplies by the output layer's weight); ZeRO-3 must gather them for this module's forward
+        and backward passes."""
+        return [self.split.head.weight] if self.split is not None else []
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         # No attention mask and no cache: that is when transformers reads restarting position ids as packed documents.
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
-        split = split_head(self.lm)
-        if split is None:
+        if self.split is None:
             sums = token_loss(self.lm(**inputs).logits, labels)
         else:
-            sums = linear_cross_entropy(split.base(**inputs).last_hidden_state, split.head.weight, labels)
+            sums = linear_cross_entropy(self.split.base(**inputs).last_hidden_state, self.split.head.weight, labels)
         return sums.loss_sum, sums.target_tokens, sums.correct_tokens
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
