@@ -36,7 +36,7 @@ from eventstore.schema import PENDING, QUEUED, EventType
 from ray_finetune import settings, tracking
 from ray_finetune.spec import RunSpec
 from ray_finetune.train import checkpoint
-from ray_finetune.train.plan import make_plan, trainer_world_size
+from ray_finetune.train.plan import make_plan, trainer_world_size, trains_on_gpus
 
 ACTOR_NAME = "ray_finetune_scheduler"
 MAX_ATTEMPTS = 3            # a run that keeps dying is not retried forever
@@ -193,7 +193,9 @@ class Scheduler:
             data = await packer.pack.remote(PackRequest(run=context))
             ray.kill(packer)
             gpus = int(ray.cluster_resources().get("GPU", 0))
-            world = trainer_world_size(gpus, self.settings.trainer_workers, self.settings.max_concurrent_runs)
+            on_gpus = trains_on_gpus(gpus, self.settings.trainer_device)
+            world = trainer_world_size(gpus if on_gpus else 0, self.settings.trainer_workers,
+                                       self.settings.max_concurrent_runs)
             plan = make_plan(rows=int(data.train_stats["rows"]), tokens=int(data.train_stats["tokens"]),
                              duration=context.spec.duration, world_size=world, seed=context.spec.seed)
             evaluator = Evaluator.remote()
@@ -204,7 +206,7 @@ class Scheduler:
                 await evaluator.evaluate.remote(EvaluateRequest(
                     run=context, weights_path=init_weights if init_weights and Path(init_weights).is_dir()
                     else context.spec.model_path, step=0, epoch=0, eval_rows_path=data.eval_rows_path))
-            group = TrainerGroup(world, gpus_per_worker=1 if gpus else 0, run_name=name,
+            group = TrainerGroup(world, gpus_per_worker=int(on_gpus), run_name=name,
                                  resources=self.settings.trainer_resources)
             self.groups[name] = group
             nodes = await group.ready()

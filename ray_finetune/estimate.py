@@ -11,7 +11,7 @@ from ray_finetune import settings
 from ray_finetune.data.packing import PackedRows
 from ray_finetune.data.prepare import prepare
 from ray_finetune.spec import RunSpec
-from ray_finetune.train.plan import make_plan, trainer_world_size
+from ray_finetune.train.plan import make_plan, trainer_world_size, trains_on_gpus
 
 PROBE_MICRO_BATCHES = 2
 
@@ -73,11 +73,11 @@ def estimate(spec: RunSpec, *, probe: bool = True) -> Estimate:
     train = prepare("train_data_path", spec.train_data_path, **common)
     evaluation = prepare("eval_data_path", spec.eval_data_path, **common) if spec.eval_data_path else None
     stats = train.stats
-    import torch
-
-    local_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = _cluster_gpus()
+    on_gpus = trains_on_gpus(gpus, config.trainer_device)
     plan = make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=spec.duration,
-                     world_size=trainer_world_size(local_gpus, config.trainer_workers, config.max_concurrent_runs),
+                     world_size=trainer_world_size(gpus if on_gpus else 0, config.trainer_workers,
+                                                   config.max_concurrent_runs),
                      seed=spec.seed)
     seconds, device = (_probe_step_seconds(spec, train.rows_path, plan) if probe else (0.0, "not probed"))
     return Estimate(
@@ -92,6 +92,17 @@ def estimate(spec: RunSpec, *, probe: bool = True) -> Estimate:
     )
 
 
+def _cluster_gpus() -> int:
+    """The GPUs the scheduler would count: the connected Ray cluster's, else this machine's (a dry run does not
+    start or join a cluster)."""
+    import ray
+    import torch
+
+    if ray.is_initialized():
+        return int(ray.cluster_resources().get("GPU", 0))
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str]:
     """Time forward + backward of real packed rows; a step is gradient_accumulation_steps of them per rank."""
     import numpy as np
@@ -103,8 +114,9 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
     from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
 
     rows = PackedRows.load(rows_path)
-    device = training_device()
-    precision = choose_precision(device, settings.load().precision)   # the precision the run will train in
+    chosen = settings.load()
+    device = training_device(chosen.trainer_device)
+    precision = choose_precision(device, chosen.precision)   # the precision the run will train in
     model = load_model(spec.model_path, dtype=torch.bfloat16 if precision == BF16 else torch.float32).to(device)
     timings = []
     for index in range(PROBE_MICRO_BATCHES + 1):   # the first one warms up

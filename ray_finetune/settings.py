@@ -17,6 +17,9 @@ class Settings:
     # Ray resources each trainer worker needs besides its CPU/GPU, e.g. {"a100": 1} to keep trainers on one node
     # type of a mixed cluster (tests use a custom resource standing in for GPUs).
     trainer_resources: dict[str, float] = field(default_factory=dict)
+    # "auto" (GPUs when the cluster has some), "gpu" (wait for GPU nodes an autoscaler starts) or "cpu": see
+    # train/plan.trains_on_gpus.
+    trainer_device: str = "auto"
     # "auto" (bf16 on GPUs that have it, else fp32: see train/hardware.py), "bf16" or "fp32".
     precision: str = "auto"
     # "auto" (see train/hardware.choose_attention) or a transformers attention implementation.
@@ -49,6 +52,7 @@ class Settings:
             "RAY_FINETUNE_TRAINER_WORKERS": str(self.trainer_workers),
             "RAY_FINETUNE_MAX_CONCURRENT_RUNS": str(self.max_concurrent_runs),
             "RAY_FINETUNE_TRAINER_RESOURCES": json.dumps(self.trainer_resources),
+            "RAY_FINETUNE_TRAINER_DEVICE": self.trainer_device,
             "RAY_FINETUNE_PRECISION": self.precision,
             "RAY_FINETUNE_ATTENTION": self.attention,
             "RAY_FINETUNE_ZERO_STAGE": self.zero_stage,
@@ -68,6 +72,7 @@ def load() -> Settings:
         trainer_workers=_count("RAY_FINETUNE_TRAINER_WORKERS", default=0, least=0),
         max_concurrent_runs=_count("RAY_FINETUNE_MAX_CONCURRENT_RUNS", default=1, least=1),
         trainer_resources=_resources(os.environ.get("RAY_FINETUNE_TRAINER_RESOURCES", "")),
+        trainer_device=_one_of("RAY_FINETUNE_TRAINER_DEVICE", ("auto", "gpu", "cpu")),
         precision=_one_of("RAY_FINETUNE_PRECISION", PRECISIONS),
         attention=_one_of("RAY_FINETUNE_ATTENTION", ATTENTIONS),
         zero_stage=_one_of("RAY_FINETUNE_ZERO_STAGE", ZERO_STAGES),

@@ -5,6 +5,8 @@
     python multinode_driver.py runs TINY_MODEL WORK   # two runs through fm.create; prints where they are placed
                                                       # then waits for both to end (the test kills a node meanwhile)
     python multinode_driver.py job TINY_MODEL WORK    # one run created, followed and finished (as a Ray job)
+    python multinode_driver.py on_demand TINY_MODEL WORK  # one run; prints once its trainers wait for a GPU (the
+                                                          # test then starts a GPU node), then waits for its end
 
 Each prints JSON lines on stdout; the last one is the result.
 """
@@ -88,7 +90,28 @@ def job(model: str, work: Path) -> None:
     say(result={"name": run.name, "status": fm.get(run).status.value, "events": seen})
 
 
+def on_demand(model: str, work: Path) -> None:
+    from ray.util import placement_group_table
+
+    from ray_finetune import foundation_model as fm
+    from tiny_model import write_chat_jsonl
+
+    data = write_chat_jsonl(work / "on_demand.jsonl", 24)
+    run = fm.create(model=model, train_data_path=str(data), register_to="main.tests.on_demand",
+                    training_duration="1ep", context_length=64)
+    pending_gpus, deadline = 0, time.time() + 300
+    while not pending_gpus and time.time() < deadline and not any(e.type == "PLACED" for e in log(run.name)):
+        pending_gpus = sum(bundle.get("GPU", 0) for group in placement_group_table().values()
+                           if group["state"] == "PENDING" for bundle in group["bundles"].values())
+        time.sleep(0.5)
+    time.sleep(3)   # had it been placed on the head's CPUs instead, PLACED would be in the log by now
+    say(pending_gpus=pending_gpus, events=[e.type for e in log(run.name)])
+    finished = run.wait(timeout=600)
+    say(result={"status": finished.status.value, "sockets": node_sockets(),
+                "placed": [e.payload["nodes"] for e in log(run.name) if e.type == "PLACED"]})
+
+
 if __name__ == "__main__":
     scenario, model, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     work.mkdir(parents=True, exist_ok=True)
-    {"span": span, "runs": runs, "job": job}[scenario](model, work)
+    {"span": span, "runs": runs, "job": job, "on_demand": on_demand}[scenario](model, work)

@@ -6,10 +6,13 @@ users' scripts and submitted Ray jobs do.
 - a trainer group spread over two nodes gives the losses of one worker;
 - two runs go to the two accelerators; SIGKILL of one worker node's raylet mid-run appends REQUEUED, and that
   run waits for an accelerator, then finishes on the surviving node from its newest checkpoint;
-- `ray job submit` against the head's job server runs a driver that creates, follows and finishes a run.
+- `ray job submit` against the head's job server runs a driver that creates, follows and finishes a run;
+- with RAY_FINETUNE_TRAINER_DEVICE=gpu, a run on a cluster without GPU nodes waits for one (as under an
+  autoscaler that starts GPU nodes on demand) instead of training on the head's CPUs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -51,8 +54,10 @@ def processes_of(root: Path) -> list[psutil.Process]:
     return found
 
 
-@pytest.fixture(scope="module")
-def nodes():
+@contextlib.contextmanager
+def head_node(**settings: str):
+    """A head node (the control plane: one CPU, no accelerators) in a temp dir of its own, with token auth and the
+    given RAY_FINETUNE_* settings; every process of the cluster is killed on exit."""
     root = Path(tempfile.mkdtemp(prefix="rfmn-", dir="/tmp"))   # short: Ray's socket paths must fit 107 bytes
     home = root / "home"
     home.mkdir()
@@ -61,18 +66,17 @@ def nodes():
     token.chmod(0o600)
     port, dashboard_port = free_port(), free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_"))}
-    env.update(RAY_FINETUNE_HOME=str(home), RAY_FINETUNE_TRAINER_RESOURCES='{"accelerator": 1}',
-               RAY_FINETUNE_MAX_CONCURRENT_RUNS="2", RAY_FINETUNE_TRAINER_WORKERS="1",
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
+    env.update(RAY_FINETUNE_HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+               RAY_USAGE_STATS_ENABLED="0", **settings)
     try:
         ray_start(env, "--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={root}/head",
                   f"--ray-client-server-port={free_port()}",
                   "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}")
-        for worker in ("w1", "w2"):
-            ray_start(env, f"--address=127.0.0.1:{port}", "--num-cpus=2", '--resources={"accelerator": 1}',
-                      f"--temp-dir={root}/{worker}")
         yield SimpleNamespace(root=root, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
-                              dashboard=f"http://127.0.0.1:{dashboard_port}")
+                              dashboard=f"http://127.0.0.1:{dashboard_port}",
+                              add_node=lambda name, *resources: ray_start(
+                                  env, f"--address=127.0.0.1:{port}", "--num-cpus=2", *resources,
+                                  f"--temp-dir={root}/{name}"))
     finally:
         for process in processes_of(root):
             try:
@@ -80,6 +84,15 @@ def nodes():
             except psutil.NoSuchProcess:
                 pass
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    with head_node(RAY_FINETUNE_TRAINER_RESOURCES='{"accelerator": 1}', RAY_FINETUNE_MAX_CONCURRENT_RUNS="2",
+                   RAY_FINETUNE_TRAINER_WORKERS="1") as cluster:
+        for worker in ("w1", "w2"):
+            cluster.add_node(worker, '--resources={"accelerator": 1}')
+        yield cluster
 
 
 def drive(nodes, scenario: str, tiny_model: Path, work: Path) -> dict:
@@ -139,3 +152,26 @@ def test_ray_job_submit_runs_a_driver_that_creates_follows_and_finishes_a_run(no
     result = json.loads(line)["result"]
     assert result["status"] == "COMPLETED"
     assert result["events"][0] == "CREATED" and result["events"][-1] == "COMPLETED"
+
+
+def test_a_run_told_to_train_on_gpus_waits_for_a_gpu_node(tiny_model, tmp_path):
+    """cluster.yaml starts GPU nodes only when something asks for GPUs. Here the "GPU node" is a node started with
+    --num-gpus=1 (Ray's resource; the training itself runs on this machine's CPU), started only once the run has
+    been seen waiting for it, as an autoscaler would."""
+    with head_node(RAY_FINETUNE_TRAINER_DEVICE="gpu") as cluster:
+        driver = subprocess.Popen([sys.executable, str(DRIVER), "on_demand", str(tiny_model), str(tmp_path)],
+                                  env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  cwd=TESTS.parent)
+        waiting = json.loads(driver.stdout.readline() or "{}")
+        if not waiting:
+            driver.kill()
+            pytest.fail(driver.stderr.read()[-4000:])
+        assert waiting["pending_gpus"] == 1, waiting       # the trainer's placement asks for a GPU and waits
+        assert "PLACED" not in waiting["events"] and "TRAIN_STARTED" not in waiting["events"]
+        cluster.add_node("gpu", "--num-gpus=1")
+        out, err = driver.communicate(timeout=600)
+        assert driver.returncode == 0, err[-4000:]
+        result = json.loads(out.strip().splitlines()[-1])["result"]
+        assert result["status"] == "COMPLETED"
+        gpu_node = next(node for node, socket_path in result["sockets"].items() if f"{cluster.root}/gpu/" in socket_path)
+        assert result["placed"] == [[gpu_node]]

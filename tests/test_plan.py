@@ -52,3 +52,12 @@ def test_a_run_gets_its_share_of_the_gpus_and_one_worker_on_cpu():
     assert trainer_world_size(gpus=8, requested=0, concurrent_runs=3) == 2        # equal shares, whole GPUs
     assert trainer_world_size(gpus=8, requested=4, concurrent_runs=1) == 4        # capped
     assert trainer_world_size(gpus=2, requested=0, concurrent_runs=4) == 1        # never zero
+
+
+def test_trainers_take_gpus_when_there_are_some_or_when_told_to_wait_for_them():
+    from ray_finetune.train.plan import trains_on_gpus
+
+    assert trains_on_gpus(gpus=8) and not trains_on_gpus(gpus=0)
+    # an autoscaling cluster whose GPU nodes are not up yet: "gpu" waits for them instead of training on CPUs
+    assert trains_on_gpus(gpus=0, device="gpu")
+    assert not trains_on_gpus(gpus=8, device="cpu")

@@ -21,8 +21,9 @@ BF16, FP32 = "bf16", "fp32"
 GRADIENT_CLIPPING = 1.0
 
 
-def training_device() -> torch.device:
-    if torch.cuda.is_available():
+def training_device(requested: str = "auto") -> torch.device:
+    """`requested` is RAY_FINETUNE_TRAINER_DEVICE: "cpu" keeps a trainer off GPUs it has not been given."""
+    if requested != "cpu" and torch.cuda.is_available():
         # Ray gives each GPU worker its own CUDA_VISIBLE_DEVICES, so the local device is LOCAL_RANK (0 under Ray).
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

@@ -104,8 +104,8 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     plan, rank, world = config.plan, config.rank, config.world_size
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    device = training_device()
     chosen = settings.load()
+    device = training_device(chosen.trainer_device)
     precision = choose_precision(device, chosen.precision)
     rows = PackedRows.load(config.train_rows_path)
     tokenizer = load_tokenizer(config.model_path)

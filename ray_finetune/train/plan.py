@@ -52,9 +52,18 @@ class TrainingPlan:
         return [mine[i:i + self.micro_batch_rows] for i in range(0, per_rank, self.micro_batch_rows)]
 
 
+def trains_on_gpus(gpus: int, device: str = "auto") -> bool:
+    """Whether a run's trainer workers each take a GPU: `device` "gpu" or "cpu" says so; "auto" follows the GPUs
+    the cluster has now. A cluster that starts GPU nodes on demand (cluster.yaml) has none until a run asks: there
+    "gpu" makes the trainers' placement wait for the GPU nodes the autoscaler then starts, instead of training on
+    the head's CPUs."""
+    return device == "gpu" or (device == "auto" and gpus > 0)
+
+
 def trainer_world_size(gpus: int, requested: int, concurrent_runs: int) -> int:
     """Trainer workers of a run. GPUs: one worker per GPU, each of the runs that may train at once getting an equal
-    share of the cluster's GPUs (all of them by default), `requested` capping it. CPU: `requested` (default 1)."""
+    share of the cluster's GPUs (all of them by default), `requested` capping it. CPU, or GPUs not up yet:
+    `requested` (default 1)."""
     if not gpus:
         return requested or 1
     share = max(1, gpus // max(1, concurrent_runs))
