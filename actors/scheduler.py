@@ -41,6 +41,7 @@ from ray_finetune.train.plan import make_plan, trainer_world_size, trains_on_gpu
 ACTOR_NAME = "ray_finetune_scheduler"
 MAX_ATTEMPTS = 3            # a run that keeps dying is not retried forever
 STOP_GRACE_S = 60.0         # how long a cancel waits for a step boundary before killing the workers
+PLACEMENT_PATIENCE_S = 5.0  # a trainer group not placed by then is waiting for resources: say so in the log
 _INTERRUPTIONS = (ActorDiedError, RayActorError, NodeDiedError, OwnerDiedError)
 
 
@@ -209,7 +210,7 @@ class Scheduler:
             group = TrainerGroup(world, gpus_per_worker=int(on_gpus), run_name=name,
                                  resources=self.settings.trainer_resources)
             self.groups[name] = group
-            nodes = await group.ready()
+            nodes = await self._placed(group, sink)
             await sink.emit_async(EventType.PLACED, f"trainer group of {world} worker(s) placed on "
                                   f"{len(set(nodes))} node(s)", {"world_size": world, "nodes": nodes,
                                                                  "plan": plan.as_dict()})
@@ -286,6 +287,18 @@ class Scheduler:
                 await asyncio.to_thread(tracking.end_run, self.settings, context.mlflow_run_id, status)
         except Exception:  # noqa: BLE001 - the log already says how the run ended; MLflow's flag is secondary
             pass
+
+    @staticmethod
+    async def _placed(group: TrainerGroup, sink: EventSink) -> list[str]:
+        """The trainer group's nodes once it is placed. A group that waits (a busy cluster, or GPU nodes an autoscaler
+        is starting) gets a WAITING_FOR_RESOURCES event naming what it waits for, so a run that sits in STARTING
+        says why."""
+        if not await group.placed_within(PLACEMENT_PATIENCE_S):
+            each = ", ".join(f"{resource} {amount:g}" for resource, amount in group.bundle.items())
+            await sink.emit_async(EventType.WAITING_FOR_RESOURCES,
+                                  f"waiting for the cluster to free or start {group.world_size} x ({each}) for the "
+                                  "trainer group", {"world_size": group.world_size, "bundle": group.bundle})
+        return await group.ready()
 
     def _release(self, name: str, actors: list[Any]) -> None:
         group = self.groups.pop(name, None)

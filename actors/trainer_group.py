@@ -178,9 +178,10 @@ class TrainerGroup:
                  resources: dict[str, float] | None = None) -> None:
         self.world_size = world_size
         resources = resources or {}
-        bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {}), **resources}
+        # What each worker takes.
+        self.bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {}), **resources}
         # PACK: on one node when one has room (fastest collectives), across nodes when none has.
-        self._placement = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK",
+        self._placement = placement_group([dict(self.bundle) for _ in range(world_size)], strategy="PACK",
                                           name=f"{PLACEMENT_PREFIX}{run_name}")
         self.workers = [
             TrainerWorker.options(
@@ -189,6 +190,11 @@ class TrainerGroup:
             ).remote(i, world_size)
             for i in range(world_size)
         ]
+
+    async def placed_within(self, seconds: float) -> bool:
+        """Whether the cluster made room for the whole group within `seconds` (the placement keeps waiting after)."""
+        done, _ = await asyncio.wait({asyncio.ensure_future(self._placement.ready())}, timeout=seconds)
+        return bool(done)
 
     async def ready(self) -> list[str]:
         """Wait until the cluster has room for the whole group; the Ray node id of each rank."""

@@ -29,6 +29,7 @@ class EventType(str, Enum):
     REQUEUED = "REQUEUED"
     # internal (same log, hidden from get_events)
     QUEUED = "QUEUED"
+    WAITING_FOR_RESOURCES = "WAITING_FOR_RESOURCES"
     PLACED = "PLACED"
     CANCEL_REQUESTED = "CANCEL_REQUESTED"
     EVALUATED = "EVALUATED"

@@ -99,13 +99,15 @@ def on_demand(model: str, work: Path) -> None:
     data = write_chat_jsonl(work / "on_demand.jsonl", 24)
     run = fm.create(model=model, train_data_path=str(data), register_to="main.tests.on_demand",
                     training_duration="1ep", context_length=64)
-    pending_gpus, deadline = 0, time.time() + 300
-    while not pending_gpus and time.time() < deadline and not any(e.type == "PLACED" for e in log(run.name)):
+    pending_gpus, types, deadline = 0, [], time.time() + 300
+    # Until the trainers' placement waits for a GPU and the log says so (or, wrongly, they were placed anyway).
+    while time.time() < deadline and not (pending_gpus and "WAITING_FOR_RESOURCES" in types) and "PLACED" not in types:
         pending_gpus = sum(bundle.get("GPU", 0) for group in placement_group_table().values()
                            if group["state"] == "PENDING" for bundle in group["bundles"].values())
+        types = [e.type for e in log(run.name)]
         time.sleep(0.5)
-    time.sleep(3)   # had it been placed on the head's CPUs instead, PLACED would be in the log by now
-    say(pending_gpus=pending_gpus, events=[e.type for e in log(run.name)])
+    say(pending_gpus=pending_gpus, events=types,
+        waiting=[e.message for e in log(run.name) if e.type == "WAITING_FOR_RESOURCES"])
     finished = run.wait(timeout=600)
     say(result={"status": finished.status.value, "sockets": node_sockets(),
                 "placed": [e.payload["nodes"] for e in log(run.name) if e.type == "PLACED"]})

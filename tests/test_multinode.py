@@ -168,6 +168,8 @@ def test_a_run_told_to_train_on_gpus_waits_for_a_gpu_node(tiny_model, tmp_path):
             pytest.fail(driver.stderr.read()[-4000:])
         assert waiting["pending_gpus"] == 1, waiting       # the trainer's placement asks for a GPU and waits
         assert "PLACED" not in waiting["events"] and "TRAIN_STARTED" not in waiting["events"]
+        assert waiting["waiting"] == ["waiting for the cluster to free or start 1 x (CPU 1, GPU 1) for the "
+                                      "trainer group"]      # what an operator reads when a run sits in STARTING
         cluster.add_node("gpu", "--num-gpus=1")
         out, err = driver.communicate(timeout=600)
         assert driver.returncode == 0, err[-4000:]
