@@ -109,6 +109,22 @@ class SilentReporter:
         return STOP_NONE
 
 
+def train_reporting(train: Callable[[], Any], reporter: Any) -> Any:
+    """`train()`, then the reporter's last events and metrics written, also when training failed. If writing them
+    fails too, the training error is what the run fails with (its events say why training failed, not that MLflow
+    was unreachable at the end); the writing error goes to the worker's log."""
+    try:
+        outcome = train()
+    except BaseException:
+        try:
+            reporter.close()
+        except Exception:  # noqa: BLE001 - secondary to the error being raised
+            logging.getLogger(__name__).exception("could not write the last events of a failed training")
+        raise
+    reporter.close()
+    return outcome
+
+
 # Two threads: one runs `train`, the other answers `request_stop` while it does.
 @ray.remote(max_restarts=0, max_concurrency=2)
 class TrainerWorker:
@@ -146,10 +162,7 @@ class TrainerWorker:
             checkpoints_to_keep=request.run.spec.checkpoints_to_keep, resume_from=request.resume_from,
         )
         reporter = EventReporter(request, evaluator, lambda: self._stop) if self.rank == 0 else SilentReporter()
-        try:
-            outcome = loop.train(config, reporter)
-        finally:
-            reporter.close()   # the last steps' events and metrics, also when training failed
+        outcome = train_reporting(lambda: loop.train(config, reporter), reporter)
         dist.destroy_process_group()
         return TrainResult(final_checkpoint=str(outcome.final_checkpoint) if outcome.final_checkpoint else None,
                            steps=outcome.steps_done, stopped=outcome.stopped)
