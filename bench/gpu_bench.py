@@ -6,6 +6,7 @@ each a masked prompt), learning rate and optimizer (AdamW, bf16 with fp32 master
 
     python bench/gpu_bench.py              # ours vs the HF Trainer, context 2048 (about 4 minutes on an H200)
     python bench/gpu_bench.py --variants sdpa,compiled   # also ours with SDPA attention / compiled decoder layers
+                                    # (and: checkpointed = activations recomputed, zero3 = ZeRO-3 on one GPU)
     python bench/gpu_bench.py --scaling    # ours: step time and memory by context length 512..8192, two model sizes
     python bench/gpu_bench.py --tiny       # a small config, CPU is fine: checks that the script runs (a minute)
 
@@ -134,6 +135,8 @@ def run_ours(model_path: Path, model_name: str, context: int, examples: list[dic
             "micro_batch_rows": initialized.get("plan", {}).get("micro_batch_rows"),
             "out_of_memory_at": initialized.get("out_of_memory_at"),
             "attention_fallback": initialized.get("attention_fallback"),
+            "zero_stage": initialized.get("zero_stage"),
+            "activation_checkpointing": initialized.get("activation_checkpointing"),
             "wall_seconds": time.perf_counter() - started}
 
 
@@ -197,7 +200,9 @@ def contender(args: argparse.Namespace) -> dict:
 
 
 # Variants of ours: the settings a trainer worker reads from its environment.
-VARIANTS = {"sdpa": {"RAY_FINETUNE_ATTENTION": "sdpa"}, "compiled": {"RAY_FINETUNE_COMPILE": "on"}}
+VARIANTS = {"sdpa": {"RAY_FINETUNE_ATTENTION": "sdpa"}, "compiled": {"RAY_FINETUNE_COMPILE": "on"},
+            "checkpointed": {"RAY_FINETUNE_ACTIVATION_CHECKPOINTING": "on"},   # what recomputation costs
+            "zero3": {"RAY_FINETUNE_ZERO_STAGE": "3"}}                          # ZeRO-3's overhead on one GPU
 
 
 def launch(work: Path, who: str, model_name: str, context: int, examples: int, steps: int, warmup: int,
