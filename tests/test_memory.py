@@ -88,6 +88,31 @@ def test_checkpointed_activations_give_the_same_gradients(tiny_model):
         torch.testing.assert_close(recomputed, plain)
 
 
+def test_trials_run_as_training_will(tiny_model, tmp_path):
+    """A loaded model is in evaluation mode, where checkpointing does not engage: a trial there would size the
+    micro-batch for memory training does not get. With checkpointing on, each layer's parts run again in the
+    backward pass (counted by wrapping a part's forward: module hooks do not fire in the recomputation)."""
+    from ray_finetune.data.packing import PackedRows
+    from ray_finetune.train import loop
+    from ray_finetune.train.models import load_model
+    from trainer_helpers import packed_chat_run
+
+    rows = PackedRows.load(packed_chat_run(tiny_model, tmp_path)[0])
+    runs = {}
+    for recompute in (False, True):
+        model = load_model(tiny_model)
+        assert not model.training
+        if recompute:
+            checkpoint_activations(model)
+        try_rows = loop.trial_step(model, rows, torch.device("cpu"))
+        calls, mlp = [], model.model.layers[0].mlp
+        mlp.forward = lambda *args, _forward=mlp.forward, **kwargs: calls.append(1) or _forward(*args, **kwargs)
+        try_rows(2)
+        runs[recompute] = len(calls)
+        assert not model.training                     # left as it was
+    assert runs[True] == 2 * runs[False] > 0
+
+
 def test_a_new_micro_batch_keeps_every_step_the_same():
     plan = make_plan(rows=100, tokens=10_000, duration=Duration(value=2, unit="ep"), world_size=2, seed=3)
     fitted = with_micro_batch(plan, 4)

@@ -186,15 +186,20 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
 
 
 def trial_step(model: Any, rows: PackedRows, device: torch.device) -> Callable[[int], None]:
-    """A forward + backward of the first `count` rows that leaves no gradients behind (even when it fails)."""
+    """A forward + backward of the first `count` rows that leaves no gradients behind (even when it fails). In
+    training mode, as training will run it: a freshly loaded model is in evaluation mode, in which activation
+    checkpointing does not engage and dropout keeps no masks, so a trial there would measure another memory."""
     trial = CausalLMLoss(model)
 
     def try_rows(count: int) -> None:
+        training = model.training
+        model.train()
         try:
             batch = make_batch(rows, np.arange(count) % len(rows)).to(device)
             forward_loss(trial, batch).loss_sum.backward()
         finally:   # also after running out of memory halfway through the backward pass
             model.zero_grad(set_to_none=True)
+            model.train(training)
 
     return try_rows
 
