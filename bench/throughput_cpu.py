@@ -6,6 +6,8 @@ same hyperparameters. Prints useful (non-padding) tokens/s, peak RSS, mean train
     python bench/throughput_cpu.py --model tiny       # a 1M-parameter Llama built here (about a minute)
     python bench/throughput_cpu.py --model smollm2    # SmolLM2-135M-Instruct (a few minutes)
     python bench/throughput_cpu.py --model smollm2 --precision bf16   # all three in bf16 (fp32 master weights)
+    python bench/throughput_cpu.py --model smollm2 --variants checkpointed,zero3   # also ours recomputing
+                                        # activations / under ZeRO-3 (one process: its bookkeeping, whole rows)
 
 TRL's packing on CPU (no FlashAttention) lets packed examples attend to each other; ray_finetune's does not.
 """
@@ -135,6 +137,10 @@ def run_trl(model_path: Path, data: list[dict], context: int, batch_rows: int, w
             "peak_rss_mb": peak_rss_mb(), "examples_see_each_other": True}
 
 
+# Variants of ours: the settings a trainer reads from its environment.
+VARIANTS = {"checkpointed": {"RAY_FINETUNE_ACTIVATION_CHECKPOINTING": "on"}, "zero3": {"RAY_FINETUNE_ZERO_STAGE": "3"}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
@@ -142,6 +148,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--only", choices=["ours", "hf", "trl"], default=None, help="run one contender (internal)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)}")
     args = parser.parse_args()
     os.environ["RAY_FINETUNE_PRECISION"] = args.precision   # ours reads it; the peers get bf16=True from it
     torch.set_num_threads(os.cpu_count() or 1)
@@ -180,14 +187,16 @@ def main() -> None:
     import subprocess
 
     results = {}
-    for contender in ("ours", "hf", "trl"):
+    runs = [(contender, contender, {}) for contender in ("ours", "hf", "trl")]
+    runs += [(f"ours_{variant}", "ours", VARIANTS[variant]) for variant in filter(None, args.variants.split(","))]
+    for name, contender, env in runs:
         output = subprocess.run([sys.executable, __file__, "--model", args.model, "--context", str(args.context),
                                  "--examples", str(count), "--only", contender, "--precision", args.precision],
-                                capture_output=True, text=True)
+                                capture_output=True, text=True, env={**os.environ, **env})
         line = [l for l in output.stdout.splitlines() if l.startswith("RESULT ")]
         if not line:
-            raise SystemExit(f"{contender} failed:\n{output.stderr[-4000:]}")
-        results[contender] = json.loads(line[0][len("RESULT "):])
+            raise SystemExit(f"{name} failed:\n{output.stderr[-4000:]}")
+        results[name] = json.loads(line[0][len("RESULT "):])
     summary = {
         "model": args.model, "examples": count, "context": args.context, "threads": os.cpu_count(),
         "precision": args.precision,
@@ -197,6 +206,9 @@ def main() -> None:
                                             / results["hf"]["useful_tokens_per_s"], 2),
         "ratio_ours_over_trl_packed": round(results["ours"]["useful_tokens_per_s"]
                                             / results["trl"]["useful_tokens_per_s"], 2),
+        **{f"ratio_{name}_over_ours": round(results[name]["useful_tokens_per_s"]
+                                            / results["ours"]["useful_tokens_per_s"], 2)
+           for name in results if name.startswith("ours_")},
     }
     print(json.dumps(summary, indent=2))
 
