@@ -1,7 +1,7 @@
 """The training loop run as its trainer workers run it (one process per rank, one gloo group), without Ray:
 a checkpoint written by two workers resumes on one with the losses the run would have had, under ZeRO-0 (the CPU
-default) and ZeRO-2 (the GPU default, whose per-rank optimizer state is converted to be re-sharded); and a bf16
-run's checkpoint holds its fp32 master weights, not their bf16 rounding."""
+default), ZeRO-2 (the GPU default) and ZeRO-3 (whose per-rank state is converted to be re-sharded); ZeRO-3 trains
+and saves what ZeRO-0 does; and a bf16 run's checkpoint holds its fp32 master weights, not their bf16 rounding."""
 from __future__ import annotations
 
 import json
