@@ -36,7 +36,7 @@ from eventstore.schema import PENDING, QUEUED, EventType
 from ray_finetune import settings, tracking
 from ray_finetune.spec import RunSpec
 from ray_finetune.train import checkpoint
-from ray_finetune.train.plan import make_plan, trainer_world_size, trains_on_gpus
+from ray_finetune.train.plan import make_plan, trainer_group_size
 
 ACTOR_NAME = "ray_finetune_scheduler"
 MAX_ATTEMPTS = 3            # a run that keeps dying is not retried forever
@@ -194,9 +194,8 @@ class Scheduler:
             data = await packer.pack.remote(PackRequest(run=context))
             ray.kill(packer)
             gpus = int(ray.cluster_resources().get("GPU", 0))
-            on_gpus = trains_on_gpus(gpus, self.settings.trainer_device)
-            world = trainer_world_size(gpus if on_gpus else 0, self.settings.trainer_workers,
-                                       self.settings.max_concurrent_runs)
+            world, on_gpus = trainer_group_size(gpus, self.settings.trainer_device, self.settings.trainer_workers,
+                                                self.settings.max_concurrent_runs)
             plan = make_plan(rows=int(data.train_stats["rows"]), tokens=int(data.train_stats["tokens"]),
                              duration=context.spec.duration, world_size=world, seed=context.spec.seed)
             evaluator = Evaluator.remote()

@@ -11,7 +11,7 @@ from ray_finetune import settings
 from ray_finetune.data.packing import PackedRows
 from ray_finetune.data.prepare import prepare
 from ray_finetune.spec import RunSpec
-from ray_finetune.train.plan import make_plan, trainer_world_size, trains_on_gpus
+from ray_finetune.train.plan import make_plan, trainer_group_size
 
 PROBE_MICRO_BATCHES = 2
 
@@ -73,11 +73,9 @@ def estimate(spec: RunSpec, *, probe: bool = True) -> Estimate:
     train = prepare("train_data_path", spec.train_data_path, **common)
     evaluation = prepare("eval_data_path", spec.eval_data_path, **common) if spec.eval_data_path else None
     stats = train.stats
-    gpus = _cluster_gpus()
-    on_gpus = trains_on_gpus(gpus, config.trainer_device)
-    plan = make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=spec.duration,
-                     world_size=trainer_world_size(gpus if on_gpus else 0, config.trainer_workers,
-                                                   config.max_concurrent_runs),
+    world, _ = trainer_group_size(_cluster_gpus(), config.trainer_device, config.trainer_workers,
+                                  config.max_concurrent_runs)
+    plan = make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=spec.duration, world_size=world,
                      seed=spec.seed)
     seconds, device = (_probe_step_seconds(spec, train.rows_path, plan) if probe else (0.0, "not probed"))
     return Estimate(

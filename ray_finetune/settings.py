@@ -18,7 +18,7 @@ class Settings:
     # type of a mixed cluster (tests use a custom resource standing in for GPUs).
     trainer_resources: dict[str, float] = field(default_factory=dict)
     # "auto" (GPUs when the cluster has some), "gpu" (wait for GPU nodes an autoscaler starts) or "cpu": see
-    # train/plan.trains_on_gpus.
+    # train/plan.trainer_group_size.
     trainer_device: str = "auto"
     # "auto" (bf16 on GPUs that have it, else fp32: see train/hardware.py), "bf16" or "fp32".
     precision: str = "auto"

@@ -55,9 +55,10 @@ def test_a_run_gets_its_share_of_the_gpus_and_one_worker_on_cpu():
 
 
 def test_trainers_take_gpus_when_there_are_some_or_when_told_to_wait_for_them():
-    from ray_finetune.train.plan import trains_on_gpus
+    from ray_finetune.train.plan import trainer_group_size
 
-    assert trains_on_gpus(gpus=8) and not trains_on_gpus(gpus=0)
+    assert trainer_group_size(gpus=8, device="auto", requested=0, concurrent_runs=1) == (8, True)
+    assert trainer_group_size(gpus=0, device="auto", requested=0, concurrent_runs=1) == (1, False)
     # an autoscaling cluster whose GPU nodes are not up yet: "gpu" waits for them instead of training on CPUs
-    assert trains_on_gpus(gpus=0, device="gpu")
-    assert not trains_on_gpus(gpus=8, device="cpu")
+    assert trainer_group_size(gpus=0, device="gpu", requested=8, concurrent_runs=1) == (8, True)
+    assert trainer_group_size(gpus=8, device="cpu", requested=2, concurrent_runs=1) == (2, False)

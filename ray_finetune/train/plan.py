@@ -52,12 +52,13 @@ class TrainingPlan:
         return [mine[i:i + self.micro_batch_rows] for i in range(0, per_rank, self.micro_batch_rows)]
 
 
-def trains_on_gpus(gpus: int, device: str = "auto") -> bool:
-    """Whether a run's trainer workers each take a GPU: `device` "gpu" or "cpu" says so; "auto" follows the GPUs
-    the cluster has now. A cluster that starts GPU nodes on demand (cluster.yaml) has none until a run asks: there
-    "gpu" makes the trainers' placement wait for the GPU nodes the autoscaler then starts, instead of training on
-    the head's CPUs."""
-    return device == "gpu" or (device == "auto" and gpus > 0)
+def trainer_group_size(gpus: int, device: str, requested: int, concurrent_runs: int) -> tuple[int, bool]:
+    """A run's trainer workers and whether each takes a GPU, on a cluster with `gpus` GPUs now. `device`
+    (RAY_FINETUNE_TRAINER_DEVICE) "gpu" or "cpu" says which; "auto" follows the GPUs the cluster has now. A cluster
+    that starts GPU nodes on demand (cluster.yaml) has none until a run asks: there "gpu" makes the trainers'
+    placement wait for the GPU nodes the autoscaler then starts, instead of training on the head's CPUs."""
+    on_gpus = device == "gpu" or (device == "auto" and gpus > 0)
+    return trainer_world_size(gpus if on_gpus else 0, requested, concurrent_runs), on_gpus
 
 
 def trainer_world_size(gpus: int, requested: int, concurrent_runs: int) -> int:
