@@ -196,6 +196,7 @@ class TrainerGroup:
         # PACK: on one node when one has room (fastest collectives), across nodes when none has.
         self._placement = placement_group([dict(self.bundle) for _ in range(world_size)], strategy="PACK",
                                           name=f"{PLACEMENT_PREFIX}{run_name}")
+        self._placed = self._placement.ready()   # one readiness check, awaited by placed_within and ready
         self.workers = [
             TrainerWorker.options(
                 num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, resources=resources,
@@ -206,12 +207,12 @@ class TrainerGroup:
 
     async def placed_within(self, seconds: float) -> bool:
         """Whether the cluster made room for the whole group within `seconds` (the placement keeps waiting after)."""
-        done, _ = await asyncio.wait({asyncio.ensure_future(self._placement.ready())}, timeout=seconds)
+        done, _ = await asyncio.wait({asyncio.ensure_future(self._placed)}, timeout=seconds)
         return bool(done)
 
     async def ready(self) -> list[str]:
         """Wait until the cluster has room for the whole group; the Ray node id of each rank."""
-        await self._placement.ready()
+        await self._placed
         return list(await asyncio.gather(*(worker.node_id.remote() for worker in self.workers)))
 
     async def request_stop(self, request: StopRequest) -> None:
