@@ -52,16 +52,20 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
     dist.destroy_process_group()
 
 
-def train_ranks(world: int, out: Path, **arguments) -> dict:
+def run_ranks(target, world: int, *arguments) -> None:
+    """`target(rank, world, port, *arguments)` in one process per rank; every rank must end well."""
     context = multiprocessing.get_context("spawn")
     port = free_port()
-    processes = [context.Process(target=_rank, args=(rank, world, port, dict(arguments), str(out)))
-                 for rank in range(world)]
+    processes = [context.Process(target=target, args=(rank, world, port, *arguments)) for rank in range(world)]
     for process in processes:
         process.start()
     for process in processes:
         process.join(timeout=300)
     assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+
+
+def train_ranks(world: int, out: Path, **arguments) -> dict:
+    run_ranks(_rank, world, dict(arguments), str(out))
     result = json.loads(out.read_text())
     return {"losses": {int(k): v for k, v in result["losses"].items()}, "initialized": result["initialized"]}
 
@@ -90,7 +94,7 @@ def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_s
 
 
 def test_zero3_trains_and_saves_what_zero0_does(tiny_model, tmp_path):
-    """ZeRO-3 partitions the weights themselves: every layer is gathered when it runs (again when its activations
+    """ZeRO-3 partitions the weights themselves, from loading on: every layer is gathered when it runs (again when its activations
     are recomputed, as they are on GPUs under ZeRO-3), the chunked loss borrows the output weight (tied to the
     embeddings in this model), and the checkpoint's model/ must hold whole weights, not this rank's slice."""
     import torch
@@ -106,6 +110,8 @@ def test_zero3_trains_and_saves_what_zero0_does(tiny_model, tmp_path):
         final = checkpoint.latest_complete(checkpoint.checkpoints_dir(tmp_path / stage, f"z{stage}"))
         weights[stage] = load_file(str(final / checkpoint.WEIGHTS_DIR / "model.safetensors"))
     assert runs["3"]["initialized"]["zero_stage"] == 3 and runs["3"]["initialized"]["activation_checkpointing"]
+    # the output layer's split was probed on the sharded model, through DeepSpeed's gathers
+    assert runs["3"]["initialized"]["chunked_loss"] and runs["0"]["initialized"]["chunked_loss"]
     assert sorted(runs["3"]["losses"]) == sorted(runs["0"]["losses"])
     for step, loss in runs["0"]["losses"].items():
         assert runs["3"]["losses"][step] == pytest.approx(loss, rel=1e-4), step
@@ -113,6 +119,52 @@ def test_zero3_trains_and_saves_what_zero0_does(tiny_model, tmp_path):
     for name, value in weights["0"].items():
         assert weights["3"][name].shape == value.shape, name
         torch.testing.assert_close(weights["3"][name], value, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def _load_sharded_rank(rank: int, world: int, port: int, model_path: str, weights: str, out: str) -> None:
+    import faulthandler
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from ray_finetune.train.models import load_initial_model
+
+    faulthandler.dump_traceback_later(240, exit=True)
+    join_process_group(rank, world, ("127.0.0.1", port))
+    zero3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": world,
+             "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}}
+    model = load_initial_model(model_path, weights, zero3_config=zero3)
+    unique = {id(p): p for p in model.parameters()}.values()
+    held = {"held": sum(p.ds_tensor.numel() for p in unique), "whole": sum(p.ds_numel for p in unique),
+            "visible": sum(p.numel() for p in unique)}
+    gathered = {}
+    for name, parameter in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([parameter]):
+            gathered[name] = parameter.detach().clone()
+    torch.save({"held": held, "weights": gathered}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_zero3_ranks_load_only_their_shards(tiny_model, tmp_path):
+    """Under ZeRO-3 no rank builds the whole model: each holds its half of every weight from loading on, and a .pt
+    of custom weights lands in the shards (the weights it names; the base model's elsewhere)."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = load_file(str(tiny_model / "model.safetensors"))
+    custom = {name: value + 1.0 for name, value in base.items() if ".layers.0." in name}
+    torch.save(custom, tmp_path / "custom.pt")
+    run_ranks(_load_sharded_rank, 2, str(tiny_model), str(tmp_path / "custom.pt"), str(tmp_path / "loaded"))
+
+    for rank in range(2):
+        loaded = torch.load(tmp_path / f"loaded.{rank}", weights_only=True)
+        held = loaded["held"]
+        assert held["visible"] == 0   # every parameter is a placeholder outside DeepSpeed's gathers
+        assert held["whole"] / 2 <= held["held"] <= held["whole"] / 2 + 64   # half, padded to equal shards
+        assert loaded["weights"].keys() == base.keys()   # the output layer is tied to the embeddings
+        for name, value in loaded["weights"].items():
+            torch.testing.assert_close(value, custom.get(name, base.get(name)), rtol=0, atol=0, msg=name)
 
 
 def test_a_bf16_run_saves_its_fp32_master_weights(tiny_model, tmp_path):

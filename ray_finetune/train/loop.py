@@ -112,7 +112,9 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     parameters = parameter_count(config.model_path)
     stage = zero_stage(device, precision, chosen.zero_stage, parameters, world)
     attention = choose_attention(device, chosen.attention, stage)
-    model = load_initial_model(config.model_path, config.init_weights_path, attention)
+    # ZeRO-3 keeps the plan's micro-batch (_fit_memory), so this is the config the engine will train with.
+    sharded_by = deepspeed_config(plan, stage, precision) if stage == 3 else None
+    model = load_initial_model(config.model_path, config.init_weights_path, attention, sharded_by)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     attention, sizing = _ready_model(model, attention, rows, device, precision, stage,
@@ -126,10 +128,11 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     engine_config = deepspeed_config(plan, stage, precision)
     if resume_from is not None and resume_from.name == checkpoint.UNIVERSAL_DIR:
         engine_config["checkpoint"] = {"load_universal": True}
-    wrapped = CausalLMLoss(model)
+    wrapped = CausalLMLoss(model, probe=stage < 3)
     engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=schedule,
                                            config=engine_config)
     if stage == 3:
+        wrapped.probe_split()
         for parameter in wrapped.borrowed_parameters():
             deepspeed.zero.register_external_parameter(wrapped, parameter)
     # ZeRO-3 gathers each layer's weights from all ranks whenever the layer runs, so every rank must run the same
@@ -140,7 +143,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
         reporter.model_initialized({
             "parameters": parameters, "device": str(device),
             "precision": precision, "attention": attention, "zero_stage": stage, "world_size": world,
-            "plan": plan.as_dict(), **sizing,
+            "plan": plan.as_dict(), **sizing, "chunked_loss": wrapped.split is not None,
             "weights_from": config.resume_from or config.init_weights_path or config.model_path,
             "resumed_at_step": start_step, "pid": os.getpid(),
         })
@@ -209,10 +212,10 @@ def _ready_model(model: Any, attention: str, rows: PackedRows, device: torch.dev
     """On a GPU: move the model there and compile its decoder layers if asked. On any device: make sure the
     attention implementation trains there (FlexAttention compiles kernels that can fail on an unusual GPU or
     toolchain, and has no CPU backward at all); if not, SDPA, which is exact too. Returns the attention in use.
-    Under ZeRO-3 on GPUs the model stays on the host: DeepSpeed moves it and shards it, and nothing can be tried
-    before (hardware.choose_attention picks accordingly)."""
+    Under ZeRO-3 the model was loaded as shards, which only DeepSpeed's engine can run: nothing can be tried before
+    (hardware.choose_attention picks accordingly)."""
     notes: dict[str, Any] = {}
-    if device.type == "cuda" and stage == 3:
+    if stage == 3:
         return attention, {"compiled_layers": False}
     if device.type == "cuda":
         model.to(device, dtype=torch.bfloat16 if precision == BF16 else torch.float32)

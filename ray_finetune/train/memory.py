@@ -14,6 +14,7 @@ sharded over the ranks by ZeRO-2) is already taken, so the size found still fits
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import torch
@@ -34,16 +35,21 @@ BF16_BYTES = 2
 
 def gpu_zero_stage(parameters: int, world: int, gpu_memory: int) -> int:
     """ZeRO-2, or ZeRO-3 when ZeRO-2's model state would take more than ZERO2_STATE_SHARE of each GPU and there are
-    ranks to shard the weights over. The weights are loaded whole on each GPU before ZeRO-3 shards them, so they
-    must fit one GPU either way."""
-    weights = BF16_BYTES * parameters
-    if weights > (1 - HEADROOM) * gpu_memory:
+    ranks to shard the weights over. Raises, naming how many GPUs it would take, when the model state does not fit
+    even sharded over all `world` GPUs (ZeRO-3 loads each rank's shard only: models.load_model)."""
+    total = parameters * (BF16_BYTES + REPLICATED_BYTES_PER_PARAMETER + SHARDED_BYTES_PER_PARAMETER)
+    zero2_state = parameters * (BF16_BYTES + REPLICATED_BYTES_PER_PARAMETER + SHARDED_BYTES_PER_PARAMETER / world)
+    stage, state = (2, zero2_state) if world == 1 or zero2_state <= ZERO2_STATE_SHARE * gpu_memory \
+        else (3, total / world)
+    usable = (1 - HEADROOM) * gpu_memory
+    if state > usable:
         raise torch.OutOfMemoryError(
-            f"the model's bf16 weights ({weights / 2**30:.1f} GiB) do not fit in one GPU's memory "
-            f"({gpu_memory / 2**30:.1f} GiB): each GPU loads the whole model before ZeRO-3 shards it; "
-            "use GPUs with more memory")
-    zero2_state = weights + parameters * (REPLICATED_BYTES_PER_PARAMETER + SHARDED_BYTES_PER_PARAMETER / world)
-    return 3 if world > 1 and zero2_state > ZERO2_STATE_SHARE * gpu_memory else 2
+            f"the model's training state (bf16 weights and gradients, fp32 master weights and Adam moments: "
+            f"{total / 2**30:.0f} GiB) takes {state / 2**30:.1f} GiB per GPU under ZeRO-{stage} on {world} GPU(s), "
+            f"more than the {usable / 2**30:.1f} GiB usable of each GPU's {gpu_memory / 2**30:.0f} GiB; it needs at "
+            f"least {math.ceil(total / usable)} such GPUs per run (RAY_FINETUNE_TRAINER_WORKERS, and as many GPUs in "
+            "the cluster) or GPUs with more memory")
+    return stage
 
 
 def checkpoint_activations(model: torch.nn.Module) -> bool:

@@ -108,14 +108,36 @@ def load_tokenizer(path: str | Path) -> Any:
     return tokenizer
 
 
-def load_model(path: str | Path, dtype: Any = None, attention: str = "sdpa") -> Any:
-    """An HF causal LM. Every attention implementation keeps packed documents apart (see step.forward_loss)."""
+def load_model(path: str | Path, dtype: Any = None, attention: str = "sdpa", zero3_config: dict | None = None) -> Any:
+    """An HF causal LM. Every attention implementation keeps packed documents apart (see step.forward_loss).
+
+    With `zero3_config` (the DeepSpeed config a ZeRO-3 run trains with; every rank of the group must call this
+    together) each rank builds only its shard of every weight (DeepSpeed's zero.Init, through transformers) and only
+    rank 0 reads the files: no GPU, and no host, ever holds the whole model once per rank -- for a 30B model on 8
+    GPUs that is the difference between 8 x 120 GB of host memory and one memory-mapped read."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype or torch.float32, attn_implementation=attention, trust_remote_code=False,
-    )
+    def load() -> Any:
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype or torch.float32, attn_implementation=attention, trust_remote_code=False,
+        )
+
+    if zero3_config is None:
+        return load()
+    import deepspeed
+    import torch.distributed as dist
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())   # adopts the trainers' group
+    # transformers loads ZeRO-3-sharded while an HfDeepSpeedConfig lives (it keeps a global weak reference to it);
+    # only for this load: afterwards the model is DeepSpeed's to manage.
+    sharding = HfDeepSpeedConfig(zero3_config)
+    try:
+        return load()
+    finally:
+        unset_hf_deepspeed_config()
+        del sharding
 
 
 def parameter_count(path: str | Path) -> int:
@@ -128,16 +150,33 @@ def parameter_count(path: str | Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_initial_model(model_path: str | Path, weights: str | Path | None, attention: str = "sdpa") -> Any:
+def load_initial_model(model_path: str | Path, weights: str | Path | None, attention: str = "sdpa",
+                       zero3_config: dict | None = None) -> Any:
     """The model a run starts from: the base model, an HF weights folder, or the base model with a .pt state dict
-    loaded into it (weights only; the run's schedule starts at step 0)."""
+    loaded into it (weights only; the run's schedule starts at step 0). `zero3_config`: see load_model."""
     if weights is None:
-        return load_model(model_path, attention=attention)
+        return load_model(model_path, attention=attention, zero3_config=zero3_config)
     if Path(weights).suffix != ".pt":
-        return load_model(weights, attention=attention)
+        return load_model(weights, attention=attention, zero3_config=zero3_config)
     import torch
 
-    model = load_model(model_path, attention=attention)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(state.get("module", state), strict=False)
+    model = load_model(model_path, attention=attention, zero3_config=zero3_config)
+    state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    _copy_weights(model, state.get("module", state))
     return model
+
+
+def _copy_weights(model: Any, state: dict[str, Any]) -> None:
+    """Copy the tensors of `state` into the model's parameters and buffers of the same names; the others keep the
+    base model's values. A ZeRO-3-sharded parameter is gathered whole for its copy, then sharded again (every rank
+    takes part in each gather; rank 0's copy is the one kept)."""
+    import deepspeed
+    import torch
+
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if name not in state:
+                continue
+            with deepspeed.zero.GatheredParameters([tensor] if name in parameters else [], modifier_rank=0):
+                tensor.copy_(state[name])

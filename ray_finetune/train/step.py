@@ -45,11 +45,16 @@ class CausalLMLoss(torch.nn.Module):
     returning full logits. `lm` is the Hugging Face model; the state dict is exactly the model's, so checkpoints
     hold plain Hugging Face parameter names."""
 
-    def __init__(self, lm: torch.nn.Module) -> None:
+    def __init__(self, lm: torch.nn.Module, probe: bool = True) -> None:
         super().__init__()
         self.lm = lm
-        # Probed now, while every weight is whole: under ZeRO-3 they are partitioned once DeepSpeed wraps this.
-        self.split = split_head(lm)
+        self.split = split_head(lm) if probe else None
+
+    def probe_split(self) -> None:
+        """Whether the chunked loss applies (loss.split_head runs the model once). For a ZeRO-3 model, whose
+        weights are shards from loading on: after DeepSpeed wraps this module, when its hooks gather each layer as
+        the probe runs it."""
+        self.split = split_head(self.lm)
 
     def borrowed_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters this module's forward reads directly rather than by calling the module that owns them (the
