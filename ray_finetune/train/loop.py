@@ -114,7 +114,11 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     attention = choose_attention(device, chosen.attention, stage)
     # ZeRO-3 keeps the plan's micro-batch (_fit_memory), so this is the config the engine will train with.
     sharded_by = deepspeed_config(plan, stage, precision) if stage == 3 else None
-    model = load_initial_model(config.model_path, config.init_weights_path, attention, sharded_by)
+    # In the dtype the engine trains the weights in: under bf16 DeepSpeed casts them to bf16 before it makes the
+    # fp32 master copies anyway, and a bf16 checkpoint then stays memory-mapped (shared by the ranks of a node)
+    # instead of each rank converting its own fp32 copy on the host (4 bytes per parameter, per rank).
+    model = load_initial_model(config.model_path, config.init_weights_path, attention, sharded_by,
+                               dtype=torch.bfloat16 if precision == BF16 else torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     attention, sizing = _ready_model(model, attention, rows, device, precision, stage,

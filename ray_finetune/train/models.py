@@ -111,10 +111,13 @@ def load_tokenizer(path: str | Path) -> Any:
 def load_model(path: str | Path, dtype: Any = None, attention: str = "sdpa", zero3_config: dict | None = None) -> Any:
     """An HF causal LM. Every attention implementation keeps packed documents apart (see step.forward_loss).
 
+    `dtype`: what the weights become (fp32 by default); when it is the checkpoint's own, the weights stay
+    memory-mapped from the file (no host copy; the page cache is shared by the processes of a node).
+
     With `zero3_config` (the DeepSpeed config a ZeRO-3 run trains with; every rank of the group must call this
-    together) each rank builds only its shard of every weight (DeepSpeed's zero.Init, through transformers) and only
-    rank 0 reads the files: no GPU, and no host, ever holds the whole model once per rank -- for a 30B model on 8
-    GPUs that is the difference between 8 x 120 GB of host memory and one memory-mapped read."""
+    together) each rank builds only its shard of every weight (DeepSpeed's zero.Init, through transformers) and rank
+    0 alone reads the files, handing each layer's weights to the others: no GPU ever holds the whole model, so one
+    larger than a GPU trains sharded over several (measured on CPU: bench/zero3_loading.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -151,16 +154,16 @@ def parameter_count(path: str | Path) -> int:
 
 
 def load_initial_model(model_path: str | Path, weights: str | Path | None, attention: str = "sdpa",
-                       zero3_config: dict | None = None) -> Any:
+                       zero3_config: dict | None = None, dtype: Any = None) -> Any:
     """The model a run starts from: the base model, an HF weights folder, or the base model with a .pt state dict
-    loaded into it (weights only; the run's schedule starts at step 0). `zero3_config`: see load_model."""
+    loaded into it (weights only; the run's schedule starts at step 0). `zero3_config` and `dtype`: see load_model."""
     if weights is None:
-        return load_model(model_path, attention=attention, zero3_config=zero3_config)
+        return load_model(model_path, dtype, attention, zero3_config)
     if Path(weights).suffix != ".pt":
-        return load_model(weights, attention=attention, zero3_config=zero3_config)
+        return load_model(weights, dtype, attention, zero3_config)
     import torch
 
-    model = load_model(model_path, attention=attention, zero3_config=zero3_config)
+    model = load_model(model_path, dtype, attention, zero3_config)
     state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
     _copy_weights(model, state.get("module", state))
     return model
@@ -173,10 +176,10 @@ def _copy_weights(model: Any, state: dict[str, Any]) -> None:
     import deepspeed
     import torch
 
-    parameters = dict(model.named_parameters())
     with torch.no_grad():
-        for name, tensor in model.state_dict(keep_vars=True).items():
+        for name, tensor in model.state_dict(keep_vars=True).items():   # tied weights under each of their names
             if name not in state:
                 continue
-            with deepspeed.zero.GatheredParameters([tensor] if name in parameters else [], modifier_rank=0):
+            sharded = [tensor] if isinstance(tensor, torch.nn.Parameter) else []   # buffers are never sharded
+            with deepspeed.zero.GatheredParameters(sharded, modifier_rank=0):
                 tensor.copy_(state[name])
