@@ -14,6 +14,10 @@ from ray_finetune.spec import RunSpec
 from ray_finetune.train.plan import make_plan, trainer_group_size
 
 PROBE_MICRO_BATCHES = 2
+# The probe holds the weights and their gradients (activations come on top); it runs only when they take at most
+# this share of the probing device's free memory.
+PROBE_COPIES = 2
+PROBE_MEMORY_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -51,9 +55,14 @@ class Estimate:
             f"{self.packing_efficiency:.1%} full",
             f"batch               {self.global_batch_rows} rows per step on {self.world_size} worker(s)",
             f"steps               {self.total_steps:,} ({self.steps_per_epoch:,} per epoch, {self.epochs:.2f} epochs)",
-            f"time per step       {self.seconds_per_step:.2f} s (probe on {self.probe_device})",
-            f"estimated training  {_duration(self.estimated_seconds)}",
+            f"time per step       {self.seconds_per_step:.2f} s (probe on {self.probe_device})" if self.probed else
+            f"time per step       unknown ({self.probe_device})",
+            f"estimated training  {_duration(self.estimated_seconds) if self.probed else 'unknown'}",
         ])
+
+    @property
+    def probed(self) -> bool:
+        return self.seconds_per_step > 0
 
 
 def _duration(seconds: float) -> str:
@@ -101,6 +110,16 @@ def _cluster_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def _free_memory(device) -> int:
+    """Bytes free on `device` now: a GPU's own memory, else the host's available memory."""
+    import psutil
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
 def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str]:
     """Time forward + backward of real packed rows; a step is gradient_accumulation_steps of them per rank."""
     import numpy as np
@@ -108,14 +127,21 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
 
     from ray_finetune import settings
     from ray_finetune.train.hardware import BF16, choose_precision, training_device
-    from ray_finetune.train.models import load_model
+    from ray_finetune.train.models import load_model, parameter_count
     from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
 
     rows = PackedRows.load(rows_path)
     chosen = settings.load()
     device = training_device(chosen.trainer_device)
     precision = choose_precision(device, chosen.precision)   # the precision the run will train in
-    model = load_model(spec.model_path, dtype=torch.bfloat16 if precision == BF16 else torch.float32).to(device)
+    dtype = torch.bfloat16 if precision == BF16 else torch.float32
+    # A model trained sharded over a GPU cluster can be far larger than the machine a dry run runs on.
+    needed = parameter_count(spec.model_path) * dtype.itemsize * PROBE_COPIES
+    free = _free_memory(device)
+    if needed > PROBE_MEMORY_SHARE * free:
+        return 0.0, (f"not probed: the model's weights and gradients ({needed / 2**30:.1f} GiB) would not fit in the "
+                     f"free memory of this machine's {device.type.upper()} ({free / 2**30:.1f} GiB)")
+    model = load_model(spec.model_path, dtype=dtype).to(device)
     timings = []
     for index in range(PROBE_MICRO_BATCHES + 1):   # the first one warms up
         batch = make_batch(rows, np.arange(index, index + plan.micro_batch_rows) % len(rows)).to(device)

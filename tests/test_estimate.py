@@ -39,6 +39,19 @@ def test_the_estimate_matches_what_the_run_reports(cluster, tiny_model, chat_dat
     assert started.payload["plan"]["global_batch_rows"] == estimate.global_batch_rows
 
 
+def test_a_model_too_large_for_this_machine_is_counted_but_not_probed(tiny_model, chat_data, monkeypatch):
+    """A run's model may be far larger than the machine the dry run runs on (a laptop planning a GPU cluster's run):
+    then the data is still counted and planned, and the time is unknown, with the reason."""
+    from ray_finetune import estimate as estimating
+
+    monkeypatch.setattr(estimating, "_free_memory", lambda device: 100_000)   # bytes: less than the tiny model needs
+    result = fm.estimate(model=str(tiny_model), train_data_path=str(chat_data[0]), context_length=128)
+    assert result.examples == 24 and result.total_steps > 0 and not result.probed
+    assert result.seconds_per_step == result.estimated_seconds == 0
+    assert "not probed: the model's weights and gradients (0.0 GiB) would not fit" in result.probe_device
+    assert "estimated training  unknown" in str(result)
+
+
 def test_estimate_rejects_bad_input_like_create(tiny_model, chat_data):
     with pytest.raises(ValidationError, match="training_duration"):
         fm.estimate(model=str(tiny_model), train_data_path=str(chat_data[0]), training_duration="a while")
