@@ -91,6 +91,10 @@ def test_gpu_zero_stage_follows_the_model_and_the_gpus(monkeypatch):
     assert zero_stage(gpu, BF16, parameters=30_000_000_000, world=8) == 3     # 180 GB: the weights are sharded too
     assert zero_stage(gpu, BF16, parameters=3_000_000_000, world=1) == 2      # 56 GiB, nothing to shard over
     assert zero_stage(gpu, BF16, "2", parameters=30_000_000_000, world=8) == 2
+    # fp32 (GPUs without bf16): 4-byte weights and gradients whole under ZeRO-2 make 8B need ZeRO-3 on 8 GPUs
+    assert zero_stage(gpu, FP32, parameters=8_000_000_000, world=8) == 3
+    with pytest.raises(torch.OutOfMemoryError, match=r"fp32 weights and gradients, Adam moments: 447 GiB"):
+        zero_stage(gpu, FP32, parameters=30_000_000_000, world=1)
     # 1.3 TB of training state: 163 GiB per GPU even sharded 8 ways; it takes 18 GPUs of 80 GB
     with pytest.raises(torch.OutOfMemoryError, match=r"163.0 GiB per GPU under ZeRO-3 on 8 .* at least 18 such GPUs"):
         zero_stage(gpu, BF16, parameters=70_000_000_000, world=8)

@@ -61,7 +61,7 @@ def zero_stage(device: torch.device, precision: str, requested: str = "auto", pa
     if requested != "auto":
         return int(requested)
     if device.type == "cuda":
-        return gpu_zero_stage(parameters, world, torch.cuda.get_device_properties(device).total_memory)
+        return gpu_zero_stage(parameters, world, torch.cuda.get_device_properties(device).total_memory, precision)
     return 1 if precision == BF16 else 0
 
 

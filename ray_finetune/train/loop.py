@@ -123,7 +123,8 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     attention, sizing = _ready_model(model, attention, rows, device, precision, stage,
                                      compile_layers=chosen.compile == "on")
-    plan, fitted = _fit_memory(model, parameters, plan, rows, device, stage, chosen.activation_checkpointing)
+    plan, fitted = _fit_memory(model, parameters, plan, rows, device, precision, stage,
+                                chosen.activation_checkpointing)
     sizing.update(fitted)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=BETAS, weight_decay=0.0,
                                   fused=True)
@@ -240,8 +241,8 @@ def _ready_model(model: Any, attention: str, rows: PackedRows, device: torch.dev
     return attention, notes
 
 
-def _fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, device: torch.device, stage: int,
-                checkpointing: str) -> tuple[TrainingPlan, dict[str, Any]]:
+def _fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, device: torch.device,
+                precision: str, stage: int, checkpointing: str) -> tuple[TrainingPlan, dict[str, Any]]:
     """The micro-batch and activation checkpointing (`checkpointing`: auto, on or off). ZeRO-2 GPUs fit the largest
     micro-batch and recompute activations only when not even one row fits without; under ZeRO-3 (a model that
     barely fits) one row at a time, recomputing activations; CPUs keep the plan's micro-batch."""
@@ -250,7 +251,7 @@ def _fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRow
     fitted: dict[str, Any] = {}
     if device.type == "cuda" and stage < 3:
         fallback = (lambda: checkpoint_activations(model)) if checkpointing == "auto" else None
-        plan, fitted = fit_micro_batch(plan, parameters, device, trial_step(model, rows, device), fallback)
+        plan, fitted = fit_micro_batch(plan, parameters, device, trial_step(model, rows, device), fallback, precision)
         recomputing = recomputing or fitted["activation_checkpointing"]
         if plan.world_size > 1:   # every rank must split its rows alike, or their gradient reductions would not meet
             plan = with_micro_batch(plan, int(all_reduce(torch.tensor([plan.micro_batch_rows]), "min")))

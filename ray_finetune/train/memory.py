@@ -15,40 +15,52 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ray_finetune.train.plan import TrainingPlan
 
-# Bytes per parameter the optimizer side holds beyond the bf16 weights: fp32 master (4) + Adam moments (8) + fp32
-# gradient accumulation (4), divided over the ranks; plus the bf16 gradients (2) every rank holds while reducing.
-SHARDED_BYTES_PER_PARAMETER = 16
-REPLICATED_BYTES_PER_PARAMETER = 2
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes per parameter of what training keeps on the GPUs, by what ZeRO does with each part."""
+    weights: int     # what the model computes with: whole on every GPU under ZeRO-2, sharded under ZeRO-3
+    gradients: int   # whole on every GPU while ZeRO-2 reduces them (bucket by bucket), sharded under ZeRO-3
+    optimizer: int   # sharded under ZeRO-1/2/3: Adam's two moments, and under bf16 the fp32 master weights and
+                     # fp32 gradient accumulation
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+
+STATE_BYTES = {"bf16": StateBytes(weights=2, gradients=2, optimizer=16), "fp32": StateBytes(4, 4, 8)}
 # Left free for the allocator's fragmentation and the collectives' buffers.
 HEADROOM = 0.08
-# ZeRO-2 also keeps the bf16 weights (2 B/param) whole on every GPU. When weights + optimizer side would take more
-# than this share of a GPU, too little is left for activations at a useful micro-batch, and ZeRO-3 pays off.
+# When ZeRO-2's state (weights and gradients whole, optimizer sharded) would take more than this share of a GPU,
+# too little is left for activations at a useful micro-batch, and ZeRO-3 pays off.
 ZERO2_STATE_SHARE = 0.6
-BF16_BYTES = 2
 
 
-def gpu_zero_stage(parameters: int, world: int, gpu_memory: int) -> int:
+def gpu_zero_stage(parameters: int, world: int, gpu_memory: int, precision: str = "bf16") -> int:
     """ZeRO-2, or ZeRO-3 when ZeRO-2's model state would take more than ZERO2_STATE_SHARE of each GPU and there are
     ranks to shard the weights over. Raises, naming how many GPUs it would take, when the model state does not fit
     even sharded over all `world` GPUs (ZeRO-3 loads each rank's shard only: models.load_model)."""
-    total = parameters * (BF16_BYTES + REPLICATED_BYTES_PER_PARAMETER + SHARDED_BYTES_PER_PARAMETER)
-    zero2_state = parameters * (BF16_BYTES + REPLICATED_BYTES_PER_PARAMETER + SHARDED_BYTES_PER_PARAMETER / world)
+    state_bytes = STATE_BYTES[precision]
+    total = parameters * state_bytes.total
+    zero2_state = parameters * (state_bytes.weights + state_bytes.gradients + state_bytes.optimizer / world)
     stage, state = (2, zero2_state) if world == 1 or zero2_state <= ZERO2_STATE_SHARE * gpu_memory \
         else (3, total / world)
     usable = (1 - HEADROOM) * gpu_memory
     if state > usable:
         raise torch.OutOfMemoryError(
-            f"the model's training state (bf16 weights and gradients, fp32 master weights and Adam moments: "
-            f"{total / 2**30:.0f} GiB) takes {state / 2**30:.1f} GiB per GPU under ZeRO-{stage} on {world} GPU(s), "
-            f"more than the {usable / 2**30:.1f} GiB usable of each GPU's {gpu_memory / 2**30:.0f} GiB; it needs at "
-            f"least {math.ceil(total / usable)} such GPUs per run (RAY_FINETUNE_TRAINER_WORKERS, and as many GPUs in "
-            "the cluster) or GPUs with more memory")
+            f"the model's training state ({precision} weights and gradients, Adam moments"
+            f"{', fp32 master weights' if precision == 'bf16' else ''}: {total / 2**30:.0f} GiB) takes "
+            f"{state / 2**30:.1f} GiB per GPU under ZeRO-{stage} on {world} GPU(s), more than the "
+            f"{usable / 2**30:.1f} GiB usable of each GPU's {gpu_memory / 2**30:.0f} GiB; it needs at least "
+            f"{math.ceil(total / usable)} such GPUs per run (RAY_FINETUNE_TRAINER_WORKERS, and as many GPUs in the "
+            "cluster) or GPUs with more memory")
     return stage
 
 
@@ -91,13 +103,15 @@ def with_micro_batch(plan: TrainingPlan, micro_batch_rows: int) -> TrainingPlan:
 
 
 def fit_micro_batch(plan: TrainingPlan, parameters: int, device: torch.device, try_rows: Callable[[int], None],
-                    recompute_activations: Callable[[], bool] | None = None) -> tuple[TrainingPlan, dict]:
+                    recompute_activations: Callable[[], bool] | None = None,
+                    precision: str = "bf16") -> tuple[TrainingPlan, dict]:
     """The plan with the largest micro-batch that fits on `device`, and what was tried (for the run's events).
     `try_rows(n)` runs forward + backward of n rows and frees what it made. When not even one row fits and
     `recompute_activations` is given, it is called (activation checkpointing: only when memory requires it) and the
     search runs again."""
     per_rank = plan.global_batch_rows // plan.world_size
-    reserve_bytes = parameters * (SHARDED_BYTES_PER_PARAMETER / plan.world_size + REPLICATED_BYTES_PER_PARAMETER)
+    state_bytes = STATE_BYTES[precision]   # the weights are on the GPU already
+    reserve_bytes = parameters * (state_bytes.optimizer / plan.world_size + state_bytes.gradients)
     free, total = torch.cuda.mem_get_info(device)
     reserve_bytes += int(total * HEADROOM)
     reserved = torch.empty(int(min(reserve_bytes, free)), dtype=torch.uint8, device=device)
