@@ -1,10 +1,10 @@
-"""The evaluator actor: scores a checkpoint (eval loss, perplexity, token accuracy) and samples the eval prompts."""
+"""The evaluator actor: records a checkpoint's eval scores (computed by the trainers, on their devices) as metrics
+and an EVALUATED event, and samples the eval prompts from its weights."""
 from __future__ import annotations
 
 import math
 import os
 
-import numpy as np
 import ray
 import torch
 
@@ -12,9 +12,7 @@ from actors.event_sink import EventSink
 from actors.messages import EvaluateRequest, EvaluationResult
 from eventstore.schema import EventType
 from ray_finetune import settings, tracking
-from ray_finetune.data.packing import PackedRows
 from ray_finetune.train.models import load_model, load_tokenizer
-from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
 
 # SPEC §2: how eval prompts are sampled.
 SAMPLING = {"max_new_tokens": 100, "do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 0.95}
@@ -25,18 +23,6 @@ def prompt_text(tokenizer, task_type: str, prompt: str) -> str:
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     return prompt
-
-
-@torch.no_grad()
-def evaluate_loss(model, rows: PackedRows) -> tuple[float, float]:
-    loss_sum, targets, correct = 0.0, 0, 0
-    scored = CausalLMLoss(model)
-    for index in range(len(rows)):
-        result = forward_loss(scored, make_batch(rows, np.array([index])))
-        loss_sum += float(result.loss_sum)
-        targets += result.target_tokens
-        correct += result.correct_tokens
-    return loss_sum / max(targets, 1), correct / max(targets, 1)
 
 
 @torch.no_grad()
@@ -60,16 +46,16 @@ class Evaluator:
 
     def evaluate(self, request: EvaluateRequest) -> EvaluationResult:
         spec = request.run.spec
-        tokenizer = load_tokenizer(spec.model_path)
-        model = load_model(request.weights_path).eval()
         result = EvaluationResult(step=request.step)
         metrics: dict[str, float] = {}
-        if request.eval_rows_path:
-            loss, accuracy = evaluate_loss(model, PackedRows.load(request.eval_rows_path))
+        if request.eval_loss is not None:
+            loss, accuracy = request.eval_loss, request.token_accuracy
             metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_token_accuracy": accuracy}
             result = result.model_copy(update={"eval_loss": loss, "eval_perplexity": metrics["eval_perplexity"],
                                                "token_accuracy": accuracy})
         if spec.eval_prompts:
+            tokenizer = load_tokenizer(spec.model_path)
+            model = load_model(request.weights_path).eval()
             generations = generate(model, tokenizer, spec.task_type, spec.eval_prompts, seed=spec.seed + request.step)
             result = result.model_copy(update={"generations": generations})
         config = settings.load()

@@ -55,10 +55,11 @@ class StopRequest(Message):
 
 class EvaluateRequest(Message):
     run: RunContext
-    weights_path: str
+    weights_path: str                  # what the eval prompts are sampled from
     step: int
     epoch: int
-    eval_rows_path: str | None
+    eval_loss: float | None = None     # scored by the trainers; None when the run has no eval data
+    token_accuracy: float | None = None
 
 
 class EvaluationResult(Message):

@@ -1,8 +1,8 @@
 """The scheduler actor (one per cluster, detached, named): accepts runs, keeps the queue, and drives each run
 through its chain of actor messages:
 
-    CREATED → QUEUED → STARTED → data packer (DATA_VALIDATED) → evaluator baseline → trainer group
-    (MODEL_INITIALIZED, TRAIN_STARTED, TRAIN_UPDATED…, CHECKPOINT_SAVED + evaluator per checkpoint)
+    CREATED → QUEUED → STARTED → data packer (DATA_VALIDATED) → trainer group (MODEL_INITIALIZED,
+    TRAIN_STARTED, baseline scores → evaluator, TRAIN_UPDATED…, CHECKPOINT_SAVED + scores → evaluator)
     → TRAIN_FINISHED → registrar (REGISTERED) → COMPLETED
     a worker dies            → REQUEUED → STARTED again, resuming from the newest complete checkpoint
                                (after MAX_ATTEMPTS: FAILED_EXCEPTION with every attempt's reason → FAILED)
@@ -28,7 +28,7 @@ from ray.exceptions import ActorDiedError, NodeDiedError, OwnerDiedError, RayAct
 from actors.data_packer import DataPacker
 from actors.evaluator import Evaluator
 from actors.event_sink import NAMESPACE, EventSink, event_store
-from actors.messages import EvaluateRequest, PackRequest, RegisterRequest, RunContext, StopRequest, TrainRequest
+from actors.messages import PackRequest, RegisterRequest, RunContext, StopRequest, TrainRequest
 from actors.registrar import Registrar
 from actors.trainer_group import TrainerGroup, remove_stale_placements
 from eventstore.actor import ON_HEAD_NODE
@@ -198,14 +198,10 @@ class Scheduler:
                                                 self.settings.max_concurrent_runs)
             plan = make_plan(rows=int(data.train_stats["rows"]), tokens=int(data.train_stats["tokens"]),
                              duration=context.spec.duration, world_size=world, seed=context.spec.seed)
-            evaluator = Evaluator.remote()
-            actors.append(evaluator)
+            evaluator = Evaluator.remote() if data.eval_rows_path or context.spec.eval_prompts else None
+            actors += [evaluator] if evaluator else []
             init_weights = (str(checkpoint.initial_weights("custom_weights_path", context.spec.custom_weights_path))
                             if context.spec.custom_weights_path else None)
-            if attempt == 1 and (data.eval_rows_path or context.spec.eval_prompts):
-                await evaluator.evaluate.remote(EvaluateRequest(
-                    run=context, weights_path=init_weights if init_weights and Path(init_weights).is_dir()
-                    else context.spec.model_path, step=0, epoch=0, eval_rows_path=data.eval_rows_path))
             group = TrainerGroup(world, gpus_per_worker=int(on_gpus), run_name=name,
                                  resources=self.settings.trainer_resources)
             self.groups[name] = group

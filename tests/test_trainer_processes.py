@@ -37,18 +37,21 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
                      world_size=world, seed=0)
     losses: dict[int, float] = {}
     initialized: dict = {}
+    evaluations: dict[int, dict] = {}
 
     class Collect:
         def model_initialized(self, info): initialized.update(info)
         def step_finished(self, report): losses[report.step] = report.loss
         def checkpoint_saved(self, path, epoch, step): ...
         def checkpoint_removed(self, path): ...
+        def evaluated(self, step, epoch, weights, scores):
+            evaluations[step] = {"weights": weights, "loss": scores.loss, "token_accuracy": scores.token_accuracy}
         def stop_requested(self): return loop.STOP_NONE
 
     loop.train(loop.TrainConfig(plan=plan, rank=rank, world_size=world, seed=0, learning_rate=2e-3, **arguments),
                Collect())
     if rank == 0:
-        Path(out).write_text(json.dumps({"losses": losses, "initialized": initialized}))
+        Path(out).write_text(json.dumps({"losses": losses, "initialized": initialized, "evaluations": evaluations}))
     dist.destroy_process_group()
 
 
@@ -67,7 +70,8 @@ def run_ranks(target, world: int, *arguments) -> None:
 def train_ranks(world: int, out: Path, **arguments) -> dict:
     run_ranks(_rank, world, dict(arguments), str(out))
     result = json.loads(out.read_text())
-    return {"losses": {int(k): v for k, v in result["losses"].items()}, "initialized": result["initialized"]}
+    return {"losses": {int(k): v for k, v in result["losses"].items()}, "initialized": result["initialized"],
+            "evaluations": {int(k): v for k, v in result["evaluations"].items()}}
 
 
 @pytest.mark.parametrize("zero_stage", ["0", "2", "3"])
@@ -93,20 +97,61 @@ def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_s
         assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
 
 
-def test_zero3_trains_and_saves_what_zero0_does(tiny_model, tmp_path):
-    """ZeRO-3 partitions the weights themselves, from loading on: every layer is gathered when it runs (again when its activations
-    are recomputed, as they are on GPUs under ZeRO-3), the chunked loss borrows the output weight (tied to the
-    embeddings in this model), and the checkpoint's model/ must hold whole weights, not this rank's slice."""
+def _eval_rows(model, folder: Path) -> str:
+    """Eval data packed into an odd number of rows, so that two ranks split it unevenly."""
+    from ray_finetune.data import formats, packing, sources
+    from ray_finetune.train.models import load_tokenizer
+    from tiny_model import write_chat_jsonl
+
+    tokenizer = load_tokenizer(model)
+    for count in range(5, 40):
+        data = write_chat_jsonl(folder / f"eval-{count}.jsonl", count)
+        examples = formats.examples_from_records(tokenizer, "CHAT_COMPLETION",
+                                                 sources.read_records(sources.locate("eval", str(data))))
+        rows, _ = packing.pack_examples(examples, 64, tokenizer.pad_token_id)
+        if len(rows.input_ids) % 2 == 1 and len(rows.input_ids) > 1:
+            rows.save(folder / "eval_rows")
+            return str(folder / "eval_rows")
+    raise AssertionError("no odd row count")
+
+
+def _scored_alone(weights: str, rows_path: str) -> tuple[float, float]:
+    """Eval loss and token accuracy of `weights` computed in this one process, one row at a time."""
+    import numpy as np
+    import torch
+
+    from ray_finetune.data.packing import PackedRows
+    from ray_finetune.train.models import load_model
+    from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
+
+    rows, model = PackedRows.load(rows_path), load_model(weights).eval()
+    loss, targets, correct = 0.0, 0, 0
+    with torch.no_grad():
+        for index in range(len(rows)):
+            result = forward_loss(CausalLMLoss(model), make_batch(rows, np.array([index])))
+            loss, targets, correct = (loss + float(result.loss_sum), targets + result.target_tokens,
+                                      correct + result.correct_tokens)
+    return loss / targets, correct / targets
+
+
+def test_zero3_trains_scores_and_saves_what_zero0_does(tiny_model, tmp_path):
+    """ZeRO-3 partitions the weights themselves, from loading on: every layer is gathered when it runs (again when
+    its activations are recomputed, as they are on GPUs under ZeRO-3), the chunked loss borrows the output weight
+    (tied to the embeddings in this model), and the checkpoint's model/ must hold whole weights, not this rank's
+    slice. The trainers score the eval data before the first step and at every checkpoint, split over the ranks
+    (unevenly: padded), and their scores are what one process scoring the same weights alone gets."""
     import torch
     from safetensors.torch import load_file
 
     rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
+    eval_rows = _eval_rows(tiny_model, tmp_path)
     runs, weights = {}, {}
     for stage in ("0", "3"):
         runs[stage] = train_ranks(2, tmp_path / f"{stage}.json", run_name=f"z{stage}",
                                   save_folder=str(tmp_path / stage), model_path=str(tiny_model),
                                   init_weights_path=None, train_rows_path=rows_path, stats=stats.as_dict(),
-                                  zero_stage=stage, activation_checkpointing="on" if stage == "3" else "off")
+                                  zero_stage=stage, activation_checkpointing="on" if stage == "3" else "off",
+                                  eval_rows_path=eval_rows, evaluate_first=True)
         final = checkpoint.latest_complete(checkpoint.checkpoints_dir(tmp_path / stage, f"z{stage}"))
         weights[stage] = load_file(str(final / checkpoint.WEIGHTS_DIR / "model.safetensors"))
     assert runs["3"]["initialized"]["zero_stage"] == 3 and runs["3"]["initialized"]["activation_checkpointing"]
@@ -119,6 +164,17 @@ def test_zero3_trains_and_saves_what_zero0_does(tiny_model, tmp_path):
     for name, value in weights["0"].items():
         assert weights["3"][name].shape == value.shape, name
         torch.testing.assert_close(weights["3"][name], value, rtol=1e-3, atol=1e-4, msg=name)
+
+    checkpointed = sorted(runs["0"]["evaluations"])
+    assert checkpointed[0] == 0 and checkpointed[-1] == max(runs["0"]["losses"]) and len(checkpointed) == 3
+    for stage in ("0", "3"):
+        assert sorted(runs[stage]["evaluations"]) == checkpointed
+        for step, scores in runs[stage]["evaluations"].items():
+            loss, accuracy = _scored_alone(scores["weights"] or str(tiny_model), eval_rows)
+            assert scores["loss"] == pytest.approx(loss, rel=1e-4), (stage, step)
+            assert scores["token_accuracy"] == pytest.approx(accuracy, abs=1e-6), (stage, step)
+    final = runs["0"]["evaluations"][checkpointed[-1]]["loss"]
+    assert final < runs["0"]["evaluations"][0]["loss"]
 
 
 def _load_sharded_rank(rank: int, world: int, port: int, model_path: str, weights: str, out: str) -> None:

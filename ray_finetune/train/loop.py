@@ -51,6 +51,8 @@ class TrainConfig:
     checkpoint_every: Duration = Duration(value=1, unit="ep")
     checkpoints_to_keep: int = 3
     resume_from: str | None = None    # a complete checkpoint of this run: continue exactly where it was
+    eval_rows_path: str | None = None  # scored at every checkpoint, on the trainers' own devices
+    evaluate_first: bool = False      # also before the first step (the baseline a run's eval curve starts from)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,12 @@ class TrainOutcome:
 
 
 STOP_NONE, STOP, STOP_AND_CHECKPOINT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class EvalScores:
+    loss: float              # mean over all target tokens of the eval rows
+    token_accuracy: float
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,9 @@ class Reporter(Protocol):
     def step_finished(self, report: StepReport) -> None: ...
     def checkpoint_saved(self, path: str, epoch: int, step: int) -> None: ...
     def checkpoint_removed(self, path: str) -> None: ...
+    # After each checkpoint (`weights`: its model/ folder) and, when asked, before the first step (`weights` None:
+    # the weights the run starts from); `scores` None when the run has no eval data.
+    def evaluated(self, step: int, epoch: int, weights: str | None, scores: EvalScores | None) -> None: ...
     def stop_requested(self) -> int: ...   # STOP_NONE, STOP or STOP_AND_CHECKPOINT
 
 
@@ -108,6 +119,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     device = training_device(chosen.trainer_device)
     precision = choose_precision(device, chosen.precision)
     rows = PackedRows.load(config.train_rows_path)
+    eval_rows = PackedRows.load(config.eval_rows_path) if config.eval_rows_path else None
     tokenizer = load_tokenizer(config.model_path)
     parameters = parameter_count(config.model_path)
     stage = zero_stage(device, precision, chosen.zero_stage, parameters, world)
@@ -152,6 +164,11 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
             "weights_from": config.resume_from or config.init_weights_path or config.model_path,
             "resumed_at_step": start_step, "pid": os.getpid(),
         })
+    evaluation = Evaluation(engine, eval_rows, plan, rank, world, device, per_document)
+    if config.evaluate_first and start_step == 0:
+        scores = evaluation.run()
+        if rank == 0:
+            reporter.evaluated(0, 0, None, scores)
     engine.train()
     started = time.monotonic()
     last_checkpoint: Path | None = Path(config.resume_from) if config.resume_from else None
@@ -160,7 +177,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
         if stop != STOP_NONE:
             already_saved = last_checkpoint is not None and checkpoint.parse_name(last_checkpoint.name)[1] == step
             if stop == STOP_AND_CHECKPOINT and step > 0 and not already_saved:
-                last_checkpoint = _checkpoint(engine, tokenizer, config, reporter, step - 1)
+                last_checkpoint = _checkpoint(engine, tokenizer, config, reporter, evaluation, step - 1)
             return TrainOutcome(final_checkpoint=last_checkpoint, steps_done=step, stopped=True)
         step_started = time.monotonic()
         all_rows = plan.step_rows(step)
@@ -189,7 +206,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
                 estimated_end_time=datetime.now(timezone.utc) + timedelta(seconds=remaining),
             ))
         if is_checkpoint_step(plan, config.checkpoint_every, step):
-            last_checkpoint = _checkpoint(engine, tokenizer, config, reporter, step)
+            last_checkpoint = _checkpoint(engine, tokenizer, config, reporter, evaluation, step)
     return TrainOutcome(final_checkpoint=last_checkpoint, steps_done=plan.total_steps, stopped=False)
 
 
@@ -291,14 +308,54 @@ def _agreed_stop(local: int, world: int) -> int:
     return int(all_reduce(torch.tensor([local], dtype=torch.int64), "max"))
 
 
-def _checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, reporter: Reporter, step: int) -> Path:
+def _checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, reporter: Reporter, evaluation: "Evaluation",
+                step: int) -> Path:
     epoch = _epochs_done(config.plan, step)
     path = save_checkpoint(engine, tokenizer, config, epoch=epoch, step=step + 1)
+    scores = evaluation.run()
     if config.rank == 0:
         reporter.checkpoint_saved(str(path), epoch, step + 1)
+        reporter.evaluated(step + 1, epoch, str(path / checkpoint.WEIGHTS_DIR), scores)
         for removed in checkpoint.retain(path.parent, config.checkpoints_to_keep):
             reporter.checkpoint_removed(str(removed))
     return path
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The eval loss and token accuracy of the weights being trained, computed by the trainers themselves: on their
+    devices, in their precision, with their shards (a model that needs several GPUs to train needs them to be
+    scored too). Rank r scores rows r, r + world, ...; every rank runs the same number of forward passes, padded
+    with empty rows (under ZeRO-3 each forward gathers weights from all ranks)."""
+    engine: Any
+    rows: PackedRows | None
+    plan: TrainingPlan
+    rank: int
+    world: int
+    device: torch.device
+    per_document: bool | None
+
+    def run(self) -> EvalScores | None:
+        if self.rows is None:
+            return None
+        per_rank = -(-len(self.rows) // self.world)
+        mine = np.arange(self.rank, per_rank * self.world, self.world)
+        mine[mine >= len(self.rows)] = EMPTY_ROW
+        sums = torch.zeros(3, dtype=torch.float64)   # loss, targets, correct
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, per_rank, self.plan.micro_batch_rows):
+                    batch = make_batch(self.rows, mine[start:start + self.plan.micro_batch_rows]).to(self.device)
+                    result = forward_loss(self.engine, batch, self.per_document)
+                    sums += torch.tensor([float(result.loss_sum), result.target_tokens, result.correct_tokens],
+                                         dtype=torch.float64)
+        finally:
+            self.engine.train()
+        if self.world > 1:
+            sums = all_reduce(sums)
+        targets = max(float(sums[1]), 1.0)
+        return EvalScores(loss=float(sums[0]) / targets, token_accuracy=float(sums[2]) / targets)
 
 
 def resume(engine: Any, folder: Path) -> int:
