@@ -45,7 +45,8 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
         def checkpoint_saved(self, path, epoch, step): ...
         def checkpoint_removed(self, path): ...
         def evaluated(self, step, epoch, weights, scores):
-            evaluations[step] = {"weights": weights, "loss": scores.loss, "token_accuracy": scores.token_accuracy}
+            if scores is not None:   # None: no eval data
+                evaluations[step] = {"weights": weights, "loss": scores.loss, "token_accuracy": scores.token_accuracy}
         def stop_requested(self): return loop.STOP_NONE
 
     loop.train(loop.TrainConfig(plan=plan, rank=rank, world_size=world, seed=0, learning_rate=2e-3, **arguments),
