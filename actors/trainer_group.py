@@ -21,7 +21,8 @@ from actors.messages import EvaluateRequest, StopRequest, TrainRequest, TrainRes
 from eventstore.schema import EventType
 from ray_finetune import settings, tracking
 from ray_finetune.train.distributed import free_port, join_process_group
-from ray_finetune.train.loop import STOP_AND_CHECKPOINT, STOP, STOP_NONE, EvalScores, StepReport, TrainConfig
+from ray_finetune.train.evaluation import EvalScores
+from ray_finetune.train.loop import STOP_AND_CHECKPOINT, STOP, STOP_NONE, StepReport, TrainConfig
 from ray_finetune.train.plan import TrainingPlan
 
 

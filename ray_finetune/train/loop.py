@@ -27,6 +27,7 @@ from ray_finetune.spec import Duration
 from ray_finetune.train.hardware import (BF16, choose_attention, choose_precision, deepspeed_config,
                                          training_device, zero_stage)
 from ray_finetune.train.distributed import all_reduce
+from ray_finetune.train.evaluation import EvalScores, Evaluation
 from ray_finetune.train.memory import checkpoint_activations, fit_micro_batch, with_micro_batch
 from ray_finetune.train.models import load_initial_model, load_tokenizer, parameter_count
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
@@ -63,12 +64,6 @@ class TrainOutcome:
 
 
 STOP_NONE, STOP, STOP_AND_CHECKPOINT = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class EvalScores:
-    loss: float              # mean over all target tokens of the eval rows
-    token_accuracy: float
 
 
 @dataclass(frozen=True)
@@ -308,7 +303,7 @@ def _agreed_stop(local: int, world: int) -> int:
     return int(all_reduce(torch.tensor([local], dtype=torch.int64), "max"))
 
 
-def _checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, reporter: Reporter, evaluation: "Evaluation",
+def _checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, reporter: Reporter, evaluation: Evaluation,
                 step: int) -> Path:
     epoch = _epochs_done(config.plan, step)
     path = save_checkpoint(engine, tokenizer, config, epoch=epoch, step=step + 1)
@@ -319,43 +314,6 @@ def _checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, reporter: Repo
         for removed in checkpoint.retain(path.parent, config.checkpoints_to_keep):
             reporter.checkpoint_removed(str(removed))
     return path
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """The eval loss and token accuracy of the weights being trained, computed by the trainers themselves: on their
-    devices, in their precision, with their shards (a model that needs several GPUs to train needs them to be
-    scored too). Rank r scores rows r, r + world, ...; every rank runs the same number of forward passes, padded
-    with empty rows (under ZeRO-3 each forward gathers weights from all ranks)."""
-    engine: Any
-    rows: PackedRows | None
-    plan: TrainingPlan
-    rank: int
-    world: int
-    device: torch.device
-    per_document: bool | None
-
-    def run(self) -> EvalScores | None:
-        if self.rows is None:
-            return None
-        per_rank = -(-len(self.rows) // self.world)
-        mine = np.arange(self.rank, per_rank * self.world, self.world)
-        mine[mine >= len(self.rows)] = EMPTY_ROW
-        sums = torch.zeros(3, dtype=torch.float64)   # loss, targets, correct
-        self.engine.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, per_rank, self.plan.micro_batch_rows):
-                    batch = make_batch(self.rows, mine[start:start + self.plan.micro_batch_rows]).to(self.device)
-                    result = forward_loss(self.engine, batch, self.per_document)
-                    sums += torch.tensor([float(result.loss_sum), result.target_tokens, result.correct_tokens],
-                                         dtype=torch.float64)
-        finally:
-            self.engine.train()
-        if self.world > 1:
-            sums = all_reduce(sums)
-        targets = max(float(sums[1]), 1.0)
-        return EvalScores(loss=float(sums[0]) / targets, token_accuracy=float(sums[2]) / targets)
 
 
 def resume(engine: Any, folder: Path) -> int:
