@@ -54,12 +54,13 @@ class StopRequest(Message):
 
 
 class EvaluateRequest(Message):
+    """What the trainers evaluated at `step`, to be recorded."""
     run: RunContext
-    weights_path: str                  # what the eval prompts are sampled from
     step: int
     epoch: int
-    eval_loss: float | None = None     # scored by the trainers; None when the run has no eval data
+    eval_loss: float | None = None     # None when the run has no eval data
     token_accuracy: float | None = None
+    generations: list[dict[str, str]] = []
 
 
 class EvaluationResult(Message):

@@ -1,8 +1,8 @@
 """The DeepSpeed trainer group: N worker actors (one per device) forming one torch.distributed group.
 
 The scheduler creates a group per run inside a placement group, starts `train` on every rank and awaits them all;
-all ranks score each checkpoint on the eval data; rank 0 reports progress, checkpoints and scores as events
-and hands the scores to the evaluator, which records them and samples the eval prompts.
+all ranks evaluate each checkpoint (eval data, eval prompts); rank 0 reports progress and checkpoints as events
+and hands what was evaluated to the evaluator, which records it.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from actors.messages import EvaluateRequest, StopRequest, TrainRequest, TrainRes
 from eventstore.schema import EventType
 from ray_finetune import settings, tracking
 from ray_finetune.train.distributed import free_port, join_process_group
-from ray_finetune.train.evaluation import EvalScores
+from ray_finetune.train.evaluation import EvalResult
 from ray_finetune.train.loop import STOP_AND_CHECKPOINT, STOP, STOP_NONE, StepReport, TrainConfig
 from ray_finetune.train.plan import TrainingPlan
 
@@ -92,17 +92,11 @@ class EventReporter:
         self._sink.emit(EventType.CHECKPOINT_SAVED, f"checkpoint {os.path.basename(path)}",
                         {"path": path, "epoch": epoch, "step": step})
 
-    def evaluated(self, step: int, epoch: int, weights: str | None, scores: EvalScores | None) -> None:
-        """The evaluator records the trainers' scores and samples the eval prompts from `weights` (by default the
-        weights the run starts from); a run with neither eval data nor prompts has no evaluator."""
-        if self._evaluator is None:
-            return
-        if weights is None:
-            initial = self._request.init_weights_path
-            weights = initial if initial and os.path.isdir(initial) else self._request.run.spec.model_path
+    def evaluated(self, step: int, epoch: int, result: EvalResult) -> None:
+        """The evaluator records what the trainers evaluated (metrics, generations, an EVALUATED event)."""
         ray.get(self._evaluator.evaluate.remote(EvaluateRequest(
-            run=self._request.run, weights_path=weights, step=step, epoch=epoch,
-            eval_loss=scores.loss if scores else None, token_accuracy=scores.token_accuracy if scores else None,
+            run=self._request.run, step=step, epoch=epoch, eval_loss=result.loss,
+            token_accuracy=result.token_accuracy, generations=result.generations,
         )))
 
 
@@ -113,7 +107,7 @@ class SilentReporter:
     def step_finished(self, report: StepReport) -> None: ...
     def checkpoint_saved(self, path: str, epoch: int, step: int) -> None: ...
     def checkpoint_removed(self, path: str) -> None: ...
-    def evaluated(self, step: int, epoch: int, weights: str | None, scores: EvalScores | None) -> None: ...
+    def evaluated(self, step: int, epoch: int, result: EvalResult) -> None: ...
     def close(self) -> None: ...
     def stop_requested(self) -> int:
         return STOP_NONE
@@ -170,8 +164,8 @@ class TrainerWorker:
             rank=self.rank, world_size=self.world_size, seed=request.run.spec.seed,
             checkpoint_every=request.run.spec.checkpoint_every,
             checkpoints_to_keep=request.run.spec.checkpoints_to_keep, resume_from=request.resume_from,
-            eval_rows_path=request.data.eval_rows_path,
-            evaluate_first=evaluator is not None and request.attempt == 1 and not request.resume_from,
+            eval_rows_path=request.data.eval_rows_path, eval_prompts=tuple(request.run.spec.eval_prompts),
+            task_type=request.run.spec.task_type, evaluate_first=request.attempt == 1 and not request.resume_from,
         )
         reporter = EventReporter(request, evaluator, lambda: self._stop) if self.rank == 0 else SilentReporter()
         outcome = train_reporting(lambda: loop.train(config, reporter), reporter)

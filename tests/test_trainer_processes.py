@@ -44,9 +44,9 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
         def step_finished(self, report): losses[report.step] = report.loss
         def checkpoint_saved(self, path, epoch, step): ...
         def checkpoint_removed(self, path): ...
-        def evaluated(self, step, epoch, weights, scores):
-            if scores is not None:   # None: no eval data
-                evaluations[step] = {"weights": weights, "loss": scores.loss, "token_accuracy": scores.token_accuracy}
+        def evaluated(self, step, epoch, result):
+            evaluations[step] = {"loss": result.loss, "token_accuracy": result.token_accuracy,
+                                 "generations": result.generations}
         def stop_requested(self): return loop.STOP_NONE
 
     loop.train(loop.TrainConfig(plan=plan, rank=rank, world_size=world, seed=0, learning_rate=2e-3, **arguments),
@@ -98,6 +98,9 @@ def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_s
         assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
 
 
+PROMPTS = ("what is the capital of france?", "count to five")
+
+
 def _eval_rows(model, folder: Path) -> str:
     """Eval data packed into an odd number of rows, so that two ranks split it unevenly."""
     from ray_finetune.data import formats, packing, sources
@@ -139,8 +142,9 @@ def test_zero3_trains_scores_and_saves_what_zero0_does(tiny_model, tmp_path):
     """ZeRO-3 partitions the weights themselves, from loading on: every layer is gathered when it runs (again when
     its activations are recomputed, as they are on GPUs under ZeRO-3), the chunked loss borrows the output weight
     (tied to the embeddings in this model), and the checkpoint's model/ must hold whole weights, not this rank's
-    slice. The trainers score the eval data before the first step and at every checkpoint, split over the ranks
-    (unevenly: padded), and their scores are what one process scoring the same weights alone gets."""
+    slice. The trainers evaluate before the first step and at every checkpoint: their scores of the eval data, split
+    over the ranks (unevenly: padded), are what one process scoring the same weights alone gets; every eval prompt
+    is sampled, alike under both stages from the same weights."""
     import torch
     from safetensors.torch import load_file
 
@@ -152,7 +156,7 @@ def test_zero3_trains_scores_and_saves_what_zero0_does(tiny_model, tmp_path):
                                   save_folder=str(tmp_path / stage), model_path=str(tiny_model),
                                   init_weights_path=None, train_rows_path=rows_path, stats=stats.as_dict(),
                                   zero_stage=stage, activation_checkpointing="on" if stage == "3" else "off",
-                                  eval_rows_path=eval_rows, evaluate_first=True)
+                                  eval_rows_path=eval_rows, evaluate_first=True, eval_prompts=PROMPTS)
         final = checkpoint.latest_complete(checkpoint.checkpoints_dir(tmp_path / stage, f"z{stage}"))
         weights[stage] = load_file(str(final / checkpoint.WEIGHTS_DIR / "model.safetensors"))
     assert runs["3"]["initialized"]["zero_stage"] == 3 and runs["3"]["initialized"]["activation_checkpointing"]
@@ -170,10 +174,16 @@ def test_zero3_trains_scores_and_saves_what_zero0_does(tiny_model, tmp_path):
     assert checkpointed[0] == 0 and checkpointed[-1] == max(runs["0"]["losses"]) and len(checkpointed) == 3
     for stage in ("0", "3"):
         assert sorted(runs[stage]["evaluations"]) == checkpointed
-        for step, scores in runs[stage]["evaluations"].items():
-            loss, accuracy = _scored_alone(scores["weights"] or str(tiny_model), eval_rows)
-            assert scores["loss"] == pytest.approx(loss, rel=1e-4), (stage, step)
-            assert scores["token_accuracy"] == pytest.approx(accuracy, abs=1e-6), (stage, step)
+        saved = {checkpoint.parse_name(folder.name)[1]: folder / checkpoint.WEIGHTS_DIR
+                 for folder in checkpoint.checkpoints_dir(tmp_path / stage, f"z{stage}").iterdir()
+                 if checkpoint.is_complete(folder)}
+        for step, evaluated in runs[stage]["evaluations"].items():
+            loss, accuracy = _scored_alone(str(saved[step]) if step else str(tiny_model), eval_rows)
+            assert evaluated["loss"] == pytest.approx(loss, rel=1e-4), (stage, step)
+            assert evaluated["token_accuracy"] == pytest.approx(accuracy, abs=1e-6), (stage, step)
+            assert [g["prompt"] for g in evaluated["generations"]] == list(PROMPTS)
+            assert all(isinstance(g["generation"], str) for g in evaluated["generations"])
+    assert runs["3"]["evaluations"][0]["generations"] == runs["0"]["evaluations"][0]["generations"]
     final = runs["0"]["evaluations"][checkpointed[-1]]["loss"]
     assert final < runs["0"]["evaluations"][0]["loss"]
 

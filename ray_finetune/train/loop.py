@@ -27,7 +27,7 @@ from ray_finetune.spec import Duration
 from ray_finetune.train.hardware import (BF16, choose_attention, choose_precision, deepspeed_config,
                                          training_device, zero_stage)
 from ray_finetune.train.distributed import all_reduce
-from ray_finetune.train.evaluation import EvalScores, Evaluation
+from ray_finetune.train.evaluation import EvalResult, Evaluation
 from ray_finetune.train.memory import checkpoint_activations, fit_micro_batch, with_micro_batch
 from ray_finetune.train.models import load_initial_model, load_tokenizer, parameter_count
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
@@ -52,7 +52,9 @@ class TrainConfig:
     checkpoint_every: Duration = Duration(value=1, unit="ep")
     checkpoints_to_keep: int = 3
     resume_from: str | None = None    # a complete checkpoint of this run: continue exactly where it was
-    eval_rows_path: str | None = None  # scored at every checkpoint, on the trainers' own devices
+    eval_rows_path: str | None = None  # evaluated at every checkpoint, on the trainers' own devices
+    eval_prompts: tuple[str, ...] = ()  # sampled at every checkpoint
+    task_type: str = "CHAT_COMPLETION"  # how eval prompts are formatted
     evaluate_first: bool = False      # also before the first step (the baseline a run's eval curve starts from)
 
 
@@ -88,9 +90,8 @@ class Reporter(Protocol):
     def step_finished(self, report: StepReport) -> None: ...
     def checkpoint_saved(self, path: str, epoch: int, step: int) -> None: ...
     def checkpoint_removed(self, path: str) -> None: ...
-    # After each checkpoint (`weights`: its model/ folder) and, when asked, before the first step (`weights` None:
-    # the weights the run starts from); `scores` None when the run has no eval data.
-    def evaluated(self, step: int, epoch: int, weights: str | None, scores: EvalScores | None) -> None: ...
+    # After each checkpoint and, when asked, before the first step; only for a run with eval data or prompts.
+    def evaluated(self, step: int, epoch: int, result: EvalResult) -> None: ...
     def stop_requested(self) -> int: ...   # STOP_NONE, STOP or STOP_AND_CHECKPOINT
 
 
@@ -159,11 +160,10 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
             "weights_from": config.resume_from or config.init_weights_path or config.model_path,
             "resumed_at_step": start_step, "pid": os.getpid(),
         })
-    evaluation = Evaluation(engine, eval_rows, plan, rank, world, device, per_document)
+    evaluation = Evaluation(engine, eval_rows, list(config.eval_prompts), tokenizer, config.task_type, plan, rank,
+                            world, device, per_document, sharded=stage == 3)
     if config.evaluate_first and start_step == 0:
-        scores = evaluation.run()
-        if rank == 0:
-            reporter.evaluated(0, 0, None, scores)
+        _evaluate(evaluation, config, reporter, step=0, epoch=0)
     engine.train()
     started = time.monotonic()
     last_checkpoint: Path | None = Path(config.resume_from) if config.resume_from else None
@@ -307,13 +307,20 @@ def _checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, reporter: Repo
                 step: int) -> Path:
     epoch = _epochs_done(config.plan, step)
     path = save_checkpoint(engine, tokenizer, config, epoch=epoch, step=step + 1)
-    scores = evaluation.run()
     if config.rank == 0:
         reporter.checkpoint_saved(str(path), epoch, step + 1)
-        reporter.evaluated(step + 1, epoch, str(path / checkpoint.WEIGHTS_DIR), scores)
+    _evaluate(evaluation, config, reporter, step=step + 1, epoch=epoch)
+    if config.rank == 0:
         for removed in checkpoint.retain(path.parent, config.checkpoints_to_keep):
             reporter.checkpoint_removed(str(removed))
     return path
+
+
+def _evaluate(evaluation: Evaluation, config: TrainConfig, reporter: Reporter, step: int, epoch: int) -> None:
+    if evaluation.wanted:
+        result = evaluation.run(seed=config.seed + step)   # every rank
+        if config.rank == 0:
+            reporter.evaluated(step, epoch, result)
 
 
 def resume(engine: Any, folder: Path) -> int:
