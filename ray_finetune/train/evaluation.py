@@ -91,8 +91,12 @@ class Evaluation:
                 torch.manual_seed(seed)
                 encoded = tokenizer(prompt_text(tokenizer, self.task_type, prompt), return_tensors="pt",
                                     add_special_tokens=False).to(self.device)
-                output = model.generate(**encoded, **SAMPLING, pad_token_id=tokenizer.pad_token_id,
-                                        eos_token_id=model.generation_config.eos_token_id, synced_gpus=self.sharded)
-                text = tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+                try:
+                    output = model.generate(**encoded, **SAMPLING, pad_token_id=tokenizer.pad_token_id,
+                                            eos_token_id=model.generation_config.eos_token_id,
+                                            synced_gpus=self.sharded)
+                    text = tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+                except Exception as error:  # noqa: BLE001 - a sample is not worth a run: say why it is missing
+                    text = f"[generation failed: {type(error).__name__}: {str(error)[:300]}]"
                 rows.append({"prompt": prompt, "generation": text.strip()})
         return rows
