@@ -45,6 +45,10 @@ PLACEMENT_PATIENCE_S = 5.0  # a trainer group not placed by then is waiting for 
 _INTERRUPTIONS = (ActorDiedError, RayActorError, NodeDiedError, OwnerDiedError)
 
 
+class PlacementTimeoutError(RuntimeError):
+    """The cluster did not make room for a run's trainer group in time (settings.placement_timeout_s)."""
+
+
 def run_name_for(model: str, taken: set[str]) -> str:
     stem = re.sub(r"[^a-z0-9]+", "-", model.rstrip("/").split("/")[-1].lower()).strip("-")[:32] or "run"
     while True:
@@ -205,7 +209,7 @@ class Scheduler:
             group = TrainerGroup(world, gpus_per_worker=int(on_gpus), run_name=name,
                                  resources=self.settings.trainer_resources)
             self.groups[name] = group
-            nodes = await self._placed(group, sink)
+            nodes = await self._placed(group, sink, self.settings.placement_timeout_s)
             await sink.emit_async(EventType.PLACED, f"trainer group of {world} worker(s) placed on "
                                   f"{len(set(nodes))} node(s)", {"world_size": world, "nodes": nodes,
                                                                  "plan": plan.as_dict()})
@@ -284,15 +288,24 @@ class Scheduler:
             pass
 
     @staticmethod
-    async def _placed(group: TrainerGroup, sink: EventSink) -> list[str]:
+    async def _placed(group: TrainerGroup, sink: EventSink, timeout_s: int) -> list[str]:
         """The trainer group's nodes once it is placed. A group that waits (a busy cluster, or GPU nodes an autoscaler
         is starting) gets a WAITING_FOR_RESOURCES event naming what it waits for, so a run that sits in STARTING
-        says why."""
+        says why; one still waiting after `timeout_s` (0: never) fails the run, saying what it waited for and what
+        the cluster has, instead of holding its place in the queue forever."""
         if not await group.placed_within(PLACEMENT_PATIENCE_S):
             each = ", ".join(f"{resource} {amount:g}" for resource, amount in group.bundle.items())
             await sink.emit_async(EventType.WAITING_FOR_RESOURCES,
                                   f"waiting for the cluster to free or start {group.world_size} x ({each}) for the "
                                   "trainer group", {"world_size": group.world_size, "bundle": group.bundle})
+            if timeout_s and not await group.placed_within(max(0.0, timeout_s - PLACEMENT_PATIENCE_S)):
+                has = ", ".join(f"{resource} {amount:g}" for resource, amount in sorted(ray.cluster_resources().items())
+                                if not resource.startswith(("node:", "memory", "object_store_memory")))
+                raise PlacementTimeoutError(
+                    f"the cluster did not make room for the trainer group ({group.world_size} x ({each})) within "
+                    f"{timeout_s} s; it has {has or 'nothing'}. Check that nodes with those resources can start "
+                    "(`ray status`, the autoscaler's logs), or ask for less (RAY_FINETUNE_TRAINER_DEVICE=cpu, "
+                    "RAY_FINETUNE_TRAINER_WORKERS); RAY_FINETUNE_PLACEMENT_TIMEOUT_S=0 waits forever")
         return await group.ready()
 
     def _release(self, name: str, actors: list[Any]) -> None:

@@ -30,6 +30,9 @@ class Settings:
     activation_checkpointing: str = "auto"
     # "off" or "on": torch.compile each decoder layer on GPUs (compiles for a minute or two at the start of a run).
     compile: str = "off"
+    # A run whose trainer group the cluster cannot place within this many seconds fails, saying what it waited
+    # for (GPU nodes that never start, a cluster too small); 0 waits forever.
+    placement_timeout_s: int = 3600
 
     @property
     def event_log_path(self) -> Path:
@@ -58,6 +61,7 @@ class Settings:
             "RAY_FINETUNE_ZERO_STAGE": self.zero_stage,
             "RAY_FINETUNE_ACTIVATION_CHECKPOINTING": self.activation_checkpointing,
             "RAY_FINETUNE_COMPILE": self.compile,
+            "RAY_FINETUNE_PLACEMENT_TIMEOUT_S": str(self.placement_timeout_s),
         }
 
 
@@ -78,6 +82,7 @@ def load() -> Settings:
         zero_stage=_one_of("RAY_FINETUNE_ZERO_STAGE", ZERO_STAGES),
         activation_checkpointing=_one_of("RAY_FINETUNE_ACTIVATION_CHECKPOINTING", ("auto", "on", "off")),
         compile=_one_of("RAY_FINETUNE_COMPILE", ("off", "on")),
+        placement_timeout_s=_count("RAY_FINETUNE_PLACEMENT_TIMEOUT_S", default=3600, least=0),
     )
 
 

@@ -6,7 +6,8 @@
                                                       # then waits for both to end (the test kills a node meanwhile)
     python multinode_driver.py job TINY_MODEL WORK    # one run created, followed and finished (as a Ray job)
     python multinode_driver.py on_demand TINY_MODEL WORK  # one run; prints once its trainers wait for a GPU (the
-                                                          # test then starts a GPU node), then waits for its end
+                                                          # test then starts a GPU node, or not), then waits for
+                                                          # its end
 
 Each prints JSON lines on stdout; the last one is the result.
 """
@@ -101,7 +102,8 @@ def on_demand(model: str, work: Path) -> None:
                     training_duration="1ep", context_length=64)
     pending_gpus, types, deadline = 0, [], time.time() + 300
     # Until the trainers' placement waits for a GPU and the log says so (or, wrongly, they were placed anyway).
-    while time.time() < deadline and not (pending_gpus and "WAITING_FOR_RESOURCES" in types) and "PLACED" not in types:
+    while time.time() < deadline and not (pending_gpus and "WAITING_FOR_RESOURCES" in types) and not (
+            {"PLACED", "FAILED"} & set(types)):
         pending_gpus = sum(bundle.get("GPU", 0) for group in placement_group_table().values()
                            if group["state"] == "PENDING" for bundle in group["bundles"].values())
         types = [e.type for e in log(run.name)]
@@ -109,8 +111,11 @@ def on_demand(model: str, work: Path) -> None:
     say(pending_gpus=pending_gpus, events=types,
         waiting=[e.message for e in log(run.name) if e.type == "WAITING_FOR_RESOURCES"])
     finished = run.wait(timeout=600)
-    say(result={"status": finished.status.value, "sockets": node_sockets(),
-                "placed": [e.payload["nodes"] for e in log(run.name) if e.type == "PLACED"]})
+    pending_gpus = sum(bundle.get("GPU", 0) for group in placement_group_table().values()
+                       if group["state"] == "PENDING" for bundle in group["bundles"].values())
+    say(result={"status": finished.status.value, "details": finished.details, "sockets": node_sockets(),
+                "placed": [e.payload["nodes"] for e in log(run.name) if e.type == "PLACED"],
+                "pending_gpus": pending_gpus})
 
 
 if __name__ == "__main__":

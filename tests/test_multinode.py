@@ -177,3 +177,20 @@ def test_a_run_told_to_train_on_gpus_waits_for_a_gpu_node(tiny_model, tmp_path):
         assert result["status"] == "COMPLETED"
         gpu_node = next(node for node, socket_path in result["sockets"].items() if f"{cluster.root}/gpu/" in socket_path)
         assert result["placed"] == [[gpu_node]]
+
+
+def test_a_run_whose_gpus_never_come_fails_saying_what_it_waited_for(tiny_model, tmp_path):
+    """No autoscaler here, so the GPU node it waits for never starts: after RAY_FINETUNE_PLACEMENT_TIMEOUT_S the
+    run fails with a reason an operator can act on, and leaves no pending GPU request behind (an autoscaler would
+    otherwise keep starting nodes for it)."""
+    with head_node(RAY_FINETUNE_TRAINER_DEVICE="gpu", RAY_FINETUNE_PLACEMENT_TIMEOUT_S="20") as cluster:
+        driver = subprocess.run([sys.executable, str(DRIVER), "on_demand", str(tiny_model), str(tmp_path)],
+                                env=cluster.env, capture_output=True, text=True, cwd=TESTS.parent, timeout=600)
+        assert driver.returncode == 0, driver.stderr[-4000:]
+        lines = [json.loads(line) for line in driver.stdout.strip().splitlines()]
+        assert lines[0]["waiting"] and lines[0]["pending_gpus"] == 1   # it waited, and said so, first
+        result = lines[-1]["result"]
+        assert result["status"] == "FAILED" and result["placed"] == [] and result["pending_gpus"] == 0
+        assert result["details"].startswith("PlacementTimeoutError: the cluster did not make room for the trainer "
+                                            "group (1 x (CPU 1, GPU 1)) within 20 s; it has CPU 1")
+        assert "RAY_FINETUNE_PLACEMENT_TIMEOUT_S=0 waits forever" in result["details"]
