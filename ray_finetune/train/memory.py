@@ -34,6 +34,10 @@ class StateBytes:
     def total(self) -> int:
         return self.weights + self.gradients + self.optimizer
 
+    def per_gpu(self, stage: int, world: int) -> float:
+        """Bytes per parameter on each of `world` GPUs: ZeRO-3 shards everything, ZeRO-2 the optimizer side only."""
+        return self.total / world if stage == 3 else self.weights + self.gradients + self.optimizer / world
+
 
 STATE_BYTES = {"bf16": StateBytes(weights=2, gradients=2, optimizer=16), "fp32": StateBytes(4, 4, 8)}
 # Left free for the allocator's fragmentation and the collectives' buffers.
@@ -49,9 +53,8 @@ def gpu_zero_stage(parameters: int, world: int, gpu_memory: int, precision: str 
     even sharded over all `world` GPUs (ZeRO-3 loads each rank's shard only: models.load_model)."""
     state_bytes = STATE_BYTES[precision]
     total = parameters * state_bytes.total
-    zero2_state = parameters * (state_bytes.weights + state_bytes.gradients + state_bytes.optimizer / world)
-    stage, state = (2, zero2_state) if world == 1 or zero2_state <= ZERO2_STATE_SHARE * gpu_memory \
-        else (3, total / world)
+    stage = 2 if world == 1 or parameters * state_bytes.per_gpu(2, world) <= ZERO2_STATE_SHARE * gpu_memory else 3
+    state = parameters * state_bytes.per_gpu(stage, world)
     usable = (1 - HEADROOM) * gpu_memory
     if state > usable:
         raise torch.OutOfMemoryError(
@@ -111,7 +114,7 @@ def fit_micro_batch(plan: TrainingPlan, parameters: int, device: torch.device, t
     search runs again."""
     per_rank = plan.global_batch_rows // plan.world_size
     state_bytes = STATE_BYTES[precision]   # the weights are on the GPU already
-    reserve_bytes = parameters * (state_bytes.optimizer / plan.world_size + state_bytes.gradients)
+    reserve_bytes = parameters * (state_bytes.per_gpu(2, plan.world_size) - state_bytes.weights)
     free, total = torch.cuda.mem_get_info(device)
     reserve_bytes += int(total * HEADROOM)
     reserved = torch.empty(int(min(reserve_bytes, free)), dtype=torch.uint8, device=device)
