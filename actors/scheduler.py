@@ -49,6 +49,11 @@ class PlacementTimeoutError(RuntimeError):
     """The cluster did not make room for a run's trainer group in time (settings.placement_timeout_s)."""
 
 
+def _listed(resources: dict[str, float]) -> str:
+    """Ray resources as an operator reads them: "CPU 1, GPU 1"."""
+    return ", ".join(f"{resource} {amount:g}" for resource, amount in resources.items())
+
+
 def run_name_for(model: str, taken: set[str]) -> str:
     stem = re.sub(r"[^a-z0-9]+", "-", model.rstrip("/").split("/")[-1].lower()).strip("-")[:32] or "run"
     while True:
@@ -294,13 +299,13 @@ class Scheduler:
         says why; one still waiting after `timeout_s` (0: never) fails the run, saying what it waited for and what
         the cluster has, instead of holding its place in the queue forever."""
         if not await group.placed_within(PLACEMENT_PATIENCE_S):
-            each = ", ".join(f"{resource} {amount:g}" for resource, amount in group.bundle.items())
+            each = _listed(group.bundle)
             await sink.emit_async(EventType.WAITING_FOR_RESOURCES,
                                   f"waiting for the cluster to free or start {group.world_size} x ({each}) for the "
                                   "trainer group", {"world_size": group.world_size, "bundle": group.bundle})
             if timeout_s and not await group.placed_within(max(0.0, timeout_s - PLACEMENT_PATIENCE_S)):
-                has = ", ".join(f"{resource} {amount:g}" for resource, amount in sorted(ray.cluster_resources().items())
-                                if not resource.startswith(("node:", "memory", "object_store_memory")))
+                has = _listed({resource: amount for resource, amount in sorted(ray.cluster_resources().items())
+                               if not resource.startswith(("node:", "memory", "object_store_memory"))})
                 raise PlacementTimeoutError(
                     f"the cluster did not make room for the trainer group ({group.world_size} x ({each})) within "
                     f"{timeout_s} s; it has {has or 'nothing'}. Check that nodes with those resources can start "

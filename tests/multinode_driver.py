@@ -97,6 +97,11 @@ def on_demand(model: str, work: Path) -> None:
     from ray_finetune import foundation_model as fm
     from tiny_model import write_chat_jsonl
 
+    def pending() -> float:
+        """GPUs the cluster's placements wait for."""
+        return sum(bundle.get("GPU", 0) for group in placement_group_table().values()
+                   if group["state"] == "PENDING" for bundle in group["bundles"].values())
+
     data = write_chat_jsonl(work / "on_demand.jsonl", 24)
     run = fm.create(model=model, train_data_path=str(data), register_to="main.tests.on_demand",
                     training_duration="1ep", context_length=64)
@@ -104,18 +109,15 @@ def on_demand(model: str, work: Path) -> None:
     # Until the trainers' placement waits for a GPU and the log says so (or, wrongly, they were placed anyway).
     while time.time() < deadline and not (pending_gpus and "WAITING_FOR_RESOURCES" in types) and not (
             {"PLACED", "FAILED"} & set(types)):
-        pending_gpus = sum(bundle.get("GPU", 0) for group in placement_group_table().values()
-                           if group["state"] == "PENDING" for bundle in group["bundles"].values())
+        pending_gpus = pending()
         types = [e.type for e in log(run.name)]
         time.sleep(0.5)
     say(pending_gpus=pending_gpus, events=types,
         waiting=[e.message for e in log(run.name) if e.type == "WAITING_FOR_RESOURCES"])
     finished = run.wait(timeout=600)
-    pending_gpus = sum(bundle.get("GPU", 0) for group in placement_group_table().values()
-                       if group["state"] == "PENDING" for bundle in group["bundles"].values())
     say(result={"status": finished.status.value, "details": finished.details, "sockets": node_sockets(),
                 "placed": [e.payload["nodes"] for e in log(run.name) if e.type == "PLACED"],
-                "pending_gpus": pending_gpus})
+                "pending_gpus": pending()})
 
 
 if __name__ == "__main__":
