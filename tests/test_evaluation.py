@@ -28,7 +28,7 @@ def test_an_eval_prompt_that_cannot_be_sampled_is_recorded_and_training_goes_on(
                              train=lambda: modes.append("train"))
     plan = make_plan(rows=4, tokens=100, duration=Duration(value=1, unit="ep"), world_size=1, seed=0)
     evaluation = Evaluation(engine, None, ["first", "second"], load_tokenizer(tiny_model), "CHAT_COMPLETION", plan,
-                            rank=0, world=1, device=torch.device("cpu"), per_document=None, sharded=False)
+                            rank=0, world=1, device=torch.device("cpu"), sharded=False)
     before = torch.get_rng_state()
     result = evaluation.run(seed=7)
     assert result.loss is None and [g["prompt"] for g in result.generations] == ["first", "second"]

@@ -13,7 +13,7 @@ import torch
 from ray_finetune.data.packing import PackedRows
 from ray_finetune.train.distributed import all_reduce
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
-from ray_finetune.train.step import forward_loss, make_batch
+from ray_finetune.train.step import forward_loss, make_batch, per_document_for
 
 # SPEC §2: how eval prompts are sampled.
 SAMPLING = {"max_new_tokens": 100, "do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 0.95}
@@ -46,7 +46,6 @@ class Evaluation:
     rank: int
     world: int
     device: torch.device
-    per_document: bool | None     # as the loop runs forward passes (step.forward_loss)
     sharded: bool                 # ZeRO-3: every forward gathers weights from all ranks
 
     @property
@@ -72,7 +71,7 @@ class Evaluation:
         sums = torch.zeros(3, dtype=torch.float64)   # loss, targets, correct
         for start in range(0, per_rank, self.plan.micro_batch_rows):
             batch = make_batch(self.rows, mine[start:start + self.plan.micro_batch_rows]).to(self.device)
-            result = forward_loss(self.engine, batch, self.per_document)
+            result = forward_loss(self.engine, batch, per_document_for(self.sharded))
             sums += torch.tensor([float(result.loss_sum), result.target_tokens, result.correct_tokens],
                                  dtype=torch.float64)
         if self.world > 1:

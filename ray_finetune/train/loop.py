@@ -32,7 +32,7 @@ from ray_finetune.train.memory import checkpoint_activations, fit_micro_batch, w
 from ray_finetune.train.models import load_initial_model, load_tokenizer, parameter_count
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
 from ray_finetune.train.schedule import lr_factor
-from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
+from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch, per_document_for
 
 BETAS = (0.9, 0.95)
 
@@ -148,9 +148,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
         wrapped.probe_split()
         for parameter in wrapped.borrowed_parameters():
             deepspeed.zero.register_external_parameter(wrapped, parameter)
-    # ZeRO-3 gathers each layer's weights from all ranks whenever the layer runs, so every rank must run the same
-    # modules the same number of times: whole rows, not one forward per document (their number differs by rank).
-    per_document = None if stage < 3 else False
+    per_document = per_document_for(sharded=stage == 3)
     start_step = resume(engine, resume_from) if resume_from else 0
     if rank == 0:
         reporter.model_initialized({
@@ -161,7 +159,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
             "resumed_at_step": start_step, "pid": os.getpid(),
         })
     evaluation = Evaluation(engine, eval_rows, list(config.eval_prompts), tokenizer, config.task_type, plan, rank,
-                            world, device, per_document, sharded=stage == 3)
+                            world, device, sharded=stage == 3)
     if config.evaluate_first and start_step == 0:
         _evaluate(evaluation, config, reporter, step=0, epoch=0)
     engine.train()

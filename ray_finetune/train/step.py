@@ -79,6 +79,13 @@ class CausalLMLoss(torch.nn.Module):
         return self.lm.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
+def per_document_for(sharded: bool) -> bool | None:
+    """How forward_loss may run a ZeRO-3-sharded model: it gathers each layer's weights from all ranks whenever the
+    layer runs, so every rank must run the same modules the same number of times -- whole rows, not one forward per
+    document (their number differs by rank). Otherwise the device decides (None)."""
+    return False if sharded else None
+
+
 def forward_loss(model: torch.nn.Module, batch: Batch, per_document: bool | None = None) -> LossSums:
     """Summed token loss of packed rows, documents kept apart. `model` is a CausalLMLoss or a DeepSpeed engine
     around one.
