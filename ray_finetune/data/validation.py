@@ -121,15 +121,15 @@ def check_checkpoint(parameter: str, path: str, model_path: str | Path) -> None:
 
 
 def _check_state_dict(parameter: str, file: Path, model_path: Path) -> None:
-    import torch
     from safetensors import safe_open
 
+    from ray_finetune.train.models import read_state_dict
+
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = read_state_dict(file)   # as the trainers will read it
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same answer
         raise ValidationError(parameter, f"{str(file)!r} is not a readable state dict ({error})",
                               expected="a .pt file written by torch.save(model.state_dict())") from None
-    state = state.get("module", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise ValidationError(parameter, f"{str(file)!r} does not hold a state dict", expected="a dict of tensors")
     expected: dict[str, tuple[int, ...]] = {}

@@ -161,12 +161,17 @@ def load_initial_model(model_path: str | Path, weights: str | Path | None, atten
         return load_model(model_path, dtype, attention, zero3_config)
     if Path(weights).suffix != ".pt":
         return load_model(weights, dtype, attention, zero3_config)
+    model = load_model(model_path, dtype, attention, zero3_config)
+    _copy_weights(model, read_state_dict(weights))
+    return model
+
+
+def read_state_dict(file: str | Path) -> Any:
+    """A .pt of custom weights: a state dict, or DeepSpeed's {"module": state dict}; memory-mapped, not read whole."""
     import torch
 
-    model = load_model(model_path, dtype, attention, zero3_config)
-    state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
-    _copy_weights(model, state.get("module", state))
-    return model
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    return state.get("module", state) if isinstance(state, dict) else state
 
 
 def _copy_weights(model: Any, state: dict[str, Any]) -> None:
