@@ -106,3 +106,37 @@ def test_a_template_that_rewrites_contents_falls_back_to_the_prefix_method(smoll
     full, spans = _spans_by_prefixes(tokenizer, messages)
     assert tokenizer.decode(example.input_ids) == full and "padded  " not in full
     assert targets_text(tokenizer, example) == ["answer<|im_end|>\n"]
+
+
+def test_the_turn_end_is_the_special_token_that_closes_assistant_turns(smollm2_tokenizer, tmp_path):
+    import copy
+
+    from ray_finetune.data.formats import turn_end_token_id
+    from ray_finetune.train.models import load_tokenizer
+    from tiny_model import build_tiny_model
+
+    assert turn_end_token_id(smollm2_tokenizer) == smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    base = load_tokenizer(build_tiny_model(tmp_path / "base", eos_token="<|endoftext|>"))
+    assert base.eos_token == "<|endoftext|>" and turn_end_token_id(base) == base.convert_tokens_to_ids("<|im_end|>")
+    plain = copy.deepcopy(smollm2_tokenizer)   # turns end in plain text: nothing to stop at but EOS
+    plain.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n\\n' }}{% endfor %}"
+    assert turn_end_token_id(plain) is None
+    plain.chat_template = None
+    assert turn_end_token_id(plain) is None
+
+
+def test_generation_stops_at_eos_the_turn_end_and_the_models_own_stop_tokens(smollm2_tokenizer):
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from ray_finetune.train.models import set_stop_tokens
+
+    end_of_turn = smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=[3, 7]))   # Llama 3 lists several
+    assert set_stop_tokens(model, smollm2_tokenizer) == [3, 7, end_of_turn]
+    assert model.generation_config.eos_token_id == [3, 7, end_of_turn]
+    model = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=end_of_turn))
+    assert set_stop_tokens(model, smollm2_tokenizer) == [end_of_turn]
+    assert model.generation_config.eos_token_id == end_of_turn   # EOS is the turn end: one id, as before
+    assert model.generation_config.pad_token_id == smollm2_tokenizer.pad_token_id

@@ -81,6 +81,33 @@ def test_a_run_goes_from_create_to_a_registered_model(cluster, tiny_model, chat_
     assert run.name in [r.name for r in fm.list()]
 
 
+def test_a_base_model_trained_on_chats_stops_at_the_end_of_its_turn_when_served(cluster, chat_data, tmp_path):
+    """A base model's EOS ends documents; its chat template ends turns with another token, which chat training
+    teaches it to emit. Served, it must stop there, or it writes the user's next turn itself."""
+    import mlflow
+
+    from tiny_model import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "base", eos_token="<|endoftext|>")
+    run = create(model, chat_data, training_duration="1ep", eval_prompts=["count to five"]).wait(timeout=300)
+    assert run.status == RunStatus.COMPLETED, run.details
+    initialized = [e for e in fm.get_events(run.name) if e.type == "MODEL_INITIALIZED"][0].payload
+    assert initialized["stop_tokens"] == ["<|endoftext|>", "<|im_end|>"]
+    saved = json.loads((Path(run.save_folder) / run.name / "final_model" / "generation_config.json").read_text())
+
+    mlflow.set_tracking_uri(cluster.tracking_uri)
+    mlflow.set_registry_uri(cluster.tracking_uri)
+    served = mlflow.transformers.load_model(f"models:/main.tests.{run.name}/1")
+    eos, end_of_turn = served.tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    assert saved["eos_token_id"] == [eos, end_of_turn]
+    prompt = served.tokenizer.apply_chat_template([{"role": "user", "content": "count to five"}],
+                                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    # Whatever the tiny model would say, make its first word the end of its turn: generation ends right there.
+    output = served.model.generate(**prompt, max_new_tokens=20, do_sample=False,
+                                   sequence_bias={(end_of_turn,): 100.0})
+    assert output[0, prompt["input_ids"].shape[1]:].tolist() == [end_of_turn]
+
+
 def test_cancel_a_queued_run_and_a_running_one_with_a_final_checkpoint(cluster, tiny_model, chat_data):
     running = create(tiny_model, chat_data, training_duration="5000ba")
     queued = create(tiny_model, chat_data, training_duration="1ba")

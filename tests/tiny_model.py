@@ -18,7 +18,9 @@ CORPUS = [
 
 
 def build_tiny_model(folder: Path, *, vocab_size: int = 384, hidden_size: int = 64, layers: int = 2,
-                     max_positions: int = 512) -> Path:
+                     max_positions: int = 512, eos_token: str = "<|im_end|>") -> Path:
+    """A chat model whose EOS ends its turns; `eos_token="<|endoftext|>"` makes it base-model-like (its EOS ends
+    documents, its chat template ends turns with <|im_end|>, as Qwen2.5's base models do)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -33,7 +35,7 @@ def build_tiny_model(folder: Path, *, vocab_size: int = 384, hidden_size: int = 
     )
     raw.train_from_iterator(CORPUS, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        tokenizer_object=raw, bos_token="<|im_start|>", eos_token=eos_token, pad_token=eos_token,
         unk_token="<|endoftext|>",
     )
     tokenizer.chat_template = CHATML_TEMPLATE

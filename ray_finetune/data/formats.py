@@ -129,15 +129,18 @@ def _turn_shape(tokenizer: Any) -> _TurnShape | None:
     return _SHAPES[template]
 
 
+def _assistant_closer(tokenizer: Any) -> str:
+    """What the template writes right after an assistant message's content: its end of turn."""
+    full = _render(tokenizer, _PROBES[0])
+    content = _PROBES[0][1]["content"]
+    return full[full.index(content) + len(content):]
+
+
 def _probe_turn_shape(tokenizer: Any) -> _TurnShape | None:
     try:
         probe = _PROBES[0]
         opener = _render(tokenizer, probe[:1], generation_prompt=True)[len(_render(tokenizer, probe[:1])):]
-        full = _render(tokenizer, probe)
-        content = probe[1]["content"]
-        after = full.index(content) + len(content)
-        closer = full[after:]
-        shape = _TurnShape(opener, closer)
+        shape = _TurnShape(opener, _assistant_closer(tokenizer))
         if all(_spans_by_shape(tokenizer, p, shape) == _spans_by_prefixes(tokenizer, p) for p in _PROBES):
             return shape
     except (ValidationError, ValueError):
@@ -173,6 +176,22 @@ def _spans_by_shape(tokenizer: Any, messages: list[dict[str, str]], shape: _Turn
             return None
         spans.append((start, end))
     return full, spans
+
+
+def turn_end_token_id(tokenizer: Any) -> int | None:
+    """The special token the chat template ends an assistant turn with (`<|im_end|>`, `<end_of_turn>`,
+    `<|eot_id|>`): chat training teaches the model to emit it (it is a target), so generation must stop there.
+    Often not the tokenizer's EOS: a base model's EOS ends documents (Qwen2.5's `<|endoftext|>`, Llama 3.2's
+    `<|end_of_text|>`). None without a chat template, or when turns end in plain text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        closer = _assistant_closer(tokenizer)
+    except ValueError:   # the template changes contents; no turn end to find
+        return None
+    ids = tokenizer(closer, add_special_tokens=False)["input_ids"] if closer else []
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return int(ids[0]) if ids and ids[0] in special else None
 
 
 def format_instruction(tokenizer: Any, prompt: str, response: str) -> TokenizedExample:

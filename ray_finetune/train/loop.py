@@ -29,7 +29,7 @@ from ray_finetune.train.hardware import (BF16, choose_attention, choose_precisio
 from ray_finetune.train.distributed import all_reduce
 from ray_finetune.train.evaluation import EvalResult, Evaluation
 from ray_finetune.train.memory import checkpoint_activations, fit_micro_batch, with_micro_batch
-from ray_finetune.train.models import load_initial_model, load_tokenizer, parameter_count
+from ray_finetune.train.models import load_initial_model, load_tokenizer, parameter_count, set_stop_tokens
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
 from ray_finetune.train.schedule import lr_factor
 from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch, per_document_for
@@ -127,8 +127,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     # instead of each rank converting its own fp32 copy on the host (4 bytes per parameter, per rank).
     model = load_initial_model(config.model_path, config.init_weights_path, attention, sharded_by,
                                dtype=torch.bfloat16 if precision == BF16 else torch.float32)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    stop_tokens = set_stop_tokens(model, tokenizer)
     attention, sizing = _ready_model(model, attention, rows, device, precision, stage,
                                      compile_layers=chosen.compile == "on")
     plan, fitted = _fit_memory(model, parameters, plan, rows, device, precision, stage,
@@ -155,6 +154,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
             "parameters": parameters, "device": str(device),
             "precision": precision, "attention": attention, "zero_stage": stage, "world_size": world,
             "plan": plan.as_dict(), **sizing, "chunked_loss": wrapped.split is not None,
+            "stop_tokens": tokenizer.convert_ids_to_tokens(stop_tokens),
             "weights_from": config.resume_from or config.init_weights_path or config.model_path,
             "resumed_at_step": start_step, "pid": os.getpid(),
         })

@@ -86,8 +86,7 @@ def _converted(gguf: Path, name: str) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    set_stop_tokens(model, tokenizer)
     staging = target.with_name(target.name + f".tmp-{os.getpid()}")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
@@ -97,6 +96,22 @@ def _converted(gguf: Path, name: str) -> Path:
     except OSError:  # another process converted it first
         pass
     return target
+
+
+def set_stop_tokens(model: Any, tokenizer: Any) -> list[int]:
+    """Make generation stop where training teaches the model to stop: at the tokenizer's EOS, at the chat template's
+    end of turn (when that is another token, a model trained on chats would otherwise run on past its answer into
+    a made-up next turn, in evaluation and once served), and at whatever its own generation config stopped at
+    already (Llama 3 lists several). The generation config is saved with every checkpoint and the final model."""
+    from ray_finetune.data.formats import turn_end_token_id
+
+    configured = model.generation_config.eos_token_id
+    stops = [configured] if isinstance(configured, int) else list(configured or [])
+    stops += [tokenizer.eos_token_id, turn_end_token_id(tokenizer)]
+    stops = list(dict.fromkeys(int(token) for token in stops if token is not None))
+    model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return stops
 
 
 def load_tokenizer(path: str | Path) -> Any:
