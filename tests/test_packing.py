@@ -73,9 +73,26 @@ def model(tiny_model):
 LAYOUTS = [("per-document", "sdpa"), ("packed", "sdpa"), ("packed", "eager"), ("packed", "flex_attention")]
 
 
+@pytest.fixture(scope="module")
+def sliding_window_model(tmp_path_factory):
+    """A tiny Gemma 3: most of its layers attend over a sliding window only (8 tokens here, shorter than most
+    documents), so a packed row must keep both the documents and the windows apart."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                              max_position_embeddings=256, layer_types=["sliding_attention"] * 3 + ["full_attention"])
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("gemma3")
+    Gemma3ForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
 @pytest.mark.parametrize("layout,attention", LAYOUTS, ids=[f"{a}-{b}" for a, b in LAYOUTS])
-def test_packed_and_unpacked_loss_are_equal(tiny_model, layout, attention):
-    model = load_model(tiny_model, attention=attention).eval()
+def test_packed_and_unpacked_loss_are_equal(request, architecture, layout, attention):
+    folder = request.getfixturevalue("tiny_model" if architecture == "llama" else "sliding_window_model")
+    model = load_model(folder, attention=attention).eval()
     per_document = layout == "per-document"
     data = examples(12, seed=3, vocab=300)
     rows, _ = pack_examples(data, 128, pad_id=0)
