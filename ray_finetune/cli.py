@@ -268,10 +268,12 @@ def sql(query: str, as_json: bool = typer.Option(False, "--json")) -> None:
     from ray_finetune import events as event_log
 
     frame = _guarded(lambda: event_log.sql(query))
+    # SQL NULL prints as an empty cell and JSON null; pandas holds it as NaN, which is not JSON.
+    rows = frame.astype(object).where(frame.notna(), None)
     if as_json:
-        _print_json(frame.to_dict(orient="records"))
+        _print_json(rows.to_dict(orient="records"))
         return
-    _table(None, [str(c) for c in frame.columns], frame.values.tolist())
+    _table(None, [str(c) for c in frame.columns], rows.values.tolist())
 
 
 @app.command()

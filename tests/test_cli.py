@@ -36,6 +36,13 @@ def test_create_wait_then_inspect_from_the_shell(cluster, tiny_model, chat_data)
     assert checkpoints[-1].endswith("ba3")
     rows = json.loads(invoke("sql", f"SELECT status FROM runs WHERE run_name = '{name}'", "--json").stdout)
     assert rows == [{"status": "COMPLETED"}]
+    # A field that some events lack is SQL NULL: JSON null for scripts (not NaN, which no JSON parser takes), an
+    # empty cell in the table.
+    query = (f"SELECT type, (payload->>'loss')::DOUBLE AS loss FROM events WHERE run_name = '{name}' "
+             "AND type IN ('CREATED', 'TRAIN_UPDATED') ORDER BY seq")
+    rows = json.loads(invoke("sql", query, "--json").stdout)
+    assert rows[0] == {"type": "CREATED", "loss": None} and isinstance(rows[1]["loss"], float)
+    assert "nan" not in invoke("sql", query).stdout.lower()
     assert "TRAIN_UPDATED" in invoke("events", name).stdout
     assert "COMPLETED" in invoke("events", name, "--follow").stdout
 
