@@ -43,6 +43,9 @@ CORPUS = [
     ("record-extra-key", chat_file(line({"messages": [U, A], "meta": 1})), "train_data_path", "unknown keys ['meta']",
      1),
     ("empty-file", chat_file(""), "train_data_path", "has no records", None),
+    ("json-and-shape", chat_file(line({"messages": [U]}), GOOD_CHAT, "{oops"), "train_data_path",
+     "2 of 3 records are malformed (line 1: 'messages' must be a list of at least two messages; line 3: is not "
+     "valid JSON", 1),   # every problem of a file in one answer, not one per attempt
     ("not-utf8", {"file": ("train.jsonl", b'{"messages": "caf\xe9"}\n')}, "train_data_path", "not UTF-8", 1),
     ("many-bad-lines", chat_file(*[GOOD_CHAT] * 3, *[line({"messages": [U]})] * 9), "train_data_path",
      "9 of 12 records are malformed (line 4: ", 4),

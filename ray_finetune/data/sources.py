@@ -127,11 +127,19 @@ def _locate(parameter: str, given: str, data_prep_cluster_id: str | None, volume
 
 
 # -- records (CHAT_COMPLETION, INSTRUCTION_FINETUNE) ----------------------------------------------------------------
-def read_records(source: DataSource, columns: frozenset[str] | None = None) -> Iterator[tuple[str, Any]]:
+@dataclass(frozen=True)
+class UnreadableLine:
+    """A JSONL line that is not UTF-8 or not JSON, for a reader that collects every problem of a file at once."""
+    problem: str
+
+
+def read_records(source: DataSource, columns: frozenset[str] | None = None, *,
+                 unreadable_lines: bool = False) -> Iterator[tuple[str, Any]]:
     """(location, record) for every record of a JSONL file, a dataset or a table. For datasets and tables only
-    `columns` are kept (they often carry ids and metadata); a JSONL line is taken whole."""
+    `columns` are kept (they often carry ids and metadata); a JSONL line is taken whole. A line that cannot be
+    read raises, or with `unreadable_lines` comes as an UnreadableLine record."""
     if source.kind == "file":
-        yield from _jsonl_records(source)
+        yield from _jsonl_records(source, unreadable_lines=unreadable_lines)
     elif source.kind in ("hf_dataset", "delta_table"):
         rows = _dataset_records(source) if source.kind == "hf_dataset" else _table_records(source)
         for location, row in rows:
@@ -141,7 +149,8 @@ def read_records(source: DataSource, columns: frozenset[str] | None = None) -> I
                               expected="a .jsonl file, a Hugging Face dataset or a Delta table")
 
 
-def _jsonl_records(source: DataSource, byte_range: tuple[int, int] | None = None) -> Iterator[tuple[str, Any]]:
+def _jsonl_records(source: DataSource, byte_range: tuple[int, int] | None = None, *,
+                   unreadable_lines: bool = False) -> Iterator[tuple[str, Any]]:
     """Every line of the file, or those starting inside byte_range."""
     if not source.url.endswith(".jsonl"):
         raise ValidationError(source.parameter, f"{source.given!r} is not a .jsonl file", file=source.where,
@@ -154,20 +163,24 @@ def _jsonl_records(source: DataSource, byte_range: tuple[int, int] | None = None
             return index + (_first_line_number(fs, inner, start) if start else 1)
 
         for index, (offset, raw) in enumerate(_lines(handle, byte_range)):
+            location = f"line {index + 1}" if not start else f"the line at byte {offset}"
             try:
                 text = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise ValidationError(source.parameter, f"is not UTF-8 ({error.reason} at byte {error.start})",
-                                      file=source.where, line=line_number(index), expected="UTF-8 text") from None
-            if not text.strip():
-                continue
-            try:
+                if not text.strip():
+                    continue
                 record = json.loads(text)
+            except UnicodeDecodeError as error:
+                problem, expected = f"is not UTF-8 ({error.reason} at byte {error.start})", "UTF-8 text"
             except json.JSONDecodeError as error:
-                raise ValidationError(source.parameter, f"is not valid JSON ({error.msg} at column {error.colno})",
-                                      file=source.where, line=line_number(index),
-                                      expected="one JSON object per line") from None
-            yield (f"line {index + 1}" if not start else f"the line at byte {offset}"), record
+                problem = f"is not valid JSON ({error.msg} at column {error.colno})"
+                expected = "one JSON object per line"
+            else:
+                yield location, record
+                continue
+            if not unreadable_lines:
+                raise ValidationError(source.parameter, problem, file=source.where, line=line_number(index),
+                                      expected=expected)
+            yield location, UnreadableLine(problem)
 
 
 def _first_line_number(fs: Any, inner: str, start: int) -> int:

@@ -80,9 +80,9 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
     problem_of, shape = SHAPES[task_type]
     bad: list[tuple[str, str]] = []
     bad_count = records = 0
-    for location, record in sources.read_records(source, COLUMNS[task_type]):
+    for location, record in sources.read_records(source, COLUMNS[task_type], unreadable_lines=True):
         records += 1
-        problem = problem_of(record)
+        problem = record.problem if isinstance(record, sources.UnreadableLine) else problem_of(record)
         if problem:
             bad_count += 1
             if len(bad) < MAX_REPORTED_LINES:
@@ -91,7 +91,7 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
         listing = "; ".join(f"{where}: {problem}" for where, problem in bad)
         first_line = int(bad[0][0].split()[-1]) if bad[0][0].startswith("line") else None
         raise ValidationError(parameter, f"{bad_count} of {records} records are malformed ({listing})",
-                              file=source.where, line=first_line, expected=f"one {task_type} record per line: {shape}")
+                              file=source.where, line=first_line, expected=f"one {task_type} record per line, in UTF-8 JSON: {shape}")
     if records == 0:
         raise ValidationError(parameter, "has no records", file=source.where, expected="at least one record")
     return records
