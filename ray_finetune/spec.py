@@ -149,7 +149,8 @@ def resolve(
     """Parse and check every argument of create(); raises ValidationError before anything is queued."""
     from ray_finetune.data import validation
     from ray_finetune.data.spark import check_cluster_id
-    from ray_finetune.train.models import resolve_model
+    from ray_finetune.data.formats import check_tokenizer
+    from ray_finetune.train.models import load_tokenizer, resolve_model
 
     if task_type not in TASK_TYPES:
         raise ValidationError("task_type", f"{task_type!r} is not a task type", expected=" or ".join(TASK_TYPES))
@@ -175,6 +176,7 @@ def resolve(
             raise ValidationError("context_length", f"{context_length} is longer than {model}'s maximum",
                                   expected=f"at most {resolved.max_context_length}")
         context = context_length
+    check_tokenizer(load_tokenizer(resolved.path), task_type)
     if not train_data_path:
         raise ValidationError("train_data_path", "is required", expected="a .jsonl file or a folder of .txt files")
     check_cluster_id(data_prep_cluster_id)
@@ -188,7 +190,7 @@ def resolve(
         model=model, model_path=str(resolved.path), train_data_path=str(train_data_path), register_to=register_to,
         task_type=task_type,  # type: ignore[arg-type]
         experiment_path=experiment_path or None,  # the original API's default is ''
- eval_data_path=eval_data_path, eval_prompts=prompts,
+        eval_data_path=eval_data_path, eval_prompts=prompts,
         custom_weights_path=custom_weights_path, training_duration=str(duration), learning_rate=rate,
         context_length=context, data_prep_cluster_id=data_prep_cluster_id, validate_inputs=validate_inputs,
         created_by=current_user(), checkpoint_interval=str(interval), checkpoints_to_keep=keep,

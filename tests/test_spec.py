@@ -135,6 +135,20 @@ def test_instruction_records(tiny_model, tmp_path):
         _resolve(tiny_model, path, task_type="INSTRUCTION_FINETUNE")
 
 
+def test_a_model_without_a_chat_template_is_refused_for_chats_before_queueing(tiny_model, chat_data, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    (base / "chat_template.jinja").unlink()   # a base model: no template to format conversations with
+    with pytest.raises(ValidationError, match="no chat template") as error:
+        _resolve(base, chat_data[0])
+    assert error.value.parameter == "model" and "INSTRUCTION_FINETUNE" in str(error.value)
+    instructions = tmp_path / "instructions.jsonl"
+    instructions.write_text('{"prompt": "2+2=", "response": "4"}\n')
+    assert _resolve(base, instructions, task_type="INSTRUCTION_FINETUNE").model_path == str(base)
+
+
 def test_text_that_is_not_utf8_is_named(tiny_model, tmp_path):
     (tmp_path / "doc.txt").write_bytes(b"caf\xe9 latin-1")
     with pytest.raises(ValidationError, match="not UTF-8") as error:

@@ -34,6 +34,20 @@ def eos_token_id(tokenizer: Any) -> int:
     return int(tokenizer.eos_token_id)
 
 
+def require_chat_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValidationError("model", "the tokenizer has no chat template (a base model?)",
+                              expected="a chat model for CHAT_COMPLETION, or task_type INSTRUCTION_FINETUNE "
+                                       "(prompt/response pairs, no template)")
+
+
+def check_tokenizer(tokenizer: Any, task_type: str) -> None:
+    """What a task type needs of the model's tokenizer: an EOS to end examples, and for chats a template."""
+    eos_token_id(tokenizer)
+    if task_type == "CHAT_COMPLETION":
+        require_chat_template(tokenizer)
+
+
 def format_chat(tokenizer: Any, messages: list[dict[str, str]]) -> TokenizedExample:
     """The model's own chat template; targets are the assistant turns, including their end-of-turn token."""
     return format_chats(tokenizer, [messages])[0]
@@ -47,9 +61,7 @@ def format_chats(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> l
     and again per conversation), else from rendering every prefix of it (exact for any prefix-stable template,
     but quadratic in the number of turns).
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValidationError("model", "the tokenizer has no chat template",
-                              expected="a chat model for CHAT_COMPLETION (or use INSTRUCTION_FINETUNE)")
+    require_chat_template(tokenizer)
     shape = _turn_shape(tokenizer)
     rendered = [(_spans_by_shape(tokenizer, messages, shape) if shape else None)
                 or _spans_by_prefixes(tokenizer, messages) for messages in conversations]
