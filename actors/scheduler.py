@@ -8,6 +8,7 @@ through its chain of actor messages:
                                (after MAX_ATTEMPTS: FAILED_EXCEPTION with every attempt's reason → FAILED)
     any other failure        → FAILED_EXCEPTION (the reason) → FAILED
     cancel                   → CANCEL_REQUESTED → (stop at a step boundary, final checkpoint if asked) → CANCELED
+    resume (stopped/failed)  → RESUMED → STARTED again, continuing from the newest complete checkpoint
 
 Nothing here is stored: on every (re)start the queue is rebuilt by replaying the log, and runs that were in
 flight when the scheduler or the head went away are requeued and resumed.
@@ -32,7 +33,7 @@ from actors.messages import PackRequest, RegisterRequest, RunContext, StopReques
 from actors.registrar import Registrar
 from actors.trainer_group import TrainerGroup, remove_stale_placements
 from eventstore.actor import ON_HEAD_NODE
-from eventstore.schema import PENDING, QUEUED, EventType
+from eventstore.schema import PENDING, QUEUED, RESUMABLE_STATUSES, EventType
 from ray_finetune import settings, tracking
 from ray_finetune.spec import RunSpec
 from ray_finetune.train import checkpoint
@@ -153,6 +154,35 @@ class Scheduler:
         while self.queue and len(self.active) < self.settings.max_concurrent_runs:
             name = self.queue.pop(0)
             self.active[name] = asyncio.get_running_loop().create_task(self._supervise(name))
+
+    # -- resume ------------------------------------------------------------------------------------------------
+    async def resume(self, name: str, by: str) -> str | None:
+        """Queue a stopped or failed run again, to continue exactly where its newest complete checkpoint left it
+        (weights, optimizer, schedule, data position, random state). Returns why not, or None when queued."""
+        async with self._admission:
+            state = await self.store.run_state.remote(name)
+            if state is None or state.deleted:
+                return "no such run"
+            if state.status not in RESUMABLE_STATUSES or name in self.active or name in self.queue:
+                return f"it is {state.status}; only a STOPPED or FAILED run can be resumed"
+            context = RunContext(run_name=name, spec=RunSpec(**state.spec), mlflow_run_id=state.run_id or "",
+                                 save_folder=state.save_folder or "")
+            latest = checkpoint.latest_complete(checkpoint.checkpoints_dir(context.save_folder, name))
+            if latest is None:
+                return ("it saved no complete checkpoint to continue from; create it again (a run cancelled with "
+                        "save_checkpoint=True always leaves one)")
+            await EventSink("scheduler", name).emit_async(
+                EventType.RESUMED, f"resumed by {by}, to continue from {latest.name}",
+                {"by": by, "resume_from": str(latest), "after": state.status})
+            try:
+                async with self._mlflow:
+                    await asyncio.to_thread(tracking.reopen_run, self.settings, context.mlflow_run_id)
+            except Exception:  # noqa: BLE001 - MLflow's status flag is secondary to the log
+                pass
+            self.specs[name] = context
+            self.queue.append(name)
+            self._dispatch()
+            return None
 
     # -- cancel ------------------------------------------------------------------------------------------------
     async def cancel(self, names: list[str], save_checkpoint: bool = False) -> list[str]:

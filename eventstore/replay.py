@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any, Iterable
 
 from eventstore.schema import (
-    PENDING, STATUS_AFTER_EVENT, TERMINAL_STATUSES, UNKNOWN, Event, EventType,
+    PENDING, QUEUED, STATUS_AFTER_EVENT, TERMINAL_STATUSES, UNKNOWN, Event, EventType,
 )
 
 
@@ -49,9 +49,12 @@ class RunState:
 
 
 def apply(state: RunState, event: Event) -> RunState:
-    """The state after one more event. Terminal statuses are final; everything else is last-writer-wins."""
+    """The state after one more event. Terminal statuses are final until the run is resumed; everything else is
+    last-writer-wins."""
     changes: dict[str, Any] = {"last_seq": event.seq}
     kind = event.type
+    if kind == EventType.RESUMED.value:   # a new life: what ended the last one no longer describes the run
+        state = replace(state, status=QUEUED, details=None, completed_at=None, attempts=0, interruptions=())
     next_status = STATUS_AFTER_EVENT.get(kind)
     if next_status is not None and not state.is_terminal:
         changes["status"] = next_status

@@ -27,6 +27,7 @@ class EventType(str, Enum):
     FAILED = "FAILED"
     FAILED_EXCEPTION = "FAILED_EXCEPTION"
     REQUEUED = "REQUEUED"
+    RESUMED = "RESUMED"         # ours: a user resumed a stopped or failed run (fm.resume)
     # internal (same log, hidden from get_events)
     QUEUED = "QUEUED"
     WAITING_FOR_RESOURCES = "WAITING_FOR_RESOURCES"
@@ -44,6 +45,7 @@ USER_FACING_TYPES: frozenset[str] = frozenset(
         EventType.CREATED, EventType.STARTED, EventType.DATA_VALIDATED, EventType.MODEL_INITIALIZED,
         EventType.TRAIN_STARTED, EventType.TRAIN_UPDATED, EventType.CHECKPOINT_SAVED, EventType.TRAIN_FINISHED,
         EventType.COMPLETED, EventType.CANCELED, EventType.FAILED, EventType.FAILED_EXCEPTION, EventType.REQUEUED,
+        EventType.RESUMED,
     )
 )
 
@@ -51,13 +53,16 @@ USER_FACING_TYPES: frozenset[str] = frozenset(
 PENDING, QUEUED, STARTING, RUNNING, TERMINATING = "PENDING", "QUEUED", "STARTING", "RUNNING", "TERMINATING"
 COMPLETED, FAILED, STOPPED, UNKNOWN = "COMPLETED", "FAILED", "STOPPED", "UNKNOWN"
 TERMINAL_STATUSES: frozenset[str] = frozenset({COMPLETED, FAILED, STOPPED})
+RESUMABLE_STATUSES: frozenset[str] = frozenset({FAILED, STOPPED})
 
 # The only place that says which event moves a run to which status. Events not listed leave it unchanged;
-# once a run reaches a terminal status no later event changes it.
+# once a run reaches a terminal status no later event changes it -- except RESUMED, which begins a new life of the
+# run: status, details, completion time and attempts count from there as if the run had just been queued.
 STATUS_AFTER_EVENT: dict[str, str] = {
     EventType.CREATED.value: PENDING,
     EventType.QUEUED.value: QUEUED,
     EventType.REQUEUED.value: QUEUED,
+    EventType.RESUMED.value: QUEUED,
     EventType.STARTED.value: STARTING,
     EventType.TRAIN_STARTED.value: RUNNING,
     EventType.TRAIN_FINISHED.value: TERMINATING,

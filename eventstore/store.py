@@ -35,9 +35,15 @@ CREATE OR REPLACE VIEW run_events AS
     SELECT seq, run_name, type, time, actor, message, payload FROM events
     WHERE type IN (SELECT type FROM user_facing_types);
 CREATE OR REPLACE VIEW runs AS
-WITH status_events AS (
+WITH resumed AS (   -- a run's current life begins at its last RESUMED event, or at its beginning
+    SELECT run_name, max(seq) AS seq FROM events WHERE type = 'RESUMED' GROUP BY run_name
+),
+life AS (
+    SELECT e.* FROM events e LEFT JOIN resumed r ON e.run_name = r.run_name WHERE e.seq >= coalesce(r.seq, 0)
+),
+status_events AS (
     SELECT e.run_name, e.seq, e.time, s.status, s.terminal
-    FROM events e JOIN event_status s ON e.type = s.type
+    FROM life e JOIN event_status s ON e.type = s.type
 ),
 first_terminal AS (
     SELECT run_name, min(seq) AS seq FROM status_events WHERE terminal GROUP BY run_name
@@ -50,7 +56,7 @@ current AS (
     FROM last_status l LEFT JOIN first_terminal t ON l.run_name = t.run_name
 ),
 reasons AS (
-    SELECT run_name, arg_max(message, seq) AS details FROM events e
+    SELECT run_name, arg_max(message, seq) AS details FROM life e
     WHERE type IN ('FAILED_EXCEPTION', 'CANCELED')
       AND seq <= coalesce((SELECT seq FROM first_terminal f WHERE f.run_name = e.run_name), seq)
     GROUP BY run_name

@@ -114,7 +114,12 @@ def create(
             console.print(f"created [bold]{run.name}[/bold] ({run.status.value}); follow it with "
                           f"`ray-finetune events {run.name} --follow`")
         return
-    final = _follow_with_progress(run.name)
+    _follow_to_the_end(run.name, as_json)
+
+
+def _follow_to_the_end(name: str, as_json: bool) -> None:
+    """Follow a run with a progress bar, print how it ended, and exit 1 unless it completed."""
+    final = _follow_with_progress(name)
     if as_json:
         _print_json(_run_dict(final))
     else:
@@ -211,6 +216,20 @@ def runs_cancel(names: list[str], checkpoint: bool = typer.Option(False, "--chec
     """Stop runs at the next step boundary; prints how many were stopped."""
     count = _guarded(lambda: _fm().cancel(names, save_checkpoint=checkpoint))
     console.print(f"stopped {count} run(s)")
+
+
+@runs_app.command("resume")
+def runs_resume(name: str, wait: bool = typer.Option(False, "--wait", help="follow the run until it ends"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """Continue a STOPPED or FAILED run from its newest checkpoint, exactly where it left off."""
+    run = _guarded(lambda: _fm().resume(name))
+    if wait:
+        _follow_to_the_end(run.name, as_json)
+    elif as_json:
+        _print_json(_run_dict(run))
+    else:
+        console.print(f"resumed [bold]{run.name}[/bold] ({run.status.value}); follow it with "
+                      f"`ray-finetune events {run.name} --follow`")
 
 
 @runs_app.command("delete")

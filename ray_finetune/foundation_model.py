@@ -172,6 +172,22 @@ def cancel(runs: builtins.list["str | TrainingRun"] | "str | TrainingRun | None"
     return len(ray.get(scheduler.get_or_create().cancel.remote(names, save_checkpoint)))
 
 
+def resume(training_run: "str | TrainingRun") -> TrainingRun:
+    """Queue a STOPPED or FAILED run again (ours; the original cannot): it continues from its newest complete
+    checkpoint exactly as if it had never stopped -- same weights, optimizer state, learning-rate schedule, data
+    order and random state, same name, MLflow run and events -- and then registers its model as usual. Returns the
+    run (QUEUED); follow it with get_events(follow=True) or wait()."""
+    name = _name(training_run)
+    get(name)   # unknown names are an error
+    from actors import scheduler
+
+    refused = ray.get(scheduler.get_or_create().resume.remote(name, spec_module.current_user()))
+    if refused:
+        raise ValidationError("training_run", f"run {name} cannot be resumed: {refused}",
+                              expected="a STOPPED or FAILED run that saved a checkpoint")
+    return get(name)
+
+
 def delete(runs: builtins.list["str | TrainingRun"] | "str | TrainingRun") -> int:
     """Forget finished runs (their events stay in the log, marked DELETED); running ones are canceled first."""
     items = runs if isinstance(runs, builtins.list) else [runs]

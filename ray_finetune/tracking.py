@@ -91,6 +91,11 @@ def end_run(settings: Settings, run_id: str, status: str) -> None:
     client(settings).set_terminated(run_id, status=status)
 
 
+def reopen_run(settings: Settings, run_id: str) -> None:
+    """A resumed run's MLflow run is running again (its metrics go on from the step it resumes at)."""
+    client(settings).update_run(run_id, status="RUNNING")
+
+
 def log_and_register_model(settings: Settings, *, run_id: str, model_folder: str, registered_name: str) -> str:
     """Log the HF folder as an MLflow transformers model in the run and register it; returns the version."""
     import mlflow

@@ -45,6 +45,8 @@ def test_create_wait_then_inspect_from_the_shell(cluster, tiny_model, chat_data)
     assert "nan" not in invoke("sql", query).stdout.lower()
     assert "TRAIN_UPDATED" in invoke("events", name).stdout
     assert "COMPLETED" in invoke("events", name, "--follow").stdout
+    refused = invoke("runs", "resume", name)
+    assert refused.exit_code == 2 and "cannot be resumed: it is COMPLETED" in refused.stderr
 
 
 def test_shell_errors_are_one_line_with_an_exit_code(cluster, tiny_model, chat_data):

@@ -22,9 +22,18 @@ STRAY = [E.TRAIN_UPDATED, E.EVALUATED, E.CHECKPOINT_SAVED]
 @st.composite
 def run_history(draw, name: str) -> tuple[list[EventType], str]:
     """One run's events as the actors can produce them, and the status it must end in."""
-    outcome = draw(st.sampled_from(["complete", "fail", "cancel", "in_flight", "requeue_then_complete"]))
+    outcome = draw(st.sampled_from(["complete", "fail", "cancel", "in_flight", "requeue_then_complete",
+                                    "stop_resume_complete", "fail_resume_fail", "stop_resume_queued"]))
     cut = draw(st.integers(min_value=2, max_value=len(HAPPY_PATH) - 1))
-    if outcome == "complete":
+    stopped = HAPPY_PATH[:cut] + [E.CANCEL_REQUESTED, E.CANCELED] + draw(st.lists(st.sampled_from(STRAY), max_size=2))
+    if outcome == "stop_resume_complete":     # a resumed run begins a new life: terminal no longer
+        events, status = stopped + [E.RESUMED] + HAPPY_PATH[2:], "COMPLETED"
+    elif outcome == "stop_resume_queued":
+        events, status = stopped + [E.RESUMED], "QUEUED"
+    elif outcome == "fail_resume_fail":
+        events = HAPPY_PATH[:cut] + [E.FAILED_EXCEPTION, E.FAILED, E.RESUMED, E.STARTED, E.FAILED_EXCEPTION, E.FAILED]
+        status = "FAILED"
+    elif outcome == "complete":
         events, status = list(HAPPY_PATH), "COMPLETED"
     elif outcome == "requeue_then_complete":
         events, status = HAPPY_PATH[:cut] + [E.REQUEUED] + HAPPY_PATH[2:], "COMPLETED"
@@ -70,8 +79,11 @@ def test_any_interleaving_gives_a_valid_state_and_sql_agrees(tmp_path_factory, l
             assert state.details == f"FAILED_EXCEPTION of {name}"
         if state.status == "STOPPED":
             assert state.details == f"CANCELED of {name}"
+        if state.status == "QUEUED":
+            assert state.details is None and state.attempts == 0
         if state.status in TERMINAL_STATUSES:
-            first_terminal = next(e for e in own if e.type in ("COMPLETED", "FAILED", "CANCELED"))
+            resumed = max([i for i, e in enumerate(own) if e.type == "RESUMED"], default=0)
+            first_terminal = next(e for e in own[resumed:] if e.type in ("COMPLETED", "FAILED", "CANCELED"))
             assert state.completed_at == first_terminal.time
     _, rows = store.sql("SELECT run_name, status, details FROM runs ORDER BY run_name")
     assert rows == sorted((name, s.status, s.details) for name, s in states.items())

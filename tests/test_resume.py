@@ -13,8 +13,10 @@ import pytest
 import ray
 from safetensors.torch import load_file
 
+from ray_finetune import events as event_log
 from ray_finetune import foundation_model as fm
 from ray_finetune.entities import RunStatus
+from ray_finetune.errors import ValidationError
 
 pytestmark = pytest.mark.cluster
 STEPS, EVERY = 240, "80ba"
@@ -97,6 +99,45 @@ def test_a_resumed_run_equals_the_uninterrupted_one(cluster, tiny_model, chat_da
     assert losses_by_step(run.name) == losses_by_step(uninterrupted)   # exactly, step by step
     ours, theirs = final_weights(run.name), final_weights(uninterrupted)
     assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+
+
+def test_a_stopped_run_resumed_by_its_user_equals_the_uninterrupted_one(cluster, tiny_model, chat_data,
+                                                                        uninterrupted):
+    run = create(tiny_model, chat_data)
+    wait_until(lambda: events_of(run.name, "CHECKPOINT_SAVED"), what="a checkpoint")
+    assert fm.cancel([run.name], save_checkpoint=True) == 1   # mid-epoch: a checkpoint at whatever step it was
+    stopped = fm.get(run.name)
+    assert stopped.status == RunStatus.STOPPED
+    last = int(Path(fm.get_checkpoints(run.name)[-1]).name.split("-ba")[1])
+
+    resumed = fm.resume(run.name)
+    assert resumed.name == run.name and not resumed.status.is_terminal() and resumed.details is None
+    with pytest.raises(ValidationError, match="only a STOPPED or FAILED run can be resumed"):
+        fm.resume(run.name)   # already queued again
+    finished = resumed.wait(timeout=300)
+    assert finished.status == RunStatus.COMPLETED, finished.details
+    types = [e.type for e in fm.get_events(run.name)]
+    assert types.count("CANCELED") == 1 and types.count("RESUMED") == 1 and types[-1] == "COMPLETED"
+    assert events_of(run.name, "MODEL_INITIALIZED")[-1].payload["resumed_at_step"] == last
+    assert losses_by_step(run.name) == losses_by_step(uninterrupted)   # exactly, step by step
+    ours, theirs = final_weights(run.name), final_weights(uninterrupted)
+    assert all((ours[k] == theirs[k]).all() for k in theirs)
+    status = event_log.sql(f"SELECT status, details FROM runs WHERE run_name = '{run.name}'")
+    assert status["status"].tolist() == ["COMPLETED"] and status["details"].isna().all()
+    with pytest.raises(ValidationError, match="it is COMPLETED"):
+        fm.resume(run.name)
+
+
+def test_a_run_whose_data_changed_is_not_continued_on_other_data(cluster, tiny_model, chat_data, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(Path(chat_data[0]).read_text())
+    run = create(tiny_model, (data,))
+    wait_until(lambda: events_of(run.name, "CHECKPOINT_SAVED"), what="a checkpoint")
+    fm.cancel([run.name])
+    data.write_text(Path(chat_data[0]).read_text().replace("paris", "lyons"))   # the same size, other content
+    finished = fm.resume(run.name).wait(timeout=300)
+    assert finished.status == RunStatus.FAILED
+    assert "training data changed after checkpoint" in finished.details and "custom_weights_path" in finished.details
 
 
 def test_a_run_that_keeps_dying_is_not_retried_forever(cluster, tiny_model, chat_data):

@@ -11,6 +11,7 @@ import pytest
 from ray_finetune import events as event_log
 from ray_finetune import foundation_model as fm
 from ray_finetune.entities import RunStatus
+from ray_finetune.errors import ValidationError
 
 pytestmark = pytest.mark.cluster
 
@@ -146,6 +147,9 @@ def test_a_failure_in_the_run_itself_ends_failed_at_once_with_the_reason(cluster
     # The operator's one query:
     details = event_log.sql(f"SELECT details FROM runs WHERE run_name = '{run.name}'")["details"][0]
     assert details == finished.details
+    with pytest.raises(ValidationError, match="saved no complete checkpoint"):   # failed before its first one
+        fm.resume(run.name)
+    assert fm.get(run.name).status == RunStatus.FAILED
 
 
 def test_unknown_runs_and_bad_input_are_errors_before_anything_is_queued(cluster, tiny_model, chat_data):
