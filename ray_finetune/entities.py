@@ -160,6 +160,11 @@ class TrainingRun:
 
         return foundation_model.cancel([self.name])
 
+    def resume(self) -> "TrainingRun":
+        from ray_finetune import foundation_model
+
+        return foundation_model.resume(self.name)
+
     def get_events(self, follow: bool = False) -> EventList:
         from ray_finetune import foundation_model
 

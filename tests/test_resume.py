@@ -110,7 +110,7 @@ def test_a_stopped_run_resumed_by_its_user_equals_the_uninterrupted_one(cluster,
     assert stopped.status == RunStatus.STOPPED
     last = int(Path(fm.get_checkpoints(run.name)[-1]).name.split("-ba")[1])
 
-    resumed = fm.resume(run.name)
+    resumed = stopped.resume()
     assert resumed.name == run.name and not resumed.status.is_terminal() and resumed.details is None
     with pytest.raises(ValidationError, match="only a STOPPED or FAILED run can be resumed"):
         fm.resume(run.name)   # already queued again
