@@ -163,8 +163,10 @@ class Scheduler:
             state = await self.store.run_state.remote(name)
             if state is None or state.deleted:
                 return "no such run"
-            if state.status not in RESUMABLE_STATUSES or name in self.active or name in self.queue:
+            if state.status not in RESUMABLE_STATUSES:
                 return f"it is {state.status}; only a STOPPED or FAILED run can be resumed"
+            if name in self.active or name in self.queue:   # its actors are still being released
+                return f"it is {state.status} but still winding down; try again in a moment"
             context = RunContext(run_name=name, spec=RunSpec(**state.spec), mlflow_run_id=state.run_id or "",
                                  save_folder=state.save_folder or "")
             latest = checkpoint.latest_complete(checkpoint.checkpoints_dir(context.save_folder, name))

@@ -91,7 +91,8 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
         listing = "; ".join(f"{where}: {problem}" for where, problem in bad)
         first_line = int(bad[0][0].split()[-1]) if bad[0][0].startswith("line") else None
         raise ValidationError(parameter, f"{bad_count} of {records} records are malformed ({listing})",
-                              file=source.where, line=first_line, expected=f"one {task_type} record per line, in UTF-8 JSON: {shape}")
+                              file=source.where, line=first_line,
+                              expected=f"one {task_type} record per line, in UTF-8 JSON: {shape}")
     if records == 0:
         raise ValidationError(parameter, "has no records", file=source.where, expected="at least one record")
     return records
