@@ -9,22 +9,8 @@ from actors.event_sink import EventSink
 from actors.messages import PackedData, PackRequest
 from eventstore.schema import EventType
 from ray_finetune import settings
-from ray_finetune.data.prepare import prepare
-from ray_finetune.data.tokenized import TokenizeJob
+from ray_finetune.data.prepare import on_cluster, prepare
 from ray_finetune.train.models import load_tokenizer
-
-
-@ray.remote(num_cpus=1, max_retries=2)
-def tokenize_shard_task(job: TokenizeJob) -> str:
-    return job.run()
-
-
-def map_over_cluster(jobs: list[TokenizeJob]) -> list[str]:
-    """Ray runs as many tokenize tasks at once as the cluster has free CPUs; the rest queue. A source of one
-    shard is tokenized right here: a task would only add a worker's start-up to a small run's wait."""
-    if len(jobs) == 1:
-        return [jobs[0].run()]
-    return ray.get([tokenize_shard_task.remote(job) for job in jobs])
 
 
 # The packer itself mostly waits on its tokenize tasks and then packs from memory-mapped shards; it takes no CPU
@@ -36,8 +22,7 @@ class DataPacker:
         tokenizer = load_tokenizer(spec.model_path)
         common = dict(task_type=spec.task_type, model_path=spec.model_path, tokenizer=tokenizer,
                       context_length=spec.context_length, cache_dir=settings.load().packed_data_dir,
-                      data_prep_cluster_id=spec.data_prep_cluster_id, map_shards=map_over_cluster,
-                      parallelism=int(ray.cluster_resources().get("CPU", 1)))
+                      data_prep_cluster_id=spec.data_prep_cluster_id, **on_cluster())
         train = prepare("train_data_path", spec.train_data_path, **common)
         if train.stats["rows"] == 0:
             raise ValueError(f"train_data_path {spec.train_data_path!r} has nothing to train on after formatting")

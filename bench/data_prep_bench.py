@@ -97,7 +97,7 @@ def model_path() -> str:
 def route_ours(data: Path, work: Path) -> dict:
     import ray
 
-    from actors.data_packer import map_over_cluster
+    from ray_finetune.data.prepare import map_over_cluster
     from ray_finetune.data.prepare import prepare
     from ray_finetune.train.models import load_tokenizer
 

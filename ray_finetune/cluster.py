@@ -122,6 +122,17 @@ def connect() -> Settings:
     return config
 
 
+def join_if_running() -> bool:
+    """Connect when a cluster is up (RAY_ADDRESS, or the local head this home started), without starting one;
+    whether this process is connected."""
+    if ray.is_initialized():
+        return True
+    if os.environ.get("RAY_ADDRESS") or local_head_address(settings_module.load()):
+        connect()
+        return True
+    return False
+
+
 def _settings_not_set_by_the_job(config: Settings) -> dict[str, str]:
     """The settings actors need, as environment variables. A driver that is itself a submitted Ray job (`ray job
     submit --runtime-env-json ...`) may carry some of them in the job's runtime env already, and Ray refuses the

@@ -9,7 +9,7 @@ from typing import Any
 
 from ray_finetune import settings
 from ray_finetune.data.packing import PackedRows
-from ray_finetune.data.prepare import prepare
+from ray_finetune.data.prepare import on_cluster, prepare
 from ray_finetune.spec import RunSpec
 from ray_finetune.train.plan import make_plan, trainer_group_size
 
@@ -40,6 +40,7 @@ class Estimate:
     estimated_seconds: float     # training steps only (not evaluation, checkpoints or start-up)
     probe_device: str = ""
     eval: dict[str, Any] | None = field(default=None)
+    tokenized: str = ""          # where the training data was tokenized, or that it came from the cache
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,6 +50,7 @@ class Estimate:
         return "\n".join([
             f"examples            {self.examples:,} ({self.truncated_examples} truncated, {self.dropped_examples} "
             f"dropped with nothing to learn)",
+            f"tokenized           {self.tokenized}",
             f"tokens              {self.tokens:,} in all, {self.target_tokens:,} trained on",
             f"example lengths     {histogram}",
             f"packing             {self.rows:,} rows of {self.context_length} tokens, "
@@ -72,13 +74,22 @@ def _duration(seconds: float) -> str:
 
 
 def estimate(spec: RunSpec, *, probe: bool = True) -> Estimate:
+    """Counts, plan and probe for a run of `spec`. The data is tokenized as the run would tokenize it: across the
+    cluster's free CPUs when one is up (a large dataset takes the cluster's cores, not one), else in this process;
+    either way into the cache the run will read. No cluster is started for it, and CPUs that runs hold are left
+    to them (a dry run must not wait for a training run to finish)."""
+    import ray
+
+    from ray_finetune.cluster import join_if_running
     from ray_finetune.train.models import load_tokenizer
 
     config = settings.load()
     tokenizer = load_tokenizer(spec.model_path)
+    free_cpus = int(ray.available_resources().get("CPU", 0)) if join_if_running() else 0
+    spread = on_cluster(free_cpus) if free_cpus > 1 else {}
     common = dict(task_type=spec.task_type, model_path=spec.model_path, tokenizer=tokenizer,
                   context_length=spec.context_length, cache_dir=config.packed_data_dir,
-                  data_prep_cluster_id=spec.data_prep_cluster_id)
+                  data_prep_cluster_id=spec.data_prep_cluster_id, **spread)
     train = prepare("train_data_path", spec.train_data_path, **common)
     evaluation = prepare("eval_data_path", spec.eval_data_path, **common) if spec.eval_data_path else None
     stats = train.stats
@@ -96,12 +107,15 @@ def estimate(spec: RunSpec, *, probe: bool = True) -> Estimate:
         total_steps=plan.total_steps, epochs=plan.epochs, seconds_per_step=seconds,
         estimated_seconds=seconds * plan.total_steps, probe_device=device,
         eval=evaluation.stats if evaluation else None,
+        tokenized="from the cache (this data was packed the same way before)" if train.cached else
+        f"in {train.shards} shard(s) " + ("as Ray tasks across the cluster" if spread and train.shards > 1
+                                          else "in this process"),
     )
 
 
 def _cluster_gpus() -> int:
-    """The GPUs the scheduler would count: the connected Ray cluster's, else this machine's (a dry run does not
-    start or join a cluster)."""
+    """The GPUs the scheduler would count: the connected Ray cluster's, else this machine's (with no cluster up, a
+    dry run does not start one)."""
     import ray
     import torch
 

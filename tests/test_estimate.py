@@ -39,6 +39,26 @@ def test_the_estimate_matches_what_the_run_reports(cluster, tiny_model, chat_dat
     assert started.payload["plan"]["global_batch_rows"] == estimate.global_batch_rows
 
 
+def test_with_a_cluster_up_the_dry_run_tokenizes_across_it_and_counts_the_same(cluster, tiny_model, tmp_path,
+                                                                               monkeypatch):
+    from ray_finetune.data import sources
+    from ray_finetune.data.prepare import prepare
+    from ray_finetune.train.models import load_tokenizer
+    from tiny_model import write_chat_jsonl
+
+    monkeypatch.setattr(sources, "MIN_SHARD_BYTES", 1024)   # cut this small file as a big one would be cut
+    data = write_chat_jsonl(tmp_path / "fresh.jsonl", 200)   # not in the cache yet
+    estimate = fm.estimate(model=str(tiny_model), train_data_path=str(data), context_length=128, probe=False)
+    assert estimate.tokenized.endswith("shard(s) as Ray tasks across the cluster")
+    assert int(estimate.tokenized.split()[1]) > 1
+    alone = prepare("train_data_path", str(data), task_type="CHAT_COMPLETION", model_path=str(tiny_model),
+                    tokenizer=load_tokenizer(tiny_model), context_length=128, cache_dir=tmp_path / "alone")
+    assert alone.shards == 1 and alone.stats["rows"] == estimate.rows and alone.stats["tokens"] == estimate.tokens
+    assert alone.stats["target_tokens"] == estimate.target_tokens
+    again = fm.estimate(model=str(tiny_model), train_data_path=str(data), context_length=128, probe=False)
+    assert again.tokenized.startswith("from the cache") and "tokenized           from the cache" in str(again)
+
+
 def test_a_model_too_large_for_this_machine_is_counted_but_not_probed(tiny_model, chat_data, monkeypatch):
     """A run's model may be far larger than the machine the dry run runs on (a laptop planning a GPU cluster's run):
     then the data is still counted and planned, and the time is unknown, with the reason."""

@@ -85,7 +85,7 @@ def assert_same_rows(first: str, second: str) -> None:
 def test_tokenization_spreads_over_the_cluster_and_matches_one_process(cluster, tmp_path, tiny_model):
     import ray
 
-    from actors.data_packer import map_over_cluster
+    from ray_finetune.data.prepare import map_over_cluster
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in conversations(200)))

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import ray
+
 from ray_finetune.data import packing, sources
 from ray_finetune.data.tokenized import ExampleTable, TokenizeJob
 
@@ -21,11 +23,31 @@ class Prepared:
     rows_path: str     # a folder of PackedRows arrays
     stats: dict[str, Any]
     cached: bool
+    shards: int = 0    # how many pieces the source was tokenized in (0: it came from the cache)
 
 
-# Runs tokenize jobs and returns their shard prefixes in job order: in this process by default; the data packer
-# actor passes one that spreads them over the cluster as Ray tasks.
+# Runs tokenize jobs and returns their shard prefixes in job order: in this process by default; on_cluster() gives
+# one that spreads them over the cluster as Ray tasks.
 MapShards = Callable[[list[TokenizeJob]], list[str]]
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def _tokenize_shard_task(job: TokenizeJob) -> str:
+    return job.run()
+
+
+def map_over_cluster(jobs: list[TokenizeJob]) -> list[str]:
+    """Ray runs as many tokenize tasks at once as the cluster has free CPUs; the rest queue. A source of one
+    shard is tokenized right here: a task would only add a worker's start-up to a small run's wait."""
+    if len(jobs) == 1:
+        return [jobs[0].run()]
+    return ray.get([_tokenize_shard_task.remote(job) for job in jobs])
+
+
+def on_cluster(cpus: int | None = None) -> dict[str, Any]:
+    """prepare()'s arguments for tokenizing on the connected Ray cluster: at least one shard per CPU (`cpus`, by
+    default all the cluster's), one task each -- the data packer's way, and a dry run's when a cluster is up."""
+    return {"map_shards": map_over_cluster, "parallelism": cpus or int(ray.cluster_resources().get("CPU", 1))}
 
 
 def tokenizer_fingerprint(model_path: str | Path) -> str:
@@ -77,4 +99,4 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
         temporary_stats.replace(stats_file)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return Prepared(str(rows_dir), stats.as_dict(), cached=False)
+    return Prepared(str(rows_dir), stats.as_dict(), cached=False, shards=len(jobs))
