@@ -127,7 +127,14 @@ def join_if_running() -> bool:
     whether this process is connected."""
     if ray.is_initialized():
         return True
-    if os.environ.get("RAY_ADDRESS") or local_head_address(settings_module.load()):
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address:
+        host_port = address.split("://")[-1]
+        if ":" in host_port and not _reachable(host_port):   # Ray would keep retrying a cluster that is down
+            return False
+        connect()
+        return True
+    if local_head_address(settings_module.load()):
         connect()
         return True
     return False

@@ -59,6 +59,20 @@ def test_with_a_cluster_up_the_dry_run_tokenizes_across_it_and_counts_the_same(c
     assert again.tokenized.startswith("from the cache") and "tokenized           from the cache" in str(again)
 
 
+def test_a_dry_run_pointed_at_a_cluster_that_is_down_runs_in_its_own_process(tiny_model, chat_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys; from ray_finetune import foundation_model as fm; "
+              "print(fm.estimate(model=sys.argv[1], train_data_path=sys.argv[2], context_length=128).tokenized)")
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "RAY_FINETUNE_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_model), str(chat_data[0])], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "in 1 shard(s) in this process"
+
+
 def test_a_model_too_large_for_this_machine_is_counted_but_not_probed(tiny_model, chat_data, monkeypatch):
     """A run's model may be far larger than the machine the dry run runs on (a laptop planning a GPU cluster's run):
     then the data is still counted and planned, and the time is unknown, with the reason."""
