@@ -35,6 +35,7 @@ from actors.trainer_group import TrainerGroup, remove_stale_placements
 from eventstore.actor import ON_HEAD_NODE
 from eventstore.schema import PENDING, QUEUED, RESUMABLE_STATUSES, EventType
 from ray_finetune import settings, tracking
+from ray_finetune.data.prepare import packed_data_id
 from ray_finetune.spec import RunSpec
 from ray_finetune.train import checkpoint
 from ray_finetune.train.plan import make_plan, trainer_group_size
@@ -53,6 +54,12 @@ class PlacementTimeoutError(RuntimeError):
 def _listed(resources: dict[str, float]) -> str:
     """Ray resources as an operator reads them: "CPU 1, GPU 1"."""
     return ", ".join(f"{resource} {amount:g}" for resource, amount in resources.items())
+
+
+def _context_of(state: Any) -> RunContext:
+    """What the actors need of a run, from its replayed state (a restarted scheduler's, or a resumed run's)."""
+    return RunContext(run_name=state.name, spec=RunSpec(**state.spec), mlflow_run_id=state.run_id or "",
+                      save_folder=state.save_folder or "")
 
 
 def run_name_for(model: str, taken: set[str]) -> str:
@@ -108,8 +115,7 @@ class Scheduler:
             self.names.add(state.name)
             if state.is_terminal or state.deleted:
                 continue
-            self.specs[state.name] = RunContext(run_name=state.name, spec=RunSpec(**state.spec),
-                                                mlflow_run_id=state.run_id or "", save_folder=state.save_folder or "")
+            self.specs[state.name] = _context_of(state)
             if state.status in (PENDING, QUEUED):
                 self.queue.append(state.name)
             else:
@@ -167,8 +173,7 @@ class Scheduler:
                 return f"it is {state.status}; only a STOPPED or FAILED run can be resumed"
             if name in self.active or name in self.queue:   # its actors are still being released
                 return f"it is {state.status} but still winding down; try again in a moment"
-            context = RunContext(run_name=name, spec=RunSpec(**state.spec), mlflow_run_id=state.run_id or "",
-                                 save_folder=state.save_folder or "")
+            context = _context_of(state)
             latest = checkpoint.latest_complete(checkpoint.checkpoints_dir(context.save_folder, name))
             if latest is None:
                 return ("it saved no complete checkpoint to continue from; create it again (a run cancelled with "
@@ -234,6 +239,8 @@ class Scheduler:
             actors.append(packer)
             data = await packer.pack.remote(PackRequest(run=context))
             ray.kill(packer)
+            if resume_from:   # before any GPU is taken: a deterministic refusal
+                checkpoint.ensure_same_data(resume_from, packed_data_id(data.train_rows_path))
             gpus = int(ray.cluster_resources().get("GPU", 0))
             world, on_gpus = trainer_group_size(gpus, self.settings.trainer_device, self.settings.trainer_workers,
                                                 self.settings.max_concurrent_runs)

@@ -132,12 +132,13 @@ def join_if_running() -> bool:
         host_port = address.split("://")[-1]
         if ":" in host_port and not _reachable(host_port):   # Ray would keep retrying a cluster that is down
             return False
+    elif not local_head_address(settings_module.load()):
+        return False
+    try:
         connect()
-        return True
-    if local_head_address(settings_module.load()):
-        connect()
-        return True
-    return False
+    except ConnectionError:   # e.g. RAY_ADDRESS=auto with no Ray running on this machine
+        return False
+    return True
 
 
 def _settings_not_set_by_the_job(config: Settings) -> dict[str, str]:

@@ -138,6 +138,8 @@ def test_a_run_whose_data_changed_is_not_continued_on_other_data(cluster, tiny_m
     finished = fm.resume(run.name).wait(timeout=300)
     assert finished.status == RunStatus.FAILED
     assert "training data changed after checkpoint" in finished.details and "custom_weights_path" in finished.details
+    since = [e.type for e in fm.get_events(run.name)]
+    assert "MODEL_INITIALIZED" not in since[since.index("RESUMED"):]   # refused before any trainer was started
 
 
 def test_a_run_that_keeps_dying_is_not_retried_forever(cluster, tiny_model, chat_data):

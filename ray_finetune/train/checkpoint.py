@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from ray_finetune.access import check_allowed
-from ray_finetune.errors import ValidationError
+from ray_finetune.errors import CheckpointError, ValidationError
 
 POINTER_NAME = "latest-sharded-rank0.symlink"
 WEIGHTS_DIR = "model"
@@ -94,6 +94,18 @@ def latest_complete(directory: Path) -> Path | None:
 
 def read_state(folder: Path) -> dict:
     return json.loads((folder / STATE_FILE).read_text())
+
+
+def ensure_same_data(folder: Path, data_id: str) -> None:
+    """A checkpoint continues only on the packed data it was trained on (its trainer state names it; checkpoints
+    older than that record pass)."""
+    saved = read_state(folder).get("packed_data", data_id)
+    if saved != data_id:
+        raise CheckpointError(
+            f"the training data changed after checkpoint {folder.name} was written (the file was edited or replaced, "
+            "or the tokenizer changed): continuing the run would train on another dataset from the middle of an "
+            f"epoch. Restore the data, or create a new run with custom_weights_path='{folder}' to start from these "
+            "weights")
 
 
 def retain(directory: Path, keep: int) -> list[Path]:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ray_finetune.data.packing import PackedRows
+from ray_finetune.data.prepare import packed_data_id
 from ray_finetune import settings
 from ray_finetune.train import checkpoint
 from ray_finetune.errors import CheckpointError
@@ -275,13 +276,7 @@ def _resumable_state(config: TrainConfig, stage: int) -> Path | None:
     if not config.resume_from:
         return None
     folder = Path(config.resume_from)
-    saved = checkpoint.read_state(folder)
-    if saved.get("packed_data", _packed_data_id(config.train_rows_path)) != _packed_data_id(config.train_rows_path):
-        raise CheckpointError(
-            f"the training data changed after checkpoint {folder.name} was written (the file was edited or replaced): "
-            "continuing the run would train on another dataset from the middle of an epoch. Restore the data, or "
-            f"create a new run with custom_weights_path='{folder}' to start from these weights")
-    saved_world = int(saved["plan"]["world_size"])
+    saved_world = int(checkpoint.read_state(folder)["plan"]["world_size"])
     if stage == 0 or saved_world == config.world_size:
         return folder
     failure = ""
@@ -294,12 +289,6 @@ def _resumable_state(config: TrainConfig, stage: int) -> Path | None:
         raise CheckpointError(f"checkpoint {folder} was written by {saved_world} workers and could not be converted "
                               f"to load on {config.world_size}: {failure or 'see rank 0'}")
     return folder / checkpoint.UNIVERSAL_DIR
-
-
-def _packed_data_id(rows_path: str) -> str:
-    """Which packed data a run trains on: its cache entry's name, a hash of the data's content, the tokenizer and
-    the packing settings (data/prepare.py)."""
-    return Path(rows_path).parent.name
 
 
 def _epochs_done(plan: TrainingPlan, step: int) -> int:
@@ -371,7 +360,7 @@ def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, *, epoch: 
             # Written last: its presence is what makes the checkpoint complete.
             checkpoint.write_state(staging, {"epoch": epoch, "step": step, "plan": config.plan.as_dict(),
                                              "learning_rate": config.learning_rate,
-                                             "packed_data": _packed_data_id(config.train_rows_path)})
+                                             "packed_data": packed_data_id(config.train_rows_path)})
             checkpoint.publish(directory, name)
     except OSError as error:
         if config.rank == 0:
