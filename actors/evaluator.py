@@ -15,6 +15,13 @@ from ray_finetune import settings, tracking
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class Evaluator:
+    def __init__(self) -> None:
+        # Connected while the trainers start, so the first (baseline) evaluation does not wait for MLflow's imports.
+        try:
+            tracking.open_store(settings.load())
+        except Exception:  # noqa: BLE001 - only a head start: evaluate() meets any real problem and reports it
+            pass
+
     def evaluate(self, request: EvaluateRequest) -> EvaluationResult:
         result = EvaluationResult(step=request.step, generations=request.generations)
         metrics: dict[str, float] = {}

@@ -236,7 +236,8 @@ class Scheduler:
                 f" (attempt {attempt})" if attempt > 1 else ""), {"attempt": attempt,
                                                                    "resume_from": str(resume_from or "") or None})
             packer = DataPacker.remote()
-            actors.append(packer)
+            registrar = Registrar.remote(context.spec.model_path)   # gets ready while the run packs and trains
+            actors += [packer, registrar]
             data = await packer.pack.remote(PackRequest(run=context))
             ray.kill(packer)
             if resume_from:   # before any GPU is taken: a deterministic refusal
@@ -266,8 +267,6 @@ class Scheduler:
                 return
             await sink.emit_async(EventType.TRAIN_FINISHED, f"trained {result.steps} steps",
                                   {"final_checkpoint": result.final_checkpoint})
-            registrar = Registrar.remote()
-            actors.append(registrar)
             registration = await registrar.register.remote(RegisterRequest(run=context,
                                                                            final_checkpoint=result.final_checkpoint))
             await sink.emit_async(EventType.COMPLETED,

@@ -101,9 +101,12 @@ def create_to_first_step(model: str, data: Path, context: int) -> dict:
         first.setdefault(event.type, event)
     times = [first[kind].time.timestamp() for kind in PHASES]
     step = first["TRAIN_UPDATED"].payload["step_seconds"]
+    ended = {kind: first[kind].time.timestamp() for kind in ("TRAIN_FINISHED", "REGISTERED", "COMPLETED")}
     return {"create_call_s": returned, "phases": {f"{a} → {b}": t2 - t1 for a, b, t1, t2 in
                                                   zip(PHASES, PHASES[1:], times, times[1:])},
-            "to_first_step_s": times[-1] - times[0] - step, "first_step_s": step}
+            "to_first_step_s": times[-1] - times[0] - step, "first_step_s": step,
+            "registration_s": ended["COMPLETED"] - ended["TRAIN_FINISHED"],
+            "whole_run_s": ended["COMPLETED"] - times[0]}
 
 
 def main() -> None:
@@ -135,6 +138,8 @@ def main() -> None:
           f"{first['to_first_step_s']:.1f} s (first step itself {first['first_step_s']:.2f} s):")
     for phase, seconds in first["phases"].items():
         print(f"  {phase:38s} {seconds:6.2f} s")
+    print(f"TRAIN_FINISHED → COMPLETED (registration) {first['registration_s']:.2f} s; CREATED → COMPLETED "
+          f"{first['whole_run_s']:.1f} s (2 steps)")
     print(f"per step: {overhead['step_s'] * 1000:.1f} ms training, {overhead['overhead_s'] * 1000:.2f} ms reporting "
           f"({overhead['overhead_s'] / overhead['step_s']:.1%}) over {overhead['steps']} steps")
 

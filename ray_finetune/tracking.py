@@ -36,6 +36,12 @@ def client(settings: Settings) -> Any:
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
 
 
+def open_store(settings: Settings) -> None:
+    """Connect this process to the tracking store ahead of its first write: a process's first connection costs
+    seconds (MLflow's imports, the database's schema check), which an actor started early pays while it waits."""
+    client(settings).search_experiments(max_results=1)
+
+
 def experiment_path_for(created_by: str, run_name: str, experiment_path: str | None) -> str:
     return experiment_path or f"/Users/{created_by}/{run_name}"
 
