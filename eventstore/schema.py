@@ -28,6 +28,7 @@ class EventType(str, Enum):
     FAILED_EXCEPTION = "FAILED_EXCEPTION"
     REQUEUED = "REQUEUED"
     RESUMED = "RESUMED"         # ours: a user resumed a stopped or failed run (fm.resume)
+    DATA_PROGRESS = "DATA_PROGRESS"   # ours: how far tokenizing a large dataset has got (before DATA_VALIDATED)
     # internal (same log, hidden from get_events)
     QUEUED = "QUEUED"
     WAITING_FOR_RESOURCES = "WAITING_FOR_RESOURCES"
@@ -45,7 +46,7 @@ USER_FACING_TYPES: frozenset[str] = frozenset(
         EventType.CREATED, EventType.STARTED, EventType.DATA_VALIDATED, EventType.MODEL_INITIALIZED,
         EventType.TRAIN_STARTED, EventType.TRAIN_UPDATED, EventType.CHECKPOINT_SAVED, EventType.TRAIN_FINISHED,
         EventType.COMPLETED, EventType.CANCELED, EventType.FAILED, EventType.FAILED_EXCEPTION, EventType.REQUEUED,
-        EventType.RESUMED,
+        EventType.RESUMED, EventType.DATA_PROGRESS,
     )
 )
 

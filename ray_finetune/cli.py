@@ -65,11 +65,14 @@ def _print_json(value: Any) -> None:
 
 def _table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
     table = Table(title=title)
-    for column in columns:
+    cells = [["" if v is None else (v.strftime("%Y-%m-%d %H:%M:%S") if isinstance(v, datetime)
+                                    else str(getattr(v, "value", v))) for v in row] for row in rows]
+    # The first column names things (a run, a model, a field) that get copied into the next command: never cut.
+    table.add_column(columns[0], no_wrap=True, min_width=max([len(columns[0])] + [len(row[0]) for row in cells]))
+    for column in columns[1:]:
         table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if v is None else (v.strftime("%Y-%m-%d %H:%M:%S") if isinstance(v, datetime)
-                                               else str(getattr(v, "value", v))) for v in row))
+    for row in cells:
+        table.add_row(*row)
     console.print(table)
 
 
@@ -103,8 +106,8 @@ def create(
         checkpoint_interval=checkpoint_interval, checkpoints_to_keep=checkpoints_to_keep,
     )
     if dry_run:
-        with console.status("tokenizing, packing and probing a training step…"):
-            result = _guarded(lambda: _fm().estimate(**arguments))
+        with errors.status("validating the data…") as status:
+            result = _guarded(lambda: _fm().estimate(**arguments, progress=status.update))
         _print_json(result.as_dict()) if as_json else console.print(str(result))
         return
     run = _guarded(lambda: _fm().create(**arguments))
@@ -118,9 +121,9 @@ def create(
     _follow_to_the_end(run.name, as_json)
 
 
-def _follow_to_the_end(name: str, as_json: bool) -> None:
+def _follow_to_the_end(name: str, as_json: bool, since_resumed: bool = False) -> None:
     """Follow a run with a progress bar, print how it ended, and exit 1 unless it completed."""
-    final = _follow_with_progress(name)
+    final = _follow_with_progress(name, since_resumed)
     if as_json:
         _print_json(_run_dict(final))
     else:
@@ -162,16 +165,20 @@ def data_check(
                   f"for {task_type}")
 
 
-def _follow_with_progress(name: str):
+def _follow_with_progress(name: str, since_resumed: bool = False):
     fm = _fm()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=errors) as progress:
         task = progress.add_task(name, total=None, status="queued")
-        for event in fm.follow_events(name):
+        for event in fm.follow_events(name, since_resumed=since_resumed):
             if event.type == "TRAIN_UPDATED":
                 p = event.payload
                 progress.update(task, total=p["total_steps"], completed=p["step"],
                                 status=f"loss {p['loss']:.4f}  {p['tokens_per_second']:,.0f} tok/s")
+            elif event.type == "DATA_PROGRESS":   # the same bar counts shards while the data is tokenized
+                p = event.payload
+                progress.update(task, total=p["shards"], completed=p["shards_done"],
+                                status=f"tokenizing {p['parameter']}")
             else:
                 progress.console.print(f"[dim]{event.time:%H:%M:%S}[/dim] {event.type}: {event.message}")
     return fm.get(name)
@@ -225,7 +232,7 @@ def runs_resume(name: str, wait: bool = typer.Option(False, "--wait", help="foll
     """Continue a STOPPED or FAILED run from its newest checkpoint, exactly where it left off."""
     run = _guarded(lambda: _fm().resume(name))
     if wait:
-        _follow_to_the_end(run.name, as_json)
+        _follow_to_the_end(run.name, as_json, since_resumed=True)
     elif as_json:
         _print_json(_run_dict(run))
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ray_finetune import settings
 from ray_finetune.data.packing import PackedRows
@@ -73,11 +73,16 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
 
 
-def estimate(spec: RunSpec, *, probe: bool = True) -> Estimate:
+def _quiet(line: str) -> None:
+    pass
+
+
+def estimate(spec: RunSpec, *, probe: bool = True, progress: Callable[[str], None] = _quiet) -> Estimate:
     """Counts, plan and probe for a run of `spec`. The data is tokenized as the run would tokenize it: across the
     cluster's free CPUs when one is up (a large dataset takes the cluster's cores, not one), else in this process;
     either way into the cache the run will read. No cluster is started for it, and CPUs that runs hold are left
-    to them (a dry run must not wait for a training run to finish)."""
+    to them (a dry run must not wait for a training run to finish). `progress` is told, in a line, what it is doing
+    (shards tokenized so far; the probe)."""
     import ray
 
     from ray_finetune.cluster import join_if_running
@@ -90,13 +95,20 @@ def estimate(spec: RunSpec, *, probe: bool = True) -> Estimate:
     common = dict(task_type=spec.task_type, model_path=spec.model_path, tokenizer=tokenizer,
                   context_length=spec.context_length, cache_dir=config.packed_data_dir,
                   data_prep_cluster_id=spec.data_prep_cluster_id, **spread)
-    train = prepare("train_data_path", spec.train_data_path, **common)
-    evaluation = prepare("eval_data_path", spec.eval_data_path, **common) if spec.eval_data_path else None
+
+    def tokenizing(parameter: str) -> Callable[[int, int], None]:
+        return lambda done, total: progress(f"tokenizing {parameter}: {done} of {total} shards")
+
+    train = prepare("train_data_path", spec.train_data_path, progress=tokenizing("train_data_path"), **common)
+    evaluation = (prepare("eval_data_path", spec.eval_data_path, progress=tokenizing("eval_data_path"), **common)
+                  if spec.eval_data_path else None)
     stats = train.stats
     world, _ = trainer_group_size(_cluster_gpus(), config.trainer_device, config.trainer_workers,
                                   config.max_concurrent_runs)
     plan = make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=spec.duration, world_size=world,
                      seed=spec.seed)
+    if probe:
+        progress("probing a training step")
     seconds, device = (_probe_step_seconds(spec, train.rows_path, plan) if probe else (0.0, "not probed"))
     return Estimate(
         examples=stats["examples"], tokens=stats["tokens"], target_tokens=stats["target_tokens"],

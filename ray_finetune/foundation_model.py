@@ -8,7 +8,7 @@ from __future__ import annotations
 import builtins
 import time
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import ray
 
@@ -73,14 +73,16 @@ def estimate(
     checkpoint_interval: str | None = None,
     checkpoints_to_keep: int | None = None,
     probe: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> Any:
     """A dry run with create()'s arguments: validates, tokenizes and packs the data, and returns token counts,
-    packing efficiency, steps and an estimated training time from a short measured probe. Queues nothing."""
+    packing efficiency, steps and an estimated training time from a short measured probe. Queues nothing.
+    `progress`, when given, is called with a line of text as the work goes on (shards tokenized; the probe)."""
     from ray_finetune.estimate import estimate as dry_run
 
-    arguments = {k: v for k, v in locals().items() if k not in ("probe", "dry_run")}
+    arguments = {k: v for k, v in locals().items() if k not in ("probe", "progress", "dry_run")}
     spec = spec_module.resolve(**{**arguments, "register_to": register_to or "estimate.only"})
-    return dry_run(spec, probe=probe)
+    return dry_run(spec, probe=probe, **({"progress": progress} if progress else {}))
 
 
 def _name(training_run: "str | TrainingRun") -> str:
@@ -204,14 +206,18 @@ def delete(runs: builtins.list["str | TrainingRun"] | "str | TrainingRun") -> in
     return len(names)
 
 
-def follow_events(training_run: "str | TrainingRun", *, timeout: float | None = None, poll_s: float = 1.0
-                  ) -> Iterator[TrainingEvent]:
-    """Yield user-facing events as they are appended, until the run is terminal."""
+def follow_events(training_run: "str | TrainingRun", *, timeout: float | None = None, poll_s: float = 1.0,
+                  since_resumed: bool = False) -> Iterator[TrainingEvent]:
+    """Yield user-facing events as they are appended, until the run is terminal. `since_resumed`: begin at the
+    run's latest RESUMED event, leaving out the life it resumed from (what `ray-finetune runs resume --wait` shows)."""
     name = _name(training_run)
     get(name)
     store = event_store()
     deadline = None if timeout is None else time.monotonic() + timeout
     last_seq = 0
+    if since_resumed:
+        resumed = ray.get(store.events.remote(run_name=name, types=["RESUMED"]))
+        last_seq = resumed[-1].seq - 1 if resumed else 0
     while True:
         batch = ray.get(store.events.remote(run_name=name, after_seq=last_seq))
         for event in batch:
@@ -249,15 +255,9 @@ def get_checkpoints(training_run: "str | TrainingRun") -> builtins.list[str]:
 
 
 def get_models() -> ModelList:
-    """Models that resolve on this machine without a network: offline packages and the local HF cache."""
-    from ray_finetune.train.models import OFFLINE_PACKAGES, resolve_model
+    """Models that resolve on this machine without a network: the offline packages installed, and the causal
+    language models in the local Hugging Face cache. Any of their names can be given to create() as `model`."""
+    from ray_finetune.train.models import available_models
 
-    models = []
-    for model_id in OFFLINE_PACKAGES:
-        try:
-            resolved = resolve_model(model_id)
-        except ValidationError:
-            continue
-        models.append(Model(name=model_id, display_name=model_id.split("/")[-1],
-                            max_context_length=resolved.max_context_length))
-    return ModelList(models)
+    return ModelList(Model(name=model_id, display_name=model_id.split("/")[-1], max_context_length=context)
+                     for model_id, context in available_models().items())

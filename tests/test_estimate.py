@@ -19,7 +19,9 @@ def test_the_estimate_matches_what_the_run_reports(cluster, tiny_model, chat_dat
     arguments = dict(model=str(tiny_model), train_data_path=str(chat_data[0]), register_to="main.estimate",
                      training_duration="3ep", context_length=128, eval_data_path=str(chat_data[1]))
     before = len(event_log.sql("SELECT seq FROM events"))
-    estimate = fm.estimate(**arguments)
+    told: list[str] = []
+    estimate = fm.estimate(**arguments, progress=told.append)
+    assert told[-1] == "probing a training step"
     assert len(event_log.sql("SELECT seq FROM events")) == before   # nothing queued
     assert estimate.examples == 24 and estimate.truncated_examples == 0
     assert 0 < estimate.target_tokens < estimate.tokens <= estimate.rows * 128
@@ -48,9 +50,13 @@ def test_with_a_cluster_up_the_dry_run_tokenizes_across_it_and_counts_the_same(c
 
     monkeypatch.setattr(sources, "MIN_SHARD_BYTES", 1024)   # cut this small file as a big one would be cut
     data = write_chat_jsonl(tmp_path / "fresh.jsonl", 200)   # not in the cache yet
-    estimate = fm.estimate(model=str(tiny_model), train_data_path=str(data), context_length=128, probe=False)
+    told: list[str] = []
+    estimate = fm.estimate(model=str(tiny_model), train_data_path=str(data), context_length=128, probe=False,
+                           progress=told.append)
     assert estimate.tokenized.endswith("shard(s) as Ray tasks across the cluster")
-    assert int(estimate.tokenized.split()[1]) > 1
+    shards = int(estimate.tokenized.split()[1])
+    assert shards > 1
+    assert told == [f"tokenizing train_data_path: {done} of {shards} shards" for done in range(shards + 1)]
     alone = prepare("train_data_path", str(data), task_type="CHAT_COMPLETION", model_path=str(tiny_model),
                     tokenizer=load_tokenizer(tiny_model), context_length=128, cache_dir=tmp_path / "alone")
     assert alone.shards == 1 and alone.stats["rows"] == estimate.rows and alone.stats["tokens"] == estimate.tokens

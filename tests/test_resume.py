@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import ray
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from ray_finetune import events as event_log
 from ray_finetune import foundation_model as fm
+from ray_finetune.cli import app
 from ray_finetune.entities import RunStatus
 from ray_finetune.errors import ValidationError
 
@@ -135,7 +137,11 @@ def test_a_run_whose_data_changed_is_not_continued_on_other_data(cluster, tiny_m
     wait_until(lambda: events_of(run.name, "CHECKPOINT_SAVED"), what="a checkpoint")
     fm.cancel([run.name])
     data.write_text(Path(chat_data[0]).read_text().replace("paris", "lyons"))   # the same size, other content
-    finished = fm.resume(run.name).wait(timeout=300)
+    shell = CliRunner().invoke(app, ["runs", "resume", run.name, "--wait"], catch_exceptions=False)
+    assert shell.exit_code == 1 and f"{run.name}: FAILED" in shell.stdout
+    # It follows the new life only: from RESUMED, not the canceled life before it again.
+    assert "RESUMED" in shell.stderr and "CANCELED" not in shell.stderr and "TRAIN_STARTED" not in shell.stderr
+    finished = fm.get(run.name)
     assert finished.status == RunStatus.FAILED
     assert "training data changed after checkpoint" in finished.details and "custom_weights_path" in finished.details
     since = [e.type for e in fm.get_events(run.name)]

@@ -91,12 +91,17 @@ def test_tokenization_spreads_over_the_cluster_and_matches_one_process(cluster, 
     data.write_text("".join(json.dumps(r) + "\n" for r in conversations(200)))
     arguments = dict(task_type="CHAT_COMPLETION", model_path=str(tiny_model), tokenizer=load_tokenizer(tiny_model),
                      context_length=128, shard_bytes=2000)
-    local = prepare("train_data_path", str(data), cache_dir=tmp_path / "local", **arguments)
+    told: dict[str, list[tuple[int, int]]] = {"local": [], "spread": []}
+    local = prepare("train_data_path", str(data), cache_dir=tmp_path / "local",
+                    progress=lambda *counts: told["local"].append(counts), **arguments)
     spread = prepare("train_data_path", str(data), cache_dir=tmp_path / "spread", map_shards=map_over_cluster,
-                     **arguments)
+                     progress=lambda *counts: told["spread"].append(counts), **arguments)
     assert ray.is_initialized()
     assert spread.stats == local.stats and not spread.cached
     assert_same_rows(local.rows_path, spread.rows_path)
+    # Progress is told from none to every shard, one shard at a time, whichever way it was tokenized.
+    shards = spread.shards
+    assert shards > 1 and told["local"] == told["spread"] == [(done, shards) for done in range(shards + 1)]
 
 
 def test_continued_pretraining_across_shards_keeps_every_token(tmp_path, tiny_model):
@@ -159,3 +164,28 @@ def test_a_bad_line_in_any_shard_is_named_by_its_line_number(good_before, shard_
             assert error.line == good_before + 1 and error.file == str(path.resolve())
         else:
             raise AssertionError("the bad line was not reported")
+
+
+def test_a_run_tokenizing_a_large_dataset_says_how_far_it_has_got(monkeypatch):
+    from actors import data_packer
+
+    class Sink:
+        def __init__(self) -> None:
+            self.said: list[tuple[str, str, dict]] = []
+
+        def emit(self, kind, message, payload):
+            self.said.append((kind.value, message, payload))
+
+    sink, clock = Sink(), [100.0]
+    monkeypatch.setattr(data_packer.time, "monotonic", lambda: clock[0])
+    progress = data_packer.ProgressEvents(sink, "train_data_path")
+    for done, seconds in [(0, 1), (1, 4), (2, 6), (3, 1), (4, 12), (5, 30)]:
+        clock[0] += seconds
+        progress(done, 5)
+    # At most one event per PROGRESS_EVERY_S (10 s), none once every shard is done (DATA_VALIDATED says so).
+    assert sink.said == [
+        ("DATA_PROGRESS", "tokenized 2 of 5 shards of train_data_path",
+         {"parameter": "train_data_path", "shards_done": 2, "shards": 5}),
+        ("DATA_PROGRESS", "tokenized 4 of 5 shards of train_data_path",
+         {"parameter": "train_data_path", "shards_done": 4, "shards": 5}),
+    ]

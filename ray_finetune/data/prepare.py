@@ -26,9 +26,11 @@ class Prepared:
     shards: int = 0    # how many pieces the source was tokenized in (0: it came from the cache)
 
 
-# Runs tokenize jobs and returns their shard prefixes in job order: in this process by default; on_cluster() gives
-# one that spreads them over the cluster as Ray tasks.
-MapShards = Callable[[list[TokenizeJob]], list[str]]
+# Told, as tokenizing goes on, how many of a source's shards are done and how many there are.
+ShardProgress = Callable[[int, int], None]
+# Runs tokenize jobs and returns their shard prefixes in job order, telling its ShardProgress as each is done: in
+# this process by default; on_cluster() gives one that spreads them over the cluster as Ray tasks.
+MapShards = Callable[[list[TokenizeJob], ShardProgress], list[str]]
 
 
 @ray.remote(num_cpus=1, max_retries=2)
@@ -36,12 +38,29 @@ def _tokenize_shard_task(job: TokenizeJob) -> str:
     return job.run()
 
 
-def map_over_cluster(jobs: list[TokenizeJob]) -> list[str]:
+def map_over_cluster(jobs: list[TokenizeJob], progress: ShardProgress) -> list[str]:
     """Ray runs as many tokenize tasks at once as the cluster has free CPUs; the rest queue. A source of one
     shard is tokenized right here: a task would only add a worker's start-up to a small run's wait."""
     if len(jobs) == 1:
-        return [jobs[0].run()]
-    return ray.get([_tokenize_shard_task.remote(job) for job in jobs])
+        return _map_here(jobs, progress)
+    tasks = [_tokenize_shard_task.remote(job) for job in jobs]
+    pending = tasks
+    while pending:
+        _, pending = ray.wait(pending, num_returns=1)
+        progress(len(tasks) - len(pending), len(tasks))
+    return ray.get(tasks)
+
+
+def _map_here(jobs: list[TokenizeJob], progress: ShardProgress, tokenizer: Any = None) -> list[str]:
+    prefixes = []
+    for job in jobs:
+        prefixes.append(job.run(tokenizer))
+        progress(len(prefixes), len(jobs))
+    return prefixes
+
+
+def _no_progress(done: int, total: int) -> None:
+    pass
 
 
 def on_cluster(cpus: int | None = None) -> dict[str, Any]:
@@ -75,7 +94,8 @@ def cache_key(source: sources.DataSource, model_path: str, task_type: str, conte
 
 def prepare(parameter: str, path: str, *, task_type: str, model_path: str, tokenizer: Any, context_length: int,
             cache_dir: Path, data_prep_cluster_id: str | None = None, map_shards: MapShards | None = None,
-            shard_bytes: int = sources.SHARD_BYTES, parallelism: int = 1) -> Prepared:
+            shard_bytes: int = sources.SHARD_BYTES, parallelism: int = 1,
+            progress: ShardProgress = _no_progress) -> Prepared:
     """Packed rows for one dataset, from the cache when the same data was packed the same way before.
 
     tokenize (shards, in parallel where map_shards allows) → pack (streaming, from memory-mapped shards) →
@@ -92,7 +112,8 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
     try:
         jobs = [TokenizeJob(source, shard, task_type, model_path, context_length, str(work / "tokens"))
                 for shard in sources.plan_shards(source, shard_bytes, parallelism)]
-        prefixes = map_shards(jobs) if map_shards else [job.run(tokenizer) for job in jobs]
+        progress(0, len(jobs))
+        prefixes = map_shards(jobs, progress) if map_shards else _map_here(jobs, progress, tokenizer)
         pack = packing.pack_stream if task_type == "CONTINUED_PRETRAIN" else packing.pack_examples
         _, stats = pack(ExampleTable.open(prefixes), context_length, tokenizer.pad_token_id, folder=work / "rows")
         try:

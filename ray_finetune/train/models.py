@@ -56,8 +56,50 @@ def resolve_model(model: str) -> ResolvedModel:
 
 
 def _resolved(path: Path) -> ResolvedModel:
-    config = json.loads((path / "config.json").read_text())
-    return ResolvedModel(path=path, max_context_length=int(config.get("max_position_embeddings") or 2048))
+    return ResolvedModel(path=path, max_context_length=_max_context(json.loads((path / "config.json").read_text())))
+
+
+def _max_context(config: dict[str, Any]) -> int:
+    return int(config.get("max_position_embeddings") or 2048)
+
+
+def available_models() -> dict[str, int]:
+    """The models `model=` finds on this machine without a network, with the longest context each takes: the
+    offline packages that are installed, then the causal language models in the local Hugging Face cache. Nothing
+    is loaded or converted (a GGUF's context length is read from its header)."""
+    found: dict[str, int] = {}
+    for model_id, (package, file_name) in OFFLINE_PACKAGES.items():
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.origin:
+            continue
+        converted = settings.load().models_dir / model_id.replace("/", "--")
+        found[model_id] = (_resolved(converted).max_context_length if (converted / "config.json").exists()
+                           else _gguf_context_length(Path(spec.origin).parent / file_name))
+    for model_id in _hf_cache_model_ids():
+        path = _from_hf_cache(model_id)   # the revision create() would use
+        if model_id not in found and path is not None:
+            config = json.loads((path / "config.json").read_text())
+            if any(name.endswith("ForCausalLM") for name in config.get("architectures") or []):
+                found[model_id] = _max_context(config)
+    return found
+
+
+def _hf_cache_model_ids() -> list[str]:
+    from huggingface_hub import constants, scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:   # the cache snapshot_download reads (scan_cache_dir's default is fixed when it is imported)
+        cache = scan_cache_dir(constants.HF_HUB_CACHE)
+    except CacheNotFound:
+        return []
+    return sorted(repo.repo_id for repo in cache.repos if repo.repo_type == "model")
+
+
+def _gguf_context_length(gguf_file: Path) -> int:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_file).fields
+    return int(fields[f"{fields['general.architecture'].contents()}.context_length"].contents())
 
 
 def _from_hf_cache(model_id: str) -> Path | None:

@@ -1,0 +1,66 @@
+"""Which models create() finds on a machine without a network, as fm.get_models() lists them."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants
+
+from ray_finetune import foundation_model as fm
+from ray_finetune import spec as spec_module
+
+
+def put_in_hf_cache(cache: Path, repo_id: str, folder: Path, repo_type: str = "model") -> Path:
+    """Lay `folder` out as the Hugging Face hub's cache holds a downloaded repository: content-addressed blobs,
+    a snapshot of links to them, and refs/main naming the snapshot."""
+    repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    revision = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in folder.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("RAY_FINETUNE_HOME", str(tmp_path / "home"))   # nothing converted yet
+    return cache
+
+
+def test_get_models_lists_the_offline_package_and_the_causal_lms_in_the_hf_cache(hf_cache, tiny_model, tmp_path,
+                                                                                 chat_data):
+    snapshot = put_in_hf_cache(hf_cache, "acme/tiny-chat", tiny_model)
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "max_position_embeddings": 512}))
+    put_in_hf_cache(hf_cache, "acme/encoder", encoder)
+    put_in_hf_cache(hf_cache, "acme/chats", encoder, repo_type="dataset")
+
+    models = fm.get_models()
+
+    listed = {m.name: m.max_context_length for m in models}
+    assert listed == {"HuggingFaceTB/SmolLM2-135M-Instruct": 8192, "acme/tiny-chat": 512}
+    assert [m.display_name for m in models] == ["SmolLM2-135M-Instruct", "tiny-chat"]
+    assert "acme/tiny-chat" in str(models) and list(models.to_pandas()["name"]) == list(listed)
+    # Listing converts nothing (SmolLM2's context length comes from its GGUF header, not a 30 s conversion) ...
+    assert not (tmp_path / "home" / "models").exists()
+    # ... and a listed name is what create() takes as `model`.
+    spec = spec_module.resolve(model="acme/tiny-chat", train_data_path=str(chat_data[0]), register_to="main.models")
+    assert Path(spec.model_path) == snapshot and spec.context_length == 512
+
+
+def test_get_models_without_an_hf_cache_lists_the_offline_package(hf_cache):
+    shutil.rmtree(hf_cache)
+    assert [m.name for m in fm.get_models()] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
