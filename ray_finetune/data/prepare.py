@@ -63,10 +63,18 @@ def _no_progress(done: int, total: int) -> None:
     pass
 
 
+# Shards per CPU when a large source is spread over a cluster: several each, so that a CPU that finishes early takes
+# another (the slowest shard bounds the wait) and progress is told in steps that mean something. Measured on a 62 MB
+# chat file over 4 task slots: 4 shards 49-64 s, 16 shards 44-46 s, a shard done every ~2 s instead of all at the end.
+SHARDS_PER_CPU = 4
+
+
 def on_cluster(cpus: int | None = None) -> dict[str, Any]:
-    """prepare()'s arguments for tokenizing on the connected Ray cluster: at least one shard per CPU (`cpus`, by
-    default all the cluster's), one task each -- the data packer's way, and a dry run's when a cluster is up."""
-    return {"map_shards": map_over_cluster, "parallelism": cpus or int(ray.cluster_resources().get("CPU", 1))}
+    """prepare()'s arguments for tokenizing on the connected Ray cluster: at least SHARDS_PER_CPU shards per CPU
+    (`cpus`, by default all the cluster's; each shard at least MIN_SHARD_BYTES), one task each -- the data packer's
+    way, and a dry run's when a cluster is up."""
+    cpus = cpus or int(ray.cluster_resources().get("CPU", 1))
+    return {"map_shards": map_over_cluster, "parallelism": SHARDS_PER_CPU * cpus}
 
 
 def packed_data_id(rows_path: str | Path) -> str:
