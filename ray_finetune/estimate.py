@@ -14,6 +14,9 @@ from ray_finetune.spec import RunSpec
 from ray_finetune.train.plan import make_plan, trainer_group_size
 
 PROBE_MICRO_BATCHES = 2
+# Tokenizing in this process (no cluster up), a large source is still cut in pieces, so progress is told as each is
+# done; it costs nothing (62 MB of chats: 8 pieces 72.5 s, 2 pieces 79.7 s).
+PIECES_IN_PROCESS = 8
 # The probe holds the weights and their gradients (activations come on top); it runs only when they take at most
 # this share of the probing device's free memory.
 PROBE_COPIES = 2
@@ -91,10 +94,11 @@ def estimate(spec: RunSpec, *, probe: bool = True, progress: Callable[[str], Non
     config = settings.load()
     tokenizer = load_tokenizer(spec.model_path)
     free_cpus = int(ray.available_resources().get("CPU", 0)) if join_if_running() else 0
-    spread = on_cluster(free_cpus) if free_cpus > 1 else {}
+    spread = free_cpus > 1
+    sharding = on_cluster(free_cpus) if spread else {"parallelism": PIECES_IN_PROCESS}
     common = dict(task_type=spec.task_type, model_path=spec.model_path, tokenizer=tokenizer,
                   context_length=spec.context_length, cache_dir=config.packed_data_dir,
-                  data_prep_cluster_id=spec.data_prep_cluster_id, **spread)
+                  data_prep_cluster_id=spec.data_prep_cluster_id, **sharding)
 
     def tokenizing(parameter: str) -> Callable[[int, int], None]:
         return lambda done, total: progress(f"tokenizing {parameter}: {done} of {total} shards")
