@@ -1,8 +1,9 @@
 """The scheduler actor (one per cluster, detached, named): accepts runs, keeps the queue, and drives each run
 through its chain of actor messages:
 
-    CREATED → QUEUED → STARTED → data packer (DATA_VALIDATED) → trainer group (MODEL_INITIALIZED,
-    TRAIN_STARTED, baseline scores → evaluator, TRAIN_UPDATED…, CHECKPOINT_SAVED + scores → evaluator)
+    CREATED → QUEUED → STARTED → data packer (DATA_PROGRESS…, DATA_VALIDATED) → trainer group
+    (MODEL_INITIALIZED, TRAIN_STARTED, baseline scores → evaluator, TRAIN_UPDATED…, CHECKPOINT_SAVED + scores →
+    evaluator)
     → TRAIN_FINISHED → registrar (REGISTERED) → COMPLETED
     a worker dies            → REQUEUED → STARTED again, resuming from the newest complete checkpoint
                                (after MAX_ATTEMPTS: FAILED_EXCEPTION with every attempt's reason → FAILED)
