@@ -22,7 +22,7 @@ def main() -> None:
     run = fm.create(
         model=MODEL, train_data_path=str(data / "chat_train.jsonl"), eval_data_path=str(data / "chat_eval.jsonl"),
         register_to="main.demo", eval_prompts=[PROMPT], training_duration="2ep", learning_rate=5e-5,
-        context_length=512,
+        context_length=512, checkpoints_to_keep=1,   # a SmolLM2 checkpoint takes 2.1 GB; a demo needs the last
     )
     console.print(f"created [bold]{run.name}[/bold] ({run.status.value}); checkpoints under {run.save_folder}")
     from ray_finetune.cli import _follow_with_progress
