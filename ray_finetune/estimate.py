@@ -80,7 +80,7 @@ def _quiet(line: str) -> None:
     pass
 
 
-def estimate(spec: RunSpec, *, probe: bool = True, progress: Callable[[str], None] = _quiet) -> Estimate:
+def estimate(spec: RunSpec, *, probe: bool = True, progress: Callable[[str], None] | None = None) -> Estimate:
     """Counts, plan and probe for a run of `spec`. The data is tokenized as the run would tokenize it: across the
     cluster's free CPUs when one is up (a large dataset takes the cluster's cores, not one), else in this process;
     either way into the cache the run will read. No cluster is started for it, and CPUs that runs hold are left
@@ -91,6 +91,7 @@ def estimate(spec: RunSpec, *, probe: bool = True, progress: Callable[[str], Non
     from ray_finetune.cluster import join_if_running
     from ray_finetune.train.models import load_tokenizer
 
+    progress = progress or _quiet
     config = settings.load()
     tokenizer = load_tokenizer(spec.model_path)
     free_cpus = int(ray.available_resources().get("CPU", 0)) if join_if_running() else 0

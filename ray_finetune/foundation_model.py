@@ -82,7 +82,7 @@ def estimate(
 
     arguments = {k: v for k, v in locals().items() if k not in ("probe", "progress", "dry_run")}
     spec = spec_module.resolve(**{**arguments, "register_to": register_to or "estimate.only"})
-    return dry_run(spec, probe=probe, **({"progress": progress} if progress else {}))
+    return dry_run(spec, probe=probe, progress=progress)
 
 
 def _name(training_run: "str | TrainingRun") -> str:

@@ -11,6 +11,7 @@ from huggingface_hub import constants
 
 from ray_finetune import foundation_model as fm
 from ray_finetune import spec as spec_module
+from ray_finetune.errors import ValidationError
 
 
 def put_in_hf_cache(cache: Path, repo_id: str, folder: Path, repo_type: str = "model") -> Path:
@@ -47,6 +48,10 @@ def test_get_models_lists_the_offline_package_and_the_causal_lms_in_the_hf_cache
     (encoder / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "max_position_embeddings": 512}))
     put_in_hf_cache(hf_cache, "acme/encoder", encoder)
     put_in_hf_cache(hf_cache, "acme/chats", encoder, repo_type="dataset")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')   # a download cut short
+    put_in_hf_cache(hf_cache, "acme/broken", broken)
 
     models = fm.get_models()
 
@@ -64,3 +69,12 @@ def test_get_models_lists_the_offline_package_and_the_causal_lms_in_the_hf_cache
 def test_get_models_without_an_hf_cache_lists_the_offline_package(hf_cache):
     shutil.rmtree(hf_cache)
     assert [m.name for m in fm.get_models()] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+
+
+def test_a_model_folder_whose_config_is_not_json_is_refused_naming_the_file(tmp_path, chat_data):
+    folder = tmp_path / "half-copied"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(ValidationError, match=r"half-copied/config.json cannot be read as JSON") as refused:
+        spec_module.resolve(model=str(folder), train_data_path=str(chat_data[0]), register_to="main.models")
+    assert refused.value.parameter == "model"

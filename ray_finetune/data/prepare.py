@@ -29,7 +29,8 @@ class Prepared:
 # Told, as tokenizing goes on, how many of a source's shards are done and how many there are.
 ShardProgress = Callable[[int, int], None]
 # Runs tokenize jobs and returns their shard prefixes in job order, telling its ShardProgress as each is done: in
-# this process by default; on_cluster() gives one that spreads them over the cluster as Ray tasks.
+# this process by default; on_cluster() gives one that spreads them over the cluster as Ray tasks. A source of one
+# shard is always tokenized in this process: a task would only add a worker's start-up to a small run's wait.
 MapShards = Callable[[list[TokenizeJob], ShardProgress], list[str]]
 
 
@@ -39,10 +40,7 @@ def _tokenize_shard_task(job: TokenizeJob) -> str:
 
 
 def map_over_cluster(jobs: list[TokenizeJob], progress: ShardProgress) -> list[str]:
-    """Ray runs as many tokenize tasks at once as the cluster has free CPUs; the rest queue. A source of one
-    shard is tokenized right here: a task would only add a worker's start-up to a small run's wait."""
-    if len(jobs) == 1:
-        return _map_here(jobs, progress)
+    """Ray runs as many tokenize tasks at once as the cluster has free CPUs; the rest queue."""
     tasks = [_tokenize_shard_task.remote(job) for job in jobs]
     pending = tasks
     while pending:
@@ -51,7 +49,7 @@ def map_over_cluster(jobs: list[TokenizeJob], progress: ShardProgress) -> list[s
     return ray.get(tasks)
 
 
-def _map_here(jobs: list[TokenizeJob], progress: ShardProgress, tokenizer: Any = None) -> list[str]:
+def _map_here(jobs: list[TokenizeJob], progress: ShardProgress, tokenizer: Any) -> list[str]:
     prefixes = []
     for job in jobs:
         prefixes.append(job.run(tokenizer))
@@ -121,7 +119,8 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
         jobs = [TokenizeJob(source, shard, task_type, model_path, context_length, str(work / "tokens"))
                 for shard in sources.plan_shards(source, shard_bytes, parallelism)]
         progress(0, len(jobs))
-        prefixes = map_shards(jobs, progress) if map_shards else _map_here(jobs, progress, tokenizer)
+        spread = map_shards is not None and len(jobs) > 1
+        prefixes = map_shards(jobs, progress) if spread else _map_here(jobs, progress, tokenizer)
         pack = packing.pack_stream if task_type == "CONTINUED_PRETRAIN" else packing.pack_examples
         _, stats = pack(ExampleTable.open(prefixes), context_length, tokenizer.pad_token_id, folder=work / "rows")
         try:

