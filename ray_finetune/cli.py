@@ -138,9 +138,16 @@ def _as_dry_run(command: Callable[..., None]) -> Callable[..., None]:
     def estimate(**options: Any) -> None:
         command(**options, dry_run=True, wait=False)
 
+    def as_estimated(parameter: inspect.Parameter) -> inspect.Parameter:
+        if parameter.name != "register_to":
+            return parameter
+        # A dry run registers nothing, so it does not need to be told where to (as fm.estimate does not).
+        return parameter.replace(annotation=Optional[str], default=typer.Option(
+            None, help="catalog.schema or catalog.schema.model_name (checked when given)"))
+
     signature = inspect.signature(command)
     estimate.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=[p for name, p in signature.parameters.items() if name not in ("dry_run", "wait")])
+        parameters=[as_estimated(p) for name, p in signature.parameters.items() if name not in ("dry_run", "wait")])
     return estimate
 
 

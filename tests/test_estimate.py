@@ -107,3 +107,41 @@ def test_estimate_and_data_check_from_the_shell(tiny_model, chat_data):
     assert checked.exit_code == 0 and "24 records, all valid" in checked.stdout
     bad = runner.invoke(app, ["data", "check", str(chat_data[0]), "--task-type", "INSTRUCTION_FINETUNE"])
     assert bad.exit_code == 2 and "24 of 24 records are malformed" in bad.stderr
+
+
+def test_assistant_turns_with_weight_0_are_read_but_not_trained_on(tiny_model, tmp_path):
+    """OpenAI-format data with per-turn weights: leaving out the first answer of every conversation, then the
+    second, trains on complementary tokens that add up to the unweighted count; the rows are the same."""
+    conversations = [[{"role": "user", "content": f"what is {k} plus {k}?"},
+                      {"role": "assistant", "content": f"{2 * k}."},
+                      {"role": "user", "content": "are you sure?"},
+                      {"role": "assistant", "content": f"yes, {k} plus {k} is {2 * k}."}] for k in range(30)]
+
+    def data(name: str, weights: tuple[int | None, int | None]) -> str:
+        path = tmp_path / f"{name}.jsonl"
+        with path.open("w") as out:
+            for messages in conversations:
+                weighted = [dict(m) for m in messages]
+                for message, weight in zip(weighted[1::2], weights):
+                    if weight is not None:
+                        message["weight"] = weight
+                out.write(json.dumps({"messages": weighted}) + "\n")
+        return str(path)
+
+    def estimate(path: str):
+        return fm.estimate(model=str(tiny_model), train_data_path=path, context_length=128, probe=False)
+
+    unweighted, all_ones = estimate(data("plain", (None, None))), estimate(data("ones", (1, 1)))
+    first_out, second_out = estimate(data("first-out", (0, 1))), estimate(data("second-out", (1, 0)))
+    assert all_ones.target_tokens == unweighted.target_tokens
+    assert 0 < first_out.target_tokens < unweighted.target_tokens
+    assert first_out.target_tokens + second_out.target_tokens == unweighted.target_tokens
+    assert first_out.tokens == second_out.tokens == unweighted.tokens and first_out.dropped_examples == 0
+
+    runner = CliRunner()
+    shell = runner.invoke(app, ["estimate", "--model", str(tiny_model), "--train-data-path", data("first-out", (0, 1)),
+                                "--context-length", "128", "--json"])
+    assert shell.exit_code == 0, shell.output
+    assert json.loads(shell.stdout[shell.stdout.index("{"):])["target_tokens"] == first_out.target_tokens
+    refused = runner.invoke(app, ["data", "check", data("all-out", (0, 0))])
+    assert refused.exit_code == 2 and "every assistant message has weight 0" in refused.stderr

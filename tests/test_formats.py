@@ -51,6 +51,32 @@ def test_chat_targets_are_exactly_the_assistant_turns_with_their_eos(smollm2_tok
     assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(messages, tokenize=False)
 
 
+def test_an_assistant_turn_with_weight_0_is_context_not_target(smollm2_tokenizer):
+    """OpenAI's per-turn weight: the weighted-out turn stays in the row (later turns see it) but is not learned,
+    with either way of locating turns (SmolLM2's regular template, and a template that trims contents)."""
+    import copy
+
+    trimming = copy.deepcopy(smollm2_tokenizer)
+    trimming.chat_template = smollm2_tokenizer.chat_template.replace("message['content']",
+                                                                     "message['content'] | trim")
+    messages = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Lyon.", "weight": 0},
+        {"role": "user", "content": "Are you sure?"},
+        {"role": "assistant", "content": "Sorry: Paris.", "weight": 1},
+        {"role": "user", "content": "And of Italy?"},
+        {"role": "assistant", "content": "Rome."},
+    ]
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    for tokenizer in (smollm2_tokenizer, trimming):
+        example = format_chat(tokenizer, messages)
+        assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(plain, tokenize=False)
+        assert targets_text(tokenizer, example) == ["Sorry: Paris.<|im_end|>\n", "Rome.<|im_end|>\n"]
+        unweighted = format_chat(tokenizer, plain)
+        assert unweighted.input_ids == example.input_ids
+        assert targets_text(tokenizer, unweighted)[0] == "Lyon.<|im_end|>\n"
+
+
 def test_chat_without_system_uses_the_templates_default_and_masks_it(smollm2_tokenizer):
     example = format_chat(smollm2_tokenizer, [{"role": "user", "content": "hi"},
                                               {"role": "assistant", "content": "hello"}])

@@ -119,6 +119,30 @@ def test_delta_tables_read_with_deltalake(chat_table, tmp_path, tiny_model):
     assert prepared.stats["examples"] == len(CHAT)
 
 
+def test_a_delta_tables_weight_field_is_null_where_a_message_has_none(tmp_path, tiny_model, monkeypatch):
+    """A struct column gives every message every field: the user messages' weights come back null, and only the
+    assistant weights count (0 leaves that turn out of the loss)."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    monkeypatch.setenv("RAY_FINETUNE_CATALOG_ROOT", str(tmp_path / "catalog"))
+    message = pa.struct([("role", pa.string()), ("content", pa.string()), ("weight", pa.int64())])
+    tokenizer = load_tokenizer(tiny_model)
+    targets = {}
+    for name, weight in (("kept", 1), ("left_out", 0)):
+        rows = [[{"role": "user", "content": "hi", "weight": None},
+                 {"role": "assistant", "content": "hello there", "weight": weight},
+                 {"role": "user", "content": "and then?", "weight": None},
+                 {"role": "assistant", "content": "one two three", "weight": None}]] * 4
+        write_deltalake(str(tmp_path / "catalog" / "main" / "default" / name),
+                        pa.table({"messages": pa.array(rows, type=pa.list_(message))}))
+        assert validation.check_data("train_data_path", f"main.default.{name}", "CHAT_COMPLETION") == 4
+        targets[name] = prepare("train_data_path", f"main.default.{name}", task_type="CHAT_COMPLETION",
+                                model_path=str(tiny_model), tokenizer=tokenizer, context_length=128,
+                                cache_dir=tmp_path / name).stats["target_tokens"]
+    assert 0 < targets["left_out"] < targets["kept"]
+
+
 def test_delta_tables_read_through_a_local_spark_session(chat_table, tmp_path, tiny_model):
     pytest.importorskip("pyspark")
     if shutil.which("java") is None:

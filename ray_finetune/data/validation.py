@@ -23,14 +23,18 @@ def chat_problem(record: Any) -> str | None:
         return "'messages' must be a list of at least two messages"
     previous = None
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message \
+        if not isinstance(message, dict) or set(message) - {"role", "content", "weight"} or "role" not in message \
                 or "content" not in message:
-            return f"message {index} must be an object with exactly 'role' and 'content'"
+            return f"message {index} must be an object with 'role' and 'content' (and, on assistant messages, " \
+                   f"an optional 'weight' of 0 or 1)"
         role, content = message["role"], message["content"]
         if role not in CHAT_ROLES:
             return f"message {index} has role {role!r} (one of {', '.join(CHAT_ROLES)})"
         if not isinstance(content, str):
             return f"message {index} has non-string content"
+        weight_problem = _weight_problem(index, message)
+        if weight_problem:
+            return weight_problem
         if role == "system" and index != 0:
             return f"message {index} is a system message; only the first message may be"
         if previous is not None and role == previous:
@@ -38,6 +42,21 @@ def chat_problem(record: Any) -> str | None:
         previous = role
     if messages[-1]["role"] != "assistant":
         return "the last message must be from the assistant"
+    if all(message.get("weight") == 0 for message in messages if message["role"] == "assistant"):
+        return "every assistant message has weight 0, so the record has nothing to learn"
+    return None
+
+
+def _weight_problem(index: int, message: dict[str, Any]) -> str | None:
+    """OpenAI's per-turn weight: 0 leaves an assistant turn out of the loss, 1 (or none) keeps it. A table's
+    struct column gives every message the field, so an absent weight may come as null."""
+    weight = message.get("weight")
+    if weight is None:
+        return None
+    if message["role"] != "assistant":
+        return f"message {index} is a {message['role']!r} message with a weight; only assistant messages have one"
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+        return f"message {index} has weight {weight!r}; expected 0 (not trained on) or 1"
     return None
 
 
