@@ -63,29 +63,39 @@ def test_every_stage_and_precision_the_settings_allow_builds_and_steps_a_deepspe
     assert result.stdout.count("stepped") == 6, result.stderr[-3000:]
 
 
-def test_deepspeed_starts_where_no_ninja_is_on_path(tmp_path):
+START_DEEPSPEED = """
+from ray_finetune.train.distributed import join_process_group
+join_process_group(0, 1)
+import deepspeed
+deepspeed.init_distributed(dist_backend="gloo")
+print("started", flush=True)
+"""
+
+
+def test_deepspeed_starts_where_no_ninja_or_no_compiler_is_on_path(tmp_path):
     """A venv used without activating it (`.venv/bin/ray-finetune ...`, a Ray worker started from such a shell)
-    has the pip package's ninja, which DeepSpeed needs to compile its CPU ops, off PATH; the trainer finds it
-    anyway. PATH here holds only the C++ compiler."""
+    has the pip package's ninja, which DeepSpeed needs to compile its CPU op, off PATH: the trainer finds it
+    anyway. A machine with no C++ compiler (a slim container) cannot build the op: the trainer starts without it."""
     import os
     import shutil
     import subprocess
     import sys
 
-    tools = tmp_path / "bin"
-    tools.mkdir()
+    compiler_only = tmp_path / "bin"
+    compiler_only.mkdir()
     for tool in ("c++", "g++", "gcc", "cc", "as", "ld"):
         if shutil.which(tool):
-            (tools / tool).symlink_to(shutil.which(tool))
-    assert shutil.which("ninja", path=str(tools)) is None
-    script = ("from ray_finetune.train.distributed import join_process_group\n"
-              "join_process_group(0, 1)\n"
-              "import deepspeed\n"
-              "deepspeed.init_distributed(dist_backend='gloo')\n"
-              "print('started', flush=True)\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PATH": str(tools)})
-    assert "started" in result.stdout, result.stderr[-3000:]
+            (compiler_only / tool).symlink_to(shutil.which(tool))
+    nothing = tmp_path / "empty"
+    nothing.mkdir()
+    for path, extensions in ((compiler_only, None), (nothing, tmp_path / "fresh-build-folder")):
+        assert shutil.which("ninja", path=str(path)) is None
+        env = {**os.environ, "PATH": str(path)}
+        if extensions:
+            env["TORCH_EXTENSIONS_DIR"] = str(extensions)   # nothing built there: it would have to compile
+        result = subprocess.run([sys.executable, "-c", START_DEEPSPEED], capture_output=True, text=True, timeout=300,
+                                env=env)
+        assert "started" in result.stdout, result.stderr[-3000:]
 
 
 def test_explicit_choices_win():

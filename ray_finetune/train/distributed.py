@@ -29,34 +29,44 @@ def join_process_group(rank: int, world_size: int, master: tuple[str, int] | Non
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    use_one_op_toolchain()
+    prepare_deepspeed_ops()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=f"tcp://{host}:{port}",
                             rank=rank, world_size=world_size)
 
 
-def use_one_op_toolchain() -> None:
+def prepare_deepspeed_ops() -> None:
     """DeepSpeed compiles small C++ ops on first use (on CPU, its shared-memory all-reduce) with torch's JIT
     builder, which runs whichever `ninja` comes first on PATH and keeps the build in one folder per Python. Two
     ninjas (the system's and the pip package DeepSpeed depends on) log different hashes of the same command, so a
     process started from an activated venv and one that was not rebuilt the op for each other, ~30 s each time
     on 2 cores; with no ninja on PATH at all (a venv used without activating it) DeepSpeed refused to start. So:
     always the pip package's ninja, and one build folder per Python environment (two venvs' include paths
-    differ, which would rebuild it too), unless the user chose a folder (TORCH_EXTENSIONS_DIR)."""
+    differ, which would rebuild it too), unless the user chose a folder (TORCH_EXTENSIONS_DIR). On a CPU machine
+    with no C++ compiler (a slim container) the op cannot be built, and DeepSpeed would fail the run: it is only a
+    faster all-reduce between CPU ranks on one node, so gloo's serves instead."""
     import hashlib
+    import shutil
     import sys
+
+    import torch
 
     try:
         import ninja
     except ImportError:   # DeepSpeed requires the package; without it, leave PATH as it is
-        return
-    paths = os.environ.get("PATH", "").split(os.pathsep)
-    if paths[:1] != [ninja.BIN_DIR]:
-        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR] + [p for p in paths if p != ninja.BIN_DIR])
+        ninja = None
+    if ninja is not None:
+        paths = os.environ.get("PATH", "").split(os.pathsep)
+        if paths[:1] != [ninja.BIN_DIR]:
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR] + [p for p in paths if p != ninja.BIN_DIR])
     if "TORCH_EXTENSIONS_DIR" not in os.environ:
         from torch.utils.cpp_extension import get_default_build_root
 
         environment = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
         os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(get_default_build_root(), f"env-{environment}")
+    if not torch.cuda.is_available() and shutil.which(os.environ.get("CXX", "c++")) is None:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False   # what DeepSpeed does off Linux
 
 
 def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
