@@ -147,7 +147,7 @@ def resolve(
     checkpoints_to_keep: int | None = None,
 ) -> RunSpec:
     """Parse and check every argument of create(); raises ValidationError before anything is queued."""
-    from ray_finetune.data import validation
+    from ray_finetune.data import sources, validation
     from ray_finetune.data.spark import check_cluster_id
     from ray_finetune.data.formats import check_tokenizer
     from ray_finetune.train.models import load_tokenizer, resolve_model
@@ -179,6 +179,8 @@ def resolve(
     check_tokenizer(load_tokenizer(resolved.path), task_type)
     if not train_data_path:
         raise ValidationError("train_data_path", "is required", expected="a .jsonl file or a folder of .txt files")
+    train_data_path, eval_data_path, custom_weights_path = (
+        sources.anchored(str(path)) if path else path for path in (train_data_path, eval_data_path, custom_weights_path))
     check_cluster_id(data_prep_cluster_id)
     if validate_inputs:
         validation.check_data("train_data_path", train_data_path, task_type, data_prep_cluster_id)
@@ -187,7 +189,7 @@ def resolve(
     if custom_weights_path:
         validation.check_checkpoint("custom_weights_path", custom_weights_path, resolved.path)
     return RunSpec(
-        model=model, model_path=str(resolved.path), train_data_path=str(train_data_path), register_to=register_to,
+        model=model, model_path=str(resolved.path), train_data_path=train_data_path, register_to=register_to,
         task_type=task_type,  # type: ignore[arg-type]
         experiment_path=experiment_path or None,  # the original API's default is ''
         eval_data_path=eval_data_path, eval_prompts=prompts,

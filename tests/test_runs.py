@@ -152,6 +152,25 @@ def test_a_failure_in_the_run_itself_ends_failed_at_once_with_the_reason(cluster
     assert fm.get(run.name).status == RunStatus.FAILED
 
 
+def test_data_named_relative_to_the_drivers_directory_is_found_by_the_run(cluster, tiny_model, chat_data, tmp_path,
+                                                                          monkeypatch):
+    """The head and its actors work in another directory than a notebook: a relative path that create() checked
+    must name the same file when the run reads it."""
+    import shutil
+
+    notebook = tmp_path / "notebook"
+    (notebook / "data").mkdir(parents=True)
+    shutil.copy(chat_data[0], notebook / "data" / "train.jsonl")
+    shutil.copy(chat_data[1], notebook / "data" / "eval.jsonl")
+    monkeypatch.chdir(notebook)
+    run = fm.create(model=str(tiny_model), train_data_path="data/train.jsonl", eval_data_path="./data/eval.jsonl",
+                    register_to="main.tests", context_length=128, training_duration="1ba")
+    assert run.train_data_path == str(notebook / "data" / "train.jsonl")
+    assert run.eval_data_path == str(notebook / "data" / "eval.jsonl")
+    finished = run.wait(timeout=180)
+    assert finished.status == RunStatus.COMPLETED, finished.details
+
+
 def test_unknown_runs_and_bad_input_are_errors_before_anything_is_queued(cluster, tiny_model, chat_data):
     from ray_finetune.errors import RunNotFoundError, ValidationError
 

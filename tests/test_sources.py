@@ -173,3 +173,14 @@ def test_packed_rows_are_cached_by_content(tmp_path, tiny_model):
     assert not changed.cached and changed.stats["examples"] == 5
     other_length = prepare("train_data_path", str(data), **{**arguments, "context_length": 64})
     assert not other_length.cached
+
+
+def test_only_local_paths_are_anchored_to_the_working_directory(tmp_path, monkeypatch, chat_data):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(chat_data[0], tmp_path / "train.jsonl")
+    assert sources.anchored("train.jsonl") == str(tmp_path / "train.jsonl")
+    assert sources.anchored("./train.jsonl") == str(tmp_path / "train.jsonl")
+    for left_as_written in ("org/name/train", "main.default.chats", "s3://bucket/train.jsonl",
+                            "dbfs:/Volumes/main/default/raw/train.jsonl", "/Volumes/main/default/raw/train.jsonl",
+                            "missing.jsonl"):
+        assert sources.anchored(left_as_written) == left_as_written

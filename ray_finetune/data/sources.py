@@ -63,6 +63,19 @@ def is_saved_dataset(folder: Path) -> bool:
     return (folder / "dataset_dict.json").exists() or (folder / "state.json").exists()
 
 
+def anchored(path: str) -> str:
+    """The same path, readable from any process: a local file or folder (or a saved dataset's split) named
+    relative to this process's working directory, or from `~`, made absolute. The run's actors read it later,
+    in the head's working directory, which is not the driver's. Anything else (URLs, volume paths, dataset and
+    table names) is left as written."""
+    if "://" in path or _VOLUME.match(path):
+        return path
+    local = Path(path).expanduser()
+    if local.exists() or is_saved_dataset(local.parent):
+        return os.path.abspath(local)
+    return path
+
+
 def _filesystem(parameter: str, url: str) -> tuple[Any, str]:
     import fsspec
 
