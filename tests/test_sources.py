@@ -184,3 +184,19 @@ def test_only_local_paths_are_anchored_to_the_working_directory(tmp_path, monkey
                             "dbfs:/Volumes/main/default/raw/train.jsonl", "/Volumes/main/default/raw/train.jsonl",
                             "missing.jsonl"):
         assert sources.anchored(left_as_written) == left_as_written
+
+
+def test_files_saved_by_windows_tools_read_like_any_other(tmp_path):
+    """A UTF-8 byte-order mark and CRLF line ends (Notepad, PowerShell) are not content: the records and
+    documents are the same as those of the plain file."""
+    lines = [json.dumps(record) for record in CHAT]
+    (tmp_path / "plain.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "windows.jsonl").write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode())
+    read = {name: [record for _, record in sources.read_records(sources.locate("p", str(tmp_path / f"{name}.jsonl")))]
+            for name in ("plain", "windows")}
+    assert read["windows"] == read["plain"] == CHAT
+    assert validation.check_data("train_data_path", str(tmp_path / "windows.jsonl"), "CHAT_COMPLETION") == len(CHAT)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_bytes("\ufeffOnce upon a time.".encode())
+    folder = sources.locate("p", str(tmp_path / "docs"))
+    assert sources.read_text(folder, sources.text_files(folder)[0]) == "Once upon a time."

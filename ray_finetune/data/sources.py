@@ -178,7 +178,8 @@ def _jsonl_records(source: DataSource, byte_range: tuple[int, int] | None = None
         for index, (offset, raw) in enumerate(_lines(handle, byte_range)):
             location = f"line {index + 1}" if not start else f"the line at byte {offset}"
             try:
-                text = raw.decode("utf-8")
+                # A byte-order mark starts files that Windows tools save as "UTF-8"; it is not part of the JSON.
+                text = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
                 if not text.strip():
                     continue
                 record = json.loads(text)
@@ -372,7 +373,7 @@ def read_text(source: DataSource, file: str) -> str:
     fs, _ = _filesystem(source.parameter, source.url)
     data = fs.cat_file(file)
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")   # without a leading byte-order mark, which is not text
     except UnicodeDecodeError as error:
         raise ValidationError(source.parameter, f"is not UTF-8 (byte {error.start})", file=file,
                               expected="UTF-8 text") from None
