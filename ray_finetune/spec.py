@@ -176,16 +176,17 @@ def resolve(
             raise ValidationError("context_length", f"{context_length} is longer than {model}'s maximum",
                                   expected=f"at most {resolved.max_context_length}")
         context = context_length
-    check_tokenizer(load_tokenizer(resolved.path), task_type)
+    tokenizer = load_tokenizer(resolved.path)
+    check_tokenizer(tokenizer, task_type)
     if not train_data_path:
         raise ValidationError("train_data_path", "is required", expected="a .jsonl file or a folder of .txt files")
     train_data_path, eval_data_path, custom_weights_path = (
         sources.anchored(str(path)) if path else path for path in (train_data_path, eval_data_path, custom_weights_path))
     check_cluster_id(data_prep_cluster_id)
     if validate_inputs:
-        validation.check_data("train_data_path", train_data_path, task_type, data_prep_cluster_id)
+        validation.check_data("train_data_path", train_data_path, task_type, data_prep_cluster_id, tokenizer)
         if eval_data_path:
-            validation.check_data("eval_data_path", eval_data_path, task_type, data_prep_cluster_id)
+            validation.check_data("eval_data_path", eval_data_path, task_type, data_prep_cluster_id, tokenizer)
     if custom_weights_path:
         validation.check_checkpoint("custom_weights_path", custom_weights_path, resolved.path)
     return RunSpec(

@@ -77,6 +77,44 @@ def test_an_assistant_turn_with_weight_0_is_context_not_target(smollm2_tokenizer
         assert targets_text(tokenizer, unweighted)[0] == "Lyon.<|im_end|>\n"
 
 
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def tool_conversation(arguments) -> list[dict]:
+    """OpenAI's fine-tuning format for function calling."""
+    return [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, cloudy"},
+        {"role": "assistant", "content": "It is 18 C and cloudy in Paris."},
+    ]
+
+
+def test_tool_calls_are_learned_and_tool_results_and_the_tools_list_are_context(smollm2_tokenizer):
+    import copy
+
+    from ray_finetune.data.formats import tool_template_problem
+    from tiny_model import TOOLS_CHATML_TEMPLATE
+
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.chat_template = TOOLS_CHATML_TEMPLATE
+    assert tool_template_problem(tokenizer) is None
+    as_openai_writes_them = format_chat(tokenizer, tool_conversation('{"city": "Paris"}'), tools=[WEATHER_TOOL])
+    as_an_object = format_chat(tokenizer, tool_conversation({"city": "Paris"}), tools=[WEATHER_TOOL])
+    assert as_openai_writes_them == as_an_object   # the arguments are written out once, not as a quoted string
+    text = tokenizer.decode(as_an_object.input_ids)
+    assert '"description": "Current weather in a city."' in text and "18 C, cloudy" in text
+    assert targets_text(tokenizer, as_an_object) == [
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>\n',
+        "It is 18 C and cloudy in Paris.<|im_end|>\n"]
+    # SmolLM2's own template has no place for tools: training on it would teach turns with the calls missing.
+    assert tool_template_problem(smollm2_tokenizer) == \
+        "the model's chat template leaves out the tools list and tool calls"
+
+
 def test_chat_without_system_uses_the_templates_default_and_masks_it(smollm2_tokenizer):
     example = format_chat(smollm2_tokenizer, [{"role": "user", "content": "hi"},
                                               {"role": "assistant", "content": "hello"}])

@@ -171,6 +171,43 @@ def test_data_named_relative_to_the_drivers_directory_is_found_by_the_run(cluste
     assert finished.status == RunStatus.COMPLETED, finished.details
 
 
+def test_a_run_trains_on_tool_calls_in_openais_format(cluster, tmp_path):
+    """Function-calling data as OpenAI's fine-tuning takes it (tools list, assistant tool_calls with JSON-string
+    arguments, tool results), on a model whose chat template writes tools out: checked, packed, trained and
+    registered like any chat; the tool-calling turns are among the tokens trained on."""
+    from tiny_model import TOOLS_CHATML_TEMPLATE, build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tool-model", chat_template=TOOLS_CHATML_TEMPLATE)
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city.",
+                                             "parameters": {"type": "object",
+                                                            "properties": {"city": {"type": "string"}}}}}
+    data = tmp_path / "tools.jsonl"
+    with data.open("w") as out:
+        for k, city in enumerate(["paris", "rome", "oslo", "lima"] * 3):
+            call = {"id": f"call_{k}", "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+            out.write(json.dumps({"tools": [tool], "messages": [
+                {"role": "user", "content": f"weather in {city}?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": f"call_{k}", "content": f"{10 + k} degrees"},
+                {"role": "assistant", "content": f"it is {10 + k} degrees in {city}."}]}) + "\n")
+    arguments = dict(model=str(model), train_data_path=str(data), register_to="main.tools", context_length=512,
+                     training_duration="2ba")
+    only_answers = data.with_name("answers.jsonl")   # the same records with the tool-calling turns weighted out
+    only_answers.write_text("".join(
+        json.dumps({**record, "messages": [{**m, "weight": 0} if m.get("tool_calls") else m
+                                           for m in record["messages"]]}) + "\n"
+        for record in map(json.loads, data.read_text().splitlines())))
+    with_calls = fm.estimate(**arguments, probe=False)
+    without_calls = fm.estimate(**{**arguments, "train_data_path": str(only_answers)}, probe=False)
+    assert with_calls.target_tokens > without_calls.target_tokens > 0
+    with pytest.raises(ValidationError, match="leaves nothing to train on: none of its 12 examples has a trained "
+                                              "token within its first 64 tokens"):   # the answers come later
+        fm.estimate(**{**arguments, "train_data_path": str(only_answers), "context_length": 64}, probe=False)
+    run = fm.create(**arguments).wait(timeout=180)
+    assert run.status == RunStatus.COMPLETED, run.details
+
+
 def test_unknown_runs_and_bad_input_are_errors_before_anything_is_queued(cluster, tiny_model, chat_data):
     from ray_finetune.errors import RunNotFoundError, ValidationError
 

@@ -200,3 +200,31 @@ def test_files_saved_by_windows_tools_read_like_any_other(tmp_path):
     (tmp_path / "docs" / "a.txt").write_bytes("\ufeffOnce upon a time.".encode())
     folder = sources.locate("p", str(tmp_path / "docs"))
     assert sources.read_text(folder, sources.text_files(folder)[0]) == "Once upon a time."
+
+
+def test_a_delta_table_of_tool_calls_reads_with_its_nulls(tmp_path, monkeypatch):
+    """Struct columns give every message every field: content is null on a tool-calling turn, tool_calls and
+    tool_call_id are null where a message has none. They are checked and formatted as if absent."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from tiny_model import TOOLS_CHATML_TEMPLATE, build_tiny_model
+
+    monkeypatch.setenv("RAY_FINETUNE_CATALOG_ROOT", str(tmp_path / "catalog"))
+    call = pa.struct([("id", pa.string()), ("type", pa.string()),
+                      ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))])
+    message = pa.struct([("role", pa.string()), ("content", pa.string()), ("tool_calls", pa.list_(call)),
+                         ("tool_call_id", pa.string())])
+    rows = [[{"role": "user", "content": "weather in rome?", "tool_calls": None, "tool_call_id": None},
+             {"role": "assistant", "content": None, "tool_call_id": None, "tool_calls": [
+                 {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "rome"}'}}]},
+             {"role": "tool", "content": "20 degrees", "tool_calls": None, "tool_call_id": "c1"},
+             {"role": "assistant", "content": "it is 20 degrees.", "tool_calls": None, "tool_call_id": None}]] * 3
+    write_deltalake(str(tmp_path / "catalog" / "main" / "default" / "calls"),
+                    pa.table({"messages": pa.array(rows, type=pa.list_(message))}))
+    model = build_tiny_model(tmp_path / "tool-model", chat_template=TOOLS_CHATML_TEMPLATE)
+    tokenizer = load_tokenizer(model)
+    assert validation.check_data("train_data_path", "main.default.calls", "CHAT_COMPLETION", tokenizer=tokenizer) == 3
+    prepared = prepare("train_data_path", "main.default.calls", task_type="CHAT_COMPLETION", model_path=str(model),
+                       tokenizer=tokenizer, context_length=256, cache_dir=tmp_path / "cache")
+    assert prepared.stats["examples"] == 3 and prepared.stats["dropped_examples"] == 0

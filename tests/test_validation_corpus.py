@@ -13,6 +13,7 @@ from ray_finetune.errors import ValidationError
 U = {"role": "user", "content": "hi"}
 A = {"role": "assistant", "content": "hello"}
 GOOD_CHAT = json.dumps({"messages": [U, A]})
+CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
 
 
 def chat_file(*lines: str) -> dict:
@@ -38,7 +39,7 @@ CORPUS = [
     ("no-alternation", chat_file(line({"messages": [U, U, A]})), "train_data_path", "roles must alternate", 1),
     ("ends-with-user", chat_file(line({"messages": [U, A, U]})), "train_data_path", "last message must be from the "
                                                                                      "assistant", 1),
-    ("message-extra-key", chat_file(line({"messages": [{**U, "name": "x"}, A]})), "train_data_path",
+    ("message-extra-key", chat_file(line({"messages": [{**U, "metadata": "x"}, A]})), "train_data_path",
      "must be an object with 'role' and 'content'", 1),
     ("weight-on-user", chat_file(line({"messages": [{**U, "weight": 1}, A]})), "train_data_path",
      "'user' message with a weight; only assistant messages have one", 1),
@@ -47,6 +48,24 @@ CORPUS = [
     ("weight-text", chat_file(line({"messages": [U, {**A, "weight": "0"}]})), "train_data_path", "weight '0'", 1),
     ("all-weights-zero", chat_file(GOOD_CHAT, line({"messages": [U, {**A, "weight": 0}, U, {**A, "weight": 0}]})),
      "train_data_path", "line 2: every assistant message has weight 0, so the record has nothing to learn", 2),
+    ("tool-result-first", chat_file(line({"messages": [U, {"role": "tool", "tool_call_id": "c1", "content": "r"},
+                                                     A]})),
+     "train_data_path", "message 1 is a tool result with no assistant tool call before it", 1),
+    ("tool-calls-on-user", chat_file(line({"messages": [{**U, "tool_calls": [CALL]}, A]})), "train_data_path",
+     "'user' message with 'tool_calls'; only assistant messages have one", 1),
+    ("tool-arguments-not-json", chat_file(line({"messages": [U, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris}"}}]}]})),
+     "train_data_path", "calls 'get_weather' with arguments that are not a JSON object", 1),
+    ("tool-call-without-name", chat_file(line({"messages": [U, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"arguments": "{}"}}]}]})), "train_data_path",
+     "a tool call without function.name", 1),
+    ("content-missing", chat_file(line({"messages": [U, {"role": "assistant"}]})), "train_data_path",
+     "message 1 has no content (only an assistant message that calls tools may have none)", 1),
+    ("tools-not-a-list", chat_file(line({"messages": [U, A], "tools": "get_weather"})), "train_data_path",
+     "'tools' must be a list", 1),
+    ("tools-on-a-template-without-them", chat_file(GOOD_CHAT, line({"messages": [U, {"role": "assistant",
+                                                                                    "tool_calls": [CALL]}]})),
+     "model", "the model's chat template leaves out the tools list and tool calls, but line 2", 2),
     ("record-extra-key", chat_file(line({"messages": [U, A], "meta": 1})), "train_data_path", "unknown keys ['meta']",
      1),
     ("empty-file", chat_file(""), "train_data_path", "has no records", None),

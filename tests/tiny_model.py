@@ -8,6 +8,23 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# ChatML that also writes out tools (in the system turn), tool calls (as <tool_call>{json}</tool_call>) and tool
+# results (a "tool" turn), the way tool-calling chat models' templates do.
+TOOLS_CHATML_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n{% endif %}"
+    "You may call these tools:\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and tools %}"
+    "{% elif message['role'] == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{% if message.content %}{{ message.content }}\n{% endif %}"
+    "{% for call in message.tool_calls %}<tool_call>"
+    "{{ {'name': call.function.name, 'arguments': call.function.arguments} | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "what is the capital of france? the capital of france is paris.",
@@ -18,7 +35,8 @@ CORPUS = [
 
 
 def build_tiny_model(folder: Path, *, vocab_size: int = 384, hidden_size: int = 64, layers: int = 2,
-                     max_positions: int = 512, eos_token: str = "<|im_end|>") -> Path:
+                     max_positions: int = 512, eos_token: str = "<|im_end|>",
+                     chat_template: str = CHATML_TEMPLATE) -> Path:
     """A chat model whose EOS ends its turns; `eos_token="<|endoftext|>"` makes it base-model-like (its EOS ends
     documents, its chat template ends turns with <|im_end|>, as Qwen2.5's base models do)."""
     import torch
@@ -38,7 +56,7 @@ def build_tiny_model(folder: Path, *, vocab_size: int = 384, hidden_size: int = 
         tokenizer_object=raw, bos_token="<|im_start|>", eos_token=eos_token, pad_token=eos_token,
         unk_token="<|endoftext|>",
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,

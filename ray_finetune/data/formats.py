@@ -48,36 +48,58 @@ def check_tokenizer(tokenizer: Any, task_type: str) -> None:
         require_chat_template(tokenizer)
 
 
-def format_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> TokenizedExample:
+def format_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                ) -> TokenizedExample:
     """The model's own chat template; targets are the assistant turns (but those with weight 0), including their
-    end-of-turn token."""
-    return format_chats(tokenizer, [messages])[0]
+    end-of-turn token, and including the tool calls they make; tool results are context."""
+    return format_chats(tokenizer, [{"messages": messages, "tools": tools}])[0]
 
 
-def format_chats(tokenizer: Any, conversations: list[list[dict[str, Any]]]) -> list[TokenizedExample]:
-    """format_chat for a batch of conversations, tokenized in one call (a third faster than one by one).
+def format_chats(tokenizer: Any, records: list[dict[str, Any]]) -> list[TokenizedExample]:
+    """format_chat for a batch of chat records, tokenized in one call (a third faster than one by one).
 
     Character spans of the assistant turns become token spans through the tokenizer's offsets. The spans come
     from two renders of the conversation when the template lays turns out regularly (checked once per template
     and again per conversation), else from rendering every prefix of it (exact for any prefix-stable template,
-    but quadratic in the number of turns).
+    but quadratic in the number of turns). Conversations with tools always take the prefix way: a tool call is
+    written around or instead of the content, so the content alone does not show where the turn lies.
     """
     require_chat_template(tokenizer)
     shape = _turn_shape(tokenizer)
     rendered = []
-    for messages in conversations:
-        plain = [{"role": message["role"], "content": message["content"]} for message in messages]
-        full, spans = ((_spans_by_shape(tokenizer, plain, shape) if shape else None)
-                       or _spans_by_prefixes(tokenizer, plain))
-        rendered.append((full, _trained(spans, messages)))
+    for record in records:
+        messages = [_for_template(message) for message in record["messages"]]
+        tools = record.get("tools") or None
+        with_tools = tools is not None or any("tool_calls" in message for message in messages)
+        located = _spans_by_shape(tokenizer, messages, shape) if shape and not with_tools else None
+        full, spans = located or _spans_by_prefixes(tokenizer, messages, tools)
+        rendered.append((full, _trained(spans, record["messages"])))
     encodings = tokenizer([full for full, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     return [_with_targets(ids, offsets, spans) for ids, offsets, (_, spans)
             in zip(encodings["input_ids"], encodings["offset_mapping"], rendered)]
 
 
+def _for_template(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as chat templates expect it (transformers' convention): no nulls (a table gives every message
+    every field), content "" on a tool-calling turn without any (many templates read it unconditionally),
+    tool-call arguments as an object (OpenAI writes them as a JSON string; templates write them out with
+    `tojson`)."""
+    from ray_finetune.data.validation import tool_arguments
+
+    shown = {key: value for key, value in message.items() if value is not None and key != "weight"}
+    shown.setdefault("content", "")
+    if "tool_calls" in shown:
+        shown["tool_calls"] = [
+            {**{k: v for k, v in call.items() if v is not None}, "type": call.get("type") or "function",
+             "function": {"name": call["function"]["name"],
+                          "arguments": tool_arguments(call["function"].get("arguments"))}}
+            for call in shown["tool_calls"]]
+    return shown
+
+
 def _trained(spans: Spans, messages: list[dict[str, Any]]) -> Spans:
     """The spans of the assistant turns to learn: all but those with weight 0 (OpenAI's per-turn weight), which
-    stay in the row as context. The template sees only role and content, whatever else a message carries."""
+    stay in the row as context."""
     weights = [message.get("weight") for message in messages if message["role"] == "assistant"]
     return [span for span, weight in zip(spans, weights, strict=True) if weight != 0]
 
@@ -96,20 +118,23 @@ def _with_targets(ids: list[int], offsets: list[tuple[int, int]], spans: list[tu
 Spans = list[tuple[int, int]]
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool = False,
+            tools: list[dict[str, Any]] | None = None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
 
 
-def _spans_by_prefixes(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, Spans]:
+def _spans_by_prefixes(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                       ) -> tuple[str, Spans]:
     """Each assistant turn is the text between "the conversation so far, with the generation prompt" and "the
     conversation including this turn"."""
-    full = _render(tokenizer, messages)
+    full = _render(tokenizer, messages, tools=tools)
     spans: Spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:index], generation_prompt=True)
-        through = _render(tokenizer, messages[: index + 1])
+        before = _render(tokenizer, messages[:index], generation_prompt=True, tools=tools)
+        through = _render(tokenizer, messages[: index + 1], tools=tools)
         if not full.startswith(before) or not full.startswith(through):
             raise ValidationError("model", "the chat template does not render conversations incrementally, so "
                                   "assistant turns cannot be located", expected="a prefix-stable chat template")
@@ -218,6 +243,34 @@ def turn_end_token_id(tokenizer: Any) -> int | None:
     return int(ids[0]) if ids and ids[0] in special else None
 
 
+# A conversation with a tool list, a tool call and its result, each carrying text that shows whether the template
+# wrote it out.
+_TOOLS_PROBE = [{"type": "function", "function": {
+    "name": "lookup", "description": "Looks up a fact (tools list shown).",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}]
+_TOOL_CALL_PROBE = [
+    {"role": "user", "content": "Look it up."},
+    {"role": "assistant", "tool_calls": [{"id": "call0", "type": "function",
+                                          "function": {"name": "lookup", "arguments": {"query": "call shown"}}}]},
+    {"role": "tool", "tool_call_id": "call0", "name": "lookup", "content": "result shown"},
+    {"role": "assistant", "content": "Found it."},
+]
+
+
+def tool_template_problem(tokenizer: Any) -> str | None:
+    """Why the model's chat template cannot train on tool use (it leaves out the tools list, the calls or their
+    results: training would teach turns with the calls missing), or None."""
+    try:
+        text = _render(tokenizer, [_for_template(message) for message in _TOOL_CALL_PROBE], tools=_TOOLS_PROBE)
+    except Exception as error:  # noqa: BLE001 - a template's own error (raise_exception, a missing key)
+        return f"the model's chat template fails on tool calls ({type(error).__name__}: {error})"
+    left_out = [what for what, mark in (("the tools list", "tools list shown"), ("tool calls", "call shown"),
+                                        ("tool results", "result shown")) if mark not in text]
+    if left_out:
+        return f"the model's chat template leaves out {' and '.join(left_out)}"
+    return None
+
+
 def format_instruction(tokenizer: Any, prompt: str, response: str) -> TokenizedExample:
     """Prompt then response then EOS, no template; targets are the response and the EOS."""
     prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
@@ -233,7 +286,7 @@ def format_document(tokenizer: Any, text: str) -> TokenizedExample:
 
 def format_record(tokenizer: Any, task_type: str, record: dict[str, Any]) -> TokenizedExample:
     if task_type == "CHAT_COMPLETION":
-        return format_chat(tokenizer, record["messages"])
+        return format_chats(tokenizer, [record])[0]
     if task_type == "INSTRUCTION_FINETUNE":
         return format_instruction(tokenizer, record["prompt"], record.get("response", record.get("completion")))
     raise ValueError(f"records are not used for {task_type}")
@@ -248,9 +301,9 @@ def examples_from_records(tokenizer: Any, task_type: str, records: Iterator[tupl
         for _, record in records:
             yield format_record(tokenizer, task_type, record)
         return
-    batch: list[list[dict[str, str]]] = []
+    batch: list[dict[str, Any]] = []
     for _, record in records:
-        batch.append(record["messages"])
+        batch.append(record)
         if len(batch) == CHAT_BATCH:
             yield from format_chats(tokenizer, batch)
             batch = []

@@ -14,6 +14,7 @@ import ray
 
 from ray_finetune.data import packing, sources
 from ray_finetune.data.tokenized import ExampleTable, TokenizeJob
+from ray_finetune.errors import ValidationError
 
 FORMAT_VERSION = 2   # bump when formatting or packing changes what rows contain
 
@@ -123,6 +124,11 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
         prefixes = map_shards(jobs, progress) if spread else _map_here(jobs, progress, tokenizer)
         pack = packing.pack_stream if task_type == "CONTINUED_PRETRAIN" else packing.pack_examples
         _, stats = pack(ExampleTable.open(prefixes), context_length, tokenizer.pad_token_id, folder=work / "rows")
+        if stats.rows == 0:
+            raise ValidationError(parameter, f"leaves nothing to train on: none of its {stats.examples} examples has "
+                                  f"a trained token within its first {context_length} tokens", file=source.where,
+                                  expected="examples whose trained tokens (assistant turns, responses) begin within "
+                                           "context_length tokens, or a longer context_length")
         try:
             (work / "rows").rename(rows_dir)
         except OSError:

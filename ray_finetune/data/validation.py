@@ -1,6 +1,7 @@
 """Shape checks for each task type (SPEC §3), run over every line before a run is queued."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,39 +12,100 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REPORTED_LINES = 5
 
 
+MESSAGE_KEYS = {"role", "content", "weight", "tool_calls", "tool_call_id", "name"}
+
+
 def chat_problem(record: Any) -> str | None:
-    """What is wrong with one chat record, or None."""
+    """What is wrong with one chat record, or None. Beside role and content, OpenAI's chat format: a per-turn
+    `weight` on assistant messages, assistant `tool_calls`, `tool` messages answering them, and the record's
+    `tools`. A table's struct columns give every message every field, so an absent field may come as null."""
     if not isinstance(record, dict) or "messages" not in record:
         return "has no 'messages' list"
-    unknown = set(record) - {"messages"}
+    unknown = set(record) - {"messages", "tools", "parallel_tool_calls"}
     if unknown:
         return f"has unknown keys {sorted(unknown)}"
     messages = record["messages"]
     if not isinstance(messages, list) or len(messages) < 2:
         return "'messages' must be a list of at least two messages"
+    tools_problem = _tools_problem(record.get("tools"))
+    if tools_problem:
+        return tools_problem
     previous = None
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) - {"role", "content", "weight"} or "role" not in message \
-                or "content" not in message:
-            return f"message {index} must be an object with 'role' and 'content' (and, on assistant messages, " \
-                   f"an optional 'weight' of 0 or 1)"
-        role, content = message["role"], message["content"]
-        if role not in CHAT_ROLES:
-            return f"message {index} has role {role!r} (one of {', '.join(CHAT_ROLES)})"
-        if not isinstance(content, str):
-            return f"message {index} has non-string content"
-        weight_problem = _weight_problem(index, message)
-        if weight_problem:
-            return weight_problem
+        problem = _message_problem(index, message)
+        if problem:
+            return problem
+        role = message["role"]
         if role == "system" and index != 0:
             return f"message {index} is a system message; only the first message may be"
-        if previous is not None and role == previous:
+        if role == "tool" and previous not in ("assistant", "tool"):
+            return f"message {index} is a tool result with no assistant tool call before it"
+        if previous is not None and role == previous and role != "tool":   # a tool message per parallel call
             return f"messages {index - 1} and {index} are both {role!r}; roles must alternate"
         previous = role
     if messages[-1]["role"] != "assistant":
         return "the last message must be from the assistant"
     if all(message.get("weight") == 0 for message in messages if message["role"] == "assistant"):
         return "every assistant message has weight 0, so the record has nothing to learn"
+    return None
+
+
+def uses_tools(record: dict[str, Any]) -> bool:
+    return bool(record.get("tools")) or any(message.get("tool_calls") for message in record["messages"])
+
+
+def _message_problem(index: int, message: Any) -> str | None:
+    if not isinstance(message, dict) or set(message) - MESSAGE_KEYS or "role" not in message:
+        return (f"message {index} must be an object with 'role' and 'content' (and optionally 'name'; assistant "
+                f"messages may add 'weight' and 'tool_calls', tool messages 'tool_call_id')")
+    role = message["role"]
+    if role not in CHAT_ROLES:
+        return f"message {index} has role {role!r} (one of {', '.join(CHAT_ROLES)})"
+    content = message.get("content")
+    if content is None and not message.get("tool_calls"):
+        return f"message {index} has no content (only an assistant message that calls tools may have none)"
+    if content is not None and not isinstance(content, str):
+        return f"message {index} has non-string content"
+    for key, allowed in (("tool_calls", "assistant"), ("tool_call_id", "tool")):
+        if message.get(key) is not None and role != allowed:
+            return f"message {index} is a {role!r} message with {key!r}; only {allowed} messages have one"
+    return _weight_problem(index, message) or _tool_calls_problem(index, message.get("tool_calls"))
+
+
+def _tool_calls_problem(index: int, calls: Any) -> str | None:
+    """OpenAI's tool calls: [{"id", "type": "function", "function": {"name", "arguments"}}], the arguments a
+    JSON object (or a string holding one, as OpenAI writes them)."""
+    if calls is None:
+        return None
+    if not isinstance(calls, list) or not calls:
+        return f"message {index} has 'tool_calls' that is not a non-empty list"
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            return f"message {index} has a tool call without function.name"
+        if tool_arguments(function.get("arguments")) is None:
+            return (f"message {index} calls {function['name']!r} with arguments that are not a JSON object "
+                    f"(an object, or a string holding one)")
+    return None
+
+
+def tool_arguments(arguments: Any) -> dict[str, Any] | None:
+    """A tool call's arguments as an object (chat templates write them out with `tojson`), or None."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    return arguments if isinstance(arguments, dict) else None
+
+
+def _tools_problem(tools: Any) -> str | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(
+            isinstance(tool, dict) and isinstance(tool.get("function"), dict)
+            and isinstance(tool["function"].get("name"), str) for tool in tools):
+        return "'tools' must be a list of {\"type\": \"function\", \"function\": {\"name\", ...}}"
     return None
 
 
@@ -81,12 +143,14 @@ SHAPES = {
                                       '{"role": "assistant", "content": "..."}]}'),
     "INSTRUCTION_FINETUNE": (instruction_problem, '{"prompt": "...", "response": "..."}'),
 }
-COLUMNS = {"CHAT_COMPLETION": frozenset({"messages"}),
+COLUMNS = {"CHAT_COMPLETION": frozenset({"messages", "tools", "parallel_tool_calls"}),
            "INSTRUCTION_FINETUNE": frozenset({"prompt", "response", "completion"})}
 
 
-def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: str | None = None) -> int:
-    """Check every record (or document); returns how many there are. Reports the first few bad ones and the count."""
+def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: str | None = None,
+               tokenizer: Any = None) -> int:
+    """Check every record (or document); returns how many there are. Reports the first few bad ones and the count.
+    Given the model's tokenizer, also that its chat template writes out the tool calls and tools the data has."""
     source = sources.locate(parameter, path, data_prep_cluster_id)
     if task_type == "CONTINUED_PRETRAIN":
         files = sources.text_files(source)
@@ -99,6 +163,7 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
     problem_of, shape = SHAPES[task_type]
     bad: list[tuple[str, str]] = []
     bad_count = records = 0
+    first_tool_use: str | None = None
     for location, record in sources.read_records(source, COLUMNS[task_type], unreadable_lines=True):
         records += 1
         problem = record.problem if isinstance(record, sources.UnreadableLine) else problem_of(record)
@@ -106,6 +171,8 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
             bad_count += 1
             if len(bad) < MAX_REPORTED_LINES:
                 bad.append((location, problem))
+        elif first_tool_use is None and task_type == "CHAT_COMPLETION" and uses_tools(record):
+            first_tool_use = location
     if bad:
         listing = "; ".join(f"{where}: {problem}" for where, problem in bad)
         first_line = int(bad[0][0].split()[-1]) if bad[0][0].startswith("line") else None
@@ -114,6 +181,16 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
                               expected=f"one {task_type} record per line, in UTF-8 JSON: {shape}")
     if records == 0:
         raise ValidationError(parameter, "has no records", file=source.where, expected="at least one record")
+    if first_tool_use and tokenizer is not None:
+        from ray_finetune.data.formats import tool_template_problem
+
+        problem = tool_template_problem(tokenizer)
+        if problem:
+            line = int(first_tool_use.split()[-1]) if first_tool_use.startswith("line") else None
+            raise ValidationError("model", f"{problem}, but {first_tool_use} of {path!r} has tool calls or tools",
+                                  file=source.where, line=line,
+                                  expected="a model whose chat template renders tools and tool_calls (e.g. Qwen2.5, "
+                                           "Llama 3.1 Instruct), or data without them")
     return records
 
 
@@ -122,8 +199,6 @@ ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_atte
 
 def check_checkpoint(parameter: str, path: str, model_path: str | Path) -> None:
     """A complete checkpoint (folder, pointer file or .pt) of the same architecture as the base model."""
-    import json
-
     from ray_finetune.train.checkpoint import initial_weights
 
     weights = initial_weights(parameter, path)
