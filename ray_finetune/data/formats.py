@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ray_finetune.data.validation import tool_arguments
 from ray_finetune.errors import ValidationError
 
 
@@ -84,8 +85,6 @@ def _for_template(message: dict[str, Any]) -> dict[str, Any]:
     every field), content "" on a tool-calling turn without any (many templates read it unconditionally),
     tool-call arguments as an object (OpenAI writes them as a JSON string; templates write them out with
     `tojson`)."""
-    from ray_finetune.data.validation import tool_arguments
-
     shown = {key: value for key, value in message.items() if value is not None and key != "weight"}
     shown.setdefault("content", "")
     if "tool_calls" in shown:

@@ -10,15 +10,14 @@ from ray_finetune.errors import ValidationError
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REPORTED_LINES = 5
-
-
 MESSAGE_KEYS = {"role", "content", "weight", "tool_calls", "tool_call_id", "name"}
 
 
 def chat_problem(record: Any) -> str | None:
     """What is wrong with one chat record, or None. Beside role and content, OpenAI's chat format: a per-turn
     `weight` on assistant messages, assistant `tool_calls`, `tool` messages answering them, and the record's
-    `tools`. A table's struct columns give every message every field, so an absent field may come as null."""
+    `tools` (its `parallel_tool_calls` flag is accepted and has no effect on training). A table's struct columns
+    give every message every field, so an absent field may come as null."""
     if not isinstance(record, dict) or "messages" not in record:
         return "has no 'messages' list"
     unknown = set(record) - {"messages", "tools", "parallel_tool_calls"}
@@ -175,9 +174,8 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
             first_tool_use = location
     if bad:
         listing = "; ".join(f"{where}: {problem}" for where, problem in bad)
-        first_line = int(bad[0][0].split()[-1]) if bad[0][0].startswith("line") else None
         raise ValidationError(parameter, f"{bad_count} of {records} records are malformed ({listing})",
-                              file=source.where, line=first_line,
+                              file=source.where, line=_line_number(bad[0][0]),
                               expected=f"one {task_type} record per line, in UTF-8 JSON: {shape}")
     if records == 0:
         raise ValidationError(parameter, "has no records", file=source.where, expected="at least one record")
@@ -186,12 +184,16 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
 
         problem = tool_template_problem(tokenizer)
         if problem:
-            line = int(first_tool_use.split()[-1]) if first_tool_use.startswith("line") else None
             raise ValidationError("model", f"{problem}, but {first_tool_use} of {path!r} has tool calls or tools",
-                                  file=source.where, line=line,
+                                  file=source.where, line=_line_number(first_tool_use),
                                   expected="a model whose chat template renders tools and tool_calls (e.g. Qwen2.5, "
                                            "Llama 3.1 Instruct), or data without them")
     return records
+
+
+def _line_number(location: str) -> int | None:
+    """The line of a JSONL location ("line 12"); datasets and tables have rows, not lines."""
+    return int(location.split()[-1]) if location.startswith("line") else None
 
 
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
