@@ -65,7 +65,7 @@ CORPUS = [
      "'tools' must be a list", 1),
     ("tools-on-a-template-without-them", chat_file(GOOD_CHAT, line({"messages": [U, {"role": "assistant",
                                                                                     "tool_calls": [CALL]}]})),
-     "model", "the model's chat template leaves out the tools list and tool calls, but line 2", 2),
+     "model", "the model's chat template leaves out the tools list and tool calls, which this data uses", 2),
     ("record-extra-key", chat_file(line({"messages": [U, A], "meta": 1})), "train_data_path", "unknown keys ['meta']",
      1),
     ("empty-file", chat_file(""), "train_data_path", "has no records", None),

@@ -184,7 +184,8 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
 
         problem = tool_template_problem(tokenizer)
         if problem:
-            raise ValidationError("model", f"{problem}, but {first_tool_use} of {path!r} has tool calls or tools",
+            where = "" if _line_number(first_tool_use) else f" ({first_tool_use})"   # a line is named anyway
+            raise ValidationError("model", f"{problem}, which this data uses{where}",
                                   file=source.where, line=_line_number(first_tool_use),
                                   expected="a model whose chat template renders tools and tool_calls (e.g. Qwen2.5, "
                                            "Llama 3.1 Instruct), or data without them")
