@@ -27,15 +27,18 @@ def join_process_group(rank: int, world_size: int, master: tuple[str, int] | Non
 
     host, port = master or ("127.0.0.1", free_port())
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    prepare_deepspeed_ops()
+    prepare_deepspeed()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=f"tcp://{host}:{port}",
                             rank=rank, world_size=world_size)
 
 
-def prepare_deepspeed_ops() -> None:
-    """DeepSpeed compiles small C++ ops on first use (on CPU, its shared-memory all-reduce) with torch's JIT
+def prepare_deepspeed() -> None:
+    """What DeepSpeed needs of the process before its first import (transformers imports it with its model code).
+
+    Its accelerator named: without CUDA it picks the CPU anyway, but says so in a WARNING line on every import,
+    which lands in the terminal of anyone who loads a model here (a dry run's probe, a GGUF conversion).
+
+    DeepSpeed compiles small C++ ops on first use (on CPU, its shared-memory all-reduce) with torch's JIT
     builder, which runs whichever `ninja` comes first on PATH and keeps the build in one folder per Python. Two
     ninjas (the system's and the pip package DeepSpeed depends on) log different hashes of the same command, so a
     process started from an activated venv and one that was not rebuilt the op for each other, ~30 s each time
@@ -50,6 +53,8 @@ def prepare_deepspeed_ops() -> None:
 
     import torch
 
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import ninja
     except ImportError:   # DeepSpeed requires the package; without it, leave PATH as it is
