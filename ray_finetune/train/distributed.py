@@ -27,18 +27,24 @@ def join_process_group(rank: int, world_size: int, master: tuple[str, int] | Non
 
     host, port = master or ("127.0.0.1", free_port())
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
-    prepare_deepspeed()
+    name_deepspeed_accelerator()
+    prepare_deepspeed_ops()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=f"tcp://{host}:{port}",
                             rank=rank, world_size=world_size)
 
 
-def prepare_deepspeed() -> None:
-    """What DeepSpeed needs of the process before its first import (transformers imports it with its model code).
+def name_deepspeed_accelerator() -> None:
+    """Before DeepSpeed's first import (transformers imports it with its model code): without CUDA it picks the
+    CPU anyway, but says so in a WARNING line on every import, which lands in the terminal of anyone who loads a
+    model here (a dry run's probe, a GGUF conversion). Naming it is the same choice, silently."""
+    import torch
 
-    Its accelerator named: without CUDA it picks the CPU anyway, but says so in a WARNING line on every import,
-    which lands in the terminal of anyone who loads a model here (a dry run's probe, a GGUF conversion).
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-    DeepSpeed compiles small C++ ops on first use (on CPU, its shared-memory all-reduce) with torch's JIT
+
+def prepare_deepspeed_ops() -> None:
+    """DeepSpeed compiles small C++ ops on first use (on CPU, its shared-memory all-reduce) with torch's JIT
     builder, which runs whichever `ninja` comes first on PATH and keeps the build in one folder per Python. Two
     ninjas (the system's and the pip package DeepSpeed depends on) log different hashes of the same command, so a
     process started from an activated venv and one that was not rebuilt the op for each other, ~30 s each time
@@ -46,15 +52,14 @@ def prepare_deepspeed() -> None:
     always the pip package's ninja, and one build folder per Python environment (two venvs' include paths
     differ, which would rebuild it too), unless the user chose a folder (TORCH_EXTENSIONS_DIR). On a CPU machine
     with no C++ compiler (a slim container) the op cannot be built, and DeepSpeed would fail the run: it is only a
-    faster all-reduce between CPU ranks on one node, so gloo's serves instead."""
+    faster all-reduce between CPU ranks on one node, so gloo's serves instead. Only trainer processes call this:
+    it changes the process's PATH."""
     import hashlib
     import shutil
     import sys
 
     import torch
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import ninja
     except ImportError:   # DeepSpeed requires the package; without it, leave PATH as it is

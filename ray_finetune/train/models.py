@@ -13,7 +13,7 @@ from typing import Any
 from ray_finetune import settings
 from ray_finetune.access import check_allowed
 from ray_finetune.errors import ValidationError
-from ray_finetune.train.distributed import prepare_deepspeed
+from ray_finetune.train.distributed import name_deepspeed_accelerator
 
 # Hugging Face ids that resolve offline from a pip package: id → (package, GGUF file inside it).
 OFFLINE_PACKAGES: dict[str, tuple[str, str]] = {
@@ -148,7 +148,7 @@ def _converted(gguf: Path, name: str) -> Path:
     target = _converted_folder(name)
     if (target / "config.json").exists():
         return target
-    prepare_deepspeed()   # before transformers' model code imports it
+    name_deepspeed_accelerator()   # before transformers' model code imports DeepSpeed
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -205,7 +205,7 @@ def load_model(path: str | Path, dtype: Any = None, attention: str = "sdpa", zer
     together) each rank builds only its shard of every weight (DeepSpeed's zero.Init, through transformers) and rank
     0 alone reads the files, handing each layer's weights to the others: no GPU ever holds the whole model, so one
     larger than a GPU trains sharded over several (measured on CPU: bench/zero3_loading.py)."""
-    prepare_deepspeed()   # before transformers' model code imports it
+    name_deepspeed_accelerator()   # before transformers' model code imports DeepSpeed
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -233,7 +233,7 @@ def load_model(path: str | Path, dtype: Any = None, attention: str = "sdpa", zer
 
 def parameter_count(path: str | Path) -> int:
     """How many parameters the model at `path` has, without loading its weights (built on the meta device)."""
-    prepare_deepspeed()   # before transformers' model code imports it
+    name_deepspeed_accelerator()   # before transformers' model code imports DeepSpeed
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
