@@ -113,6 +113,10 @@ def test_tool_calls_are_learned_and_tool_results_and_the_tools_list_are_context(
     # SmolLM2's own template has no place for tools: training on it would teach turns with the calls missing.
     assert tool_template_problem(smollm2_tokenizer) == \
         "the model's chat template leaves out the tools list and tool calls"
+    from ray_finetune.errors import ValidationError
+
+    with pytest.raises(ValidationError, match="leaves out the tools list"):   # data not checked before the run
+        format_chat(smollm2_tokenizer, tool_conversation({"city": "Paris"}), tools=[WEATHER_TOOL])
 
 
 def test_chat_without_system_uses_the_templates_default_and_masks_it(smollm2_tokenizer):

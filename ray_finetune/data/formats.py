@@ -72,6 +72,8 @@ def format_chats(tokenizer: Any, records: list[dict[str, Any]]) -> list[Tokenize
         messages = [_for_template(message) for message in record["messages"]]
         tools = record.get("tools") or None
         with_tools = tools is not None or any("tool_calls" in message for message in messages)
+        if with_tools and tool_template_problem(tokenizer):   # unchecked data (validate_inputs=False) gets here
+            raise ValidationError("model", tool_template_problem(tokenizer), expected=TOOL_TEMPLATE_EXPECTED)
         located = _spans_by_shape(tokenizer, messages, shape) if shape and not with_tools else None
         full, spans = located or _spans_by_prefixes(tokenizer, messages, tools)
         rendered.append((full, _trained(spans, record["messages"])))
@@ -256,9 +258,21 @@ _TOOL_CALL_PROBE = [
 ]
 
 
+TOOL_TEMPLATE_EXPECTED = ("a model whose chat template renders tools and tool_calls (e.g. Qwen2.5, Llama 3.1 "
+                          "Instruct), or data without them")
+_TOOL_PROBLEMS: dict[str, str | None] = {}
+
+
 def tool_template_problem(tokenizer: Any) -> str | None:
     """Why the model's chat template cannot train on tool use (it leaves out the tools list, the calls or their
-    results: training would teach turns with the calls missing), or None."""
+    results: training would teach turns with the calls missing), or None. Probed once per template."""
+    template = tokenizer.chat_template
+    if template not in _TOOL_PROBLEMS:
+        _TOOL_PROBLEMS[template] = _probe_tool_template(tokenizer)
+    return _TOOL_PROBLEMS[template]
+
+
+def _probe_tool_template(tokenizer: Any) -> str | None:
     try:
         text = _render(tokenizer, [_for_template(message) for message in _TOOL_CALL_PROBE], tools=_TOOLS_PROBE)
     except Exception as error:  # noqa: BLE001 - a template's own error (raise_exception, a missing key)

@@ -180,15 +180,14 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
     if records == 0:
         raise ValidationError(parameter, "has no records", file=source.where, expected="at least one record")
     if first_tool_use and tokenizer is not None:
-        from ray_finetune.data.formats import tool_template_problem
+        from ray_finetune.data.formats import TOOL_TEMPLATE_EXPECTED, tool_template_problem
 
         problem = tool_template_problem(tokenizer)
         if problem:
             where = "" if _line_number(first_tool_use) else f" ({first_tool_use})"   # a line is named anyway
             raise ValidationError("model", f"{problem}, which this data uses{where}",
                                   file=source.where, line=_line_number(first_tool_use),
-                                  expected="a model whose chat template renders tools and tool_calls (e.g. Qwen2.5, "
-                                           "Llama 3.1 Instruct), or data without them")
+                                  expected=TOOL_TEMPLATE_EXPECTED)
     return records
 
 
