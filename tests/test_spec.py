@@ -149,6 +149,17 @@ def test_a_model_without_a_chat_template_is_refused_for_chats_before_queueing(ti
     assert _resolve(base, instructions, task_type="INSTRUCTION_FINETUNE").model_path == str(base)
 
 
+def test_a_chat_template_whose_turns_cannot_be_located_is_refused_before_queueing(chat_data, tmp_path):
+    """A template that rewrites the conversation as it grows (here: a header counting its messages) gives no
+    stable place for each assistant turn; that is said at create(), not by a failed run."""
+    from tiny_model import CHATML_TEMPLATE, build_tiny_model
+
+    model = build_tiny_model(tmp_path / "counting", chat_template="{{ messages | length }} messages\n" + CHATML_TEMPLATE)
+    with pytest.raises(ValidationError, match="does not render conversations incrementally") as error:
+        _resolve(model, chat_data[0])
+    assert error.value.parameter == "model"
+
+
 def test_text_that_is_not_utf8_is_named(tiny_model, tmp_path):
     (tmp_path / "doc.txt").write_bytes(b"caf\xe9 latin-1")
     with pytest.raises(ValidationError, match="not UTF-8") as error:

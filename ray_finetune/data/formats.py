@@ -43,10 +43,17 @@ def require_chat_template(tokenizer: Any) -> None:
 
 
 def check_tokenizer(tokenizer: Any, task_type: str) -> None:
-    """What a task type needs of the model's tokenizer: an EOS to end examples, and for chats a template."""
+    """What a task type needs of the model's tokenizer: an EOS to end examples, and for chats a template in which
+    assistant turns can be located (else the data packer would fail the run on its first conversation)."""
     eos_token_id(tokenizer)
     if task_type == "CHAT_COMPLETION":
         require_chat_template(tokenizer)
+        try:
+            format_chats(tokenizer, [{"messages": _PROBES[1][1:]}])   # three exchanges, no system message
+        except ValidationError:
+            raise
+        except Exception:  # noqa: BLE001 - a template that refuses this probe itself (one that insists on a
+            pass           # system message, say) leaves the verdict to the data's own conversations
 
 
 def format_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
