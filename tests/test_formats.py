@@ -117,6 +117,10 @@ def test_tool_calls_are_learned_and_tool_results_and_the_tools_list_are_context(
 
     with pytest.raises(ValidationError, match="leaves out the tools list"):   # data not checked before the run
         format_chat(smollm2_tokenizer, tool_conversation({"city": "Paris"}), tools=[WEATHER_TOOL])
+    counting = copy.deepcopy(smollm2_tokenizer)   # writes tools out, but rewrites its header as the talk grows
+    counting.chat_template = "{{ messages | length }} messages\n" + TOOLS_CHATML_TEMPLATE
+    assert tool_template_problem(counting) == ("with tools, the chat template does not render conversations "
+                                               "incrementally, so assistant turns cannot be located")
 
 
 def test_chat_without_system_uses_the_templates_default_and_masks_it(smollm2_tokenizer):

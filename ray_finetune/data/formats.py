@@ -280,14 +280,18 @@ def tool_template_problem(tokenizer: Any) -> str | None:
 
 
 def _probe_tool_template(tokenizer: Any) -> str | None:
+    messages = [_for_template(message) for message in _TOOL_CALL_PROBE]
     try:
-        text = _render(tokenizer, [_for_template(message) for message in _TOOL_CALL_PROBE], tools=_TOOLS_PROBE)
+        text = _render(tokenizer, messages, tools=_TOOLS_PROBE)
+        left_out = [what for what, mark in (("the tools list", "tools list shown"), ("tool calls", "call shown"),
+                                            ("tool results", "result shown")) if mark not in text]
+        if left_out:
+            return f"the model's chat template leaves out {' and '.join(left_out)}"
+        _spans_by_prefixes(tokenizer, messages, _TOOLS_PROBE)   # the turns of a tool conversation can be located
+    except ValidationError as error:
+        return f"with tools, {error.problem}"
     except Exception as error:  # noqa: BLE001 - a template's own error (raise_exception, a missing key)
         return f"the model's chat template fails on tool calls ({type(error).__name__}: {error})"
-    left_out = [what for what, mark in (("the tools list", "tools list shown"), ("tool calls", "call shown"),
-                                        ("tool results", "result shown")) if mark not in text]
-    if left_out:
-        return f"the model's chat template leaves out {' and '.join(left_out)}"
     return None
 
 
