@@ -123,6 +123,24 @@ def test_tool_calls_are_learned_and_tool_results_and_the_tools_list_are_context(
                                                "incrementally, so assistant turns cannot be located")
 
 
+def test_a_tokenizer_with_named_templates_uses_its_tool_template_for_tools(smollm2_tokenizer):
+    """Some tokenizers carry several templates by name (a dict); transformers renders with "tool_use" when tools
+    are given and "default" otherwise. Both are checked and used, each for its own conversations."""
+    import copy
+
+    from ray_finetune.data.formats import check_tokenizer, tool_template_problem
+    from tiny_model import TOOLS_CHATML_TEMPLATE
+
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.chat_template = {"default": smollm2_tokenizer.chat_template, "tool_use": TOOLS_CHATML_TEMPLATE}
+    check_tokenizer(tokenizer, "CHAT_COMPLETION")
+    assert tool_template_problem(tokenizer) is None
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert format_chat(tokenizer, plain) == format_chat(smollm2_tokenizer, plain)   # the default template
+    example = format_chat(tokenizer, tool_conversation({"city": "Paris"}), tools=[WEATHER_TOOL])
+    assert targets_text(tokenizer, example)[0].startswith('<tool_call>{"name": "get_weather"')
+
+
 def test_chat_without_system_uses_the_templates_default_and_masks_it(smollm2_tokenizer):
     example = format_chat(smollm2_tokenizer, [{"role": "user", "content": "hi"},
                                               {"role": "assistant", "content": "hello"}])

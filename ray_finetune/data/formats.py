@@ -6,6 +6,7 @@ the pad token *is* the EOS token, and EOS must be learned.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -180,10 +181,17 @@ _PROBES = [
 def _turn_shape(tokenizer: Any) -> _TurnShape | None:
     """The template's turn shape, when the two-render method reproduces the prefix method exactly on probe
     conversations; None (use the prefix method) otherwise. Computed once per template."""
-    template = tokenizer.chat_template
+    template = _template_key(tokenizer)
     if template not in _SHAPES:
         _SHAPES[template] = _probe_turn_shape(tokenizer)
     return _SHAPES[template]
+
+
+def _template_key(tokenizer: Any) -> str:
+    """What the probes' verdicts are cached by: the template, or all of a tokenizer's named templates (a dict:
+    transformers renders with its "tool_use" one when tools are given, else its "default")."""
+    template = tokenizer.chat_template
+    return json.dumps(template, sort_keys=True) if isinstance(template, dict) else template
 
 
 def _assistant_closer(tokenizer: Any) -> str:
@@ -273,7 +281,7 @@ _TOOL_PROBLEMS: dict[str, str | None] = {}
 def tool_template_problem(tokenizer: Any) -> str | None:
     """Why the model's chat template cannot train on tool use (it leaves out the tools list, the calls or their
     results: training would teach turns with the calls missing), or None. Probed once per template."""
-    template = tokenizer.chat_template
+    template = _template_key(tokenizer)
     if template not in _TOOL_PROBLEMS:
         _TOOL_PROBLEMS[template] = _probe_tool_template(tokenizer)
     return _TOOL_PROBLEMS[template]
