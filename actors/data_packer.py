@@ -46,8 +46,6 @@ class DataPacker:
                       data_prep_cluster_id=spec.data_prep_cluster_id, **on_cluster())
         train = prepare("train_data_path", spec.train_data_path, progress=ProgressEvents(sink, "train_data_path"),
                         **common)
-        if train.stats["rows"] == 0:
-            raise ValueError(f"train_data_path {spec.train_data_path!r} has nothing to train on after formatting")
         evaluation = (prepare("eval_data_path", spec.eval_data_path, progress=ProgressEvents(sink, "eval_data_path"),
                               **common) if spec.eval_data_path else None)
         stats = train.stats

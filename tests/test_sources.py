@@ -175,6 +175,30 @@ def test_packed_rows_are_cached_by_content(tmp_path, tiny_model):
     assert not other_length.cached
 
 
+def test_data_with_nothing_to_learn_is_refused_fresh_and_from_an_older_empty_cache_entry(tmp_path, tiny_model):
+    """Every example's answer lies beyond context_length: refused naming the file, whether packed now or found as
+    an empty entry that an earlier version had published to the cache."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "word " * 60},
+                                                     {"role": "assistant", "content": "ok"}]}) + "\n"
+                            for _ in range(3)))
+    arguments = dict(task_type="CHAT_COMPLETION", model_path=str(tiny_model), tokenizer=load_tokenizer(tiny_model),
+                     context_length=32, cache_dir=tmp_path / "cache")
+    message = "leaves nothing to train on: none of its 3 examples has a trained token within its first 32 tokens"
+    with pytest.raises(ValidationError, match=message) as fresh:
+        prepare("train_data_path", str(data), **arguments)
+    assert fresh.value.file == str(data)
+    assert not any((tmp_path / "cache").rglob("stats.json"))   # nothing published
+    from ray_finetune.data.prepare import cache_key
+
+    entry = tmp_path / "cache" / cache_key(sources.locate("train_data_path", str(data)), str(tiny_model),
+                                           "CHAT_COMPLETION", 32)
+    (entry / "rows").mkdir(parents=True)
+    (entry / "stats.json").write_text(json.dumps({"rows": 0, "examples": 3}))
+    with pytest.raises(ValidationError, match=message):
+        prepare("train_data_path", str(data), **arguments)
+
+
 def test_only_local_paths_are_anchored_to_the_working_directory(tmp_path, monkeypatch, chat_data):
     monkeypatch.chdir(tmp_path)
     shutil.copy(chat_data[0], tmp_path / "train.jsonl")

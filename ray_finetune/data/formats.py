@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ray_finetune.data.validation import tool_arguments
+from ray_finetune.data.validation import tool_arguments, uses_tools
 from ray_finetune.errors import ValidationError
 
 
@@ -79,7 +79,7 @@ def format_chats(tokenizer: Any, records: list[dict[str, Any]]) -> list[Tokenize
     for record in records:
         messages = [_for_template(message) for message in record["messages"]]
         tools = record.get("tools") or None
-        with_tools = tools is not None or any("tool_calls" in message for message in messages)
+        with_tools = uses_tools(record)
         if with_tools and tool_template_problem(tokenizer):   # unchecked data (validate_inputs=False) gets here
             raise ValidationError("model", tool_template_problem(tokenizer), expected=TOOL_TEMPLATE_EXPECTED)
         located = _spans_by_shape(tokenizer, messages, shape) if shape and not with_tools else None

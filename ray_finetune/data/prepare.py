@@ -114,7 +114,9 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
     folder = cache_dir / cache_key(source, model_path, task_type, context_length)
     rows_dir, stats_file = folder / "rows", folder / "stats.json"
     if rows_dir.is_dir() and stats_file.exists():
-        return Prepared(str(rows_dir), json.loads(stats_file.read_text()), cached=True)
+        cached = json.loads(stats_file.read_text())
+        _require_rows(parameter, source, cached, context_length)   # earlier versions published empty entries
+        return Prepared(str(rows_dir), cached, cached=True)
     work = folder / f"work-{uuid.uuid4().hex}"
     try:
         jobs = [TokenizeJob(source, shard, task_type, model_path, context_length, str(work / "tokens"))
@@ -124,11 +126,7 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
         prefixes = map_shards(jobs, progress) if spread else _map_here(jobs, progress, tokenizer)
         pack = packing.pack_stream if task_type == "CONTINUED_PRETRAIN" else packing.pack_examples
         _, stats = pack(ExampleTable.open(prefixes), context_length, tokenizer.pad_token_id, folder=work / "rows")
-        if stats.rows == 0:
-            raise ValidationError(parameter, f"leaves nothing to train on: none of its {stats.examples} examples has "
-                                  f"a trained token within its first {context_length} tokens", file=source.where,
-                                  expected="examples whose trained tokens (assistant turns, responses) begin within "
-                                           "context_length tokens, or a longer context_length")
+        _require_rows(parameter, source, stats.as_dict(), context_length)
         try:
             (work / "rows").rename(rows_dir)
         except OSError:
@@ -140,3 +138,13 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return Prepared(str(rows_dir), stats.as_dict(), cached=False, shards=len(jobs))
+
+
+def _require_rows(parameter: str, source: sources.DataSource, stats: dict[str, Any], context_length: int) -> None:
+    """Data whose every example was dropped (no token the loss is taken on within context_length) cannot train
+    or be scored: said here, for the train and the eval data alike, before a trainer is started for it."""
+    if stats["rows"] == 0:
+        raise ValidationError(parameter, f"leaves nothing to train on: none of its {stats['examples']} examples has "
+                              f"a trained token within its first {context_length} tokens", file=source.where,
+                              expected="examples whose trained tokens (assistant turns, responses) begin within "
+                                       "context_length tokens, or a longer context_length")
