@@ -157,7 +157,8 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
     import torch
 
     from ray_finetune import settings
-    from ray_finetune.train.hardware import BF16, choose_precision, training_device
+    from ray_finetune.train.hardware import BF16, choose_attention, choose_precision, training_device
+    from ray_finetune.train.loop import ready_attention
     from ray_finetune.train.models import load_model, parameter_count
     from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
 
@@ -172,7 +173,10 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
     if needed > PROBE_MEMORY_SHARE * free:
         return 0.0, (f"not probed: the model's weights and gradients ({needed / 2**30:.1f} GiB) would not fit in the "
                      f"free memory of this machine's {device.type.upper()} ({free / 2**30:.1f} GiB)")
-    model = load_model(spec.model_path, dtype=dtype).to(device)
+    # The attention a CPU trains with; on a GPU plain SDPA (its compiled kernels would take the probe minutes).
+    attention = choose_attention(device, chosen.attention) if device.type == "cpu" else "sdpa"
+    model = load_model(spec.model_path, dtype=dtype, attention=attention).to(device)
+    ready_attention(model, attention, rows, device)
     timings = []
     for index in range(PROBE_MICRO_BATCHES + 1):   # the first one warms up
         batch = make_batch(rows, np.arange(index, index + plan.micro_batch_rows) % len(rows)).to(device)

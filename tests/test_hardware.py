@@ -8,6 +8,7 @@ import torch
 from ray_finetune import settings
 from ray_finetune.errors import ConfigError
 from ray_finetune.spec import Duration
+from ray_finetune.train.attention import DOCUMENT_SDPA
 from ray_finetune.train.hardware import (BF16, FP32, choose_attention, choose_precision, deepspeed_config,
                                          zero_stage)
 from ray_finetune.train.plan import make_plan
@@ -17,7 +18,7 @@ CPU = torch.device("cpu")
 
 def test_cpu_defaults_are_exact_fp32_sdpa_zero0():
     assert choose_precision(CPU) == FP32
-    assert choose_attention(CPU) == "sdpa"
+    assert choose_attention(CPU) == DOCUMENT_SDPA             # whole rows, SDPA run per document
     assert zero_stage(CPU, FP32) == 0
 
 

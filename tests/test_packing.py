@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from ray_finetune.data.formats import TokenizedExample
 from ray_finetune.data.packing import IGNORE_INDEX, best_fit, pack_examples, pack_stream
+from ray_finetune.train.attention import DOCUMENT_SDPA, DocumentAttentionUnsupported, check_documents_apart
 from ray_finetune.train.models import load_model
+from ray_finetune.train.plan import EMPTY_ROW
 from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
 
 
@@ -68,9 +70,11 @@ def model(tiny_model):
     return load_model(tiny_model).eval()
 
 
-# How a packed row can run: each document alone (the CPU path), or the whole row with the documents kept apart by
-# their position ids under each attention implementation (FlexAttention has no CPU backward: forward only here).
-LAYOUTS = [("per-document", "sdpa"), ("packed", "sdpa"), ("packed", "eager"), ("packed", "flex_attention")]
+# How a packed row can run: the whole row with SDPA run per document (the CPU path), each document alone (the CPU
+# fallback), or the whole row with the documents kept apart by their position ids under each attention
+# implementation (FlexAttention has no CPU backward: forward only here).
+LAYOUTS = [("packed", DOCUMENT_SDPA), ("per-document", "sdpa"), ("packed", "sdpa"), ("packed", "eager"),
+           ("packed", "flex_attention")]
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +135,73 @@ def test_attention_never_crosses_documents(model):
     before = logits(rows)[span(rows, len(second))]
     after = logits(rows_changed)[span(rows_changed, len(second))]
     assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_per_document_sdpa_trains_like_one_pass_per_document(request, architecture):
+    """A micro-batch of several rows (one of them an epoch's empty filler row) in training mode: the whole rows
+    with SDPA run per document give the loss and every gradient that one forward pass per document gives. Gemma 3's
+    sliding-window layers (8 tokens here) see documents longer than their window."""
+    folder = request.getfixturevalue("tiny_model" if architecture == "llama" else "sliding_window_model")
+    rows, _ = pack_examples(examples(14, seed=4, vocab=300), 128, pad_id=0)
+    batch = make_batch(rows, np.array([*range(len(rows)), EMPTY_ROW]))
+    results = {}
+    for attention in (DOCUMENT_SDPA, "sdpa"):
+        torch.manual_seed(0)
+        model = load_model(folder, attention=attention).train()
+        sums = forward_loss(CausalLMLoss(model), batch, per_document=True)
+        sums.loss_sum.backward()
+        results[attention] = (sums, {name: p.grad for name, p in model.named_parameters()})
+    (packed, packed_grads), (alone, alone_grads) = results[DOCUMENT_SDPA], results["sdpa"]
+    assert packed.target_tokens == alone.target_tokens and packed.correct_tokens == alone.correct_tokens
+    assert float(packed.loss_sum) == pytest.approx(float(alone.loss_sum), rel=1e-5)
+    for name, grad in alone_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_per_document_sdpa_is_plain_sdpa_outside_training_and_is_not_saved(tiny_model, tmp_path):
+    """Generation (evaluation's samples, a served model) runs the model without document boundaries: the same
+    tokens as SDPA. A checkpoint's config names no attention implementation, so it loads anywhere."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = torch.tensor([[5, 17, 33, 8, 91]])
+    outputs = {}
+    for attention in (DOCUMENT_SDPA, "sdpa"):
+        model = load_model(tiny_model, attention=attention).eval()
+        outputs[attention] = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(outputs[DOCUMENT_SDPA], outputs["sdpa"])
+    model.set_attn_implementation(DOCUMENT_SDPA)
+    model.save_pretrained(tmp_path)
+    assert DOCUMENT_SDPA not in (tmp_path / "config.json").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+
+
+def test_models_whose_attention_it_cannot_run_fall_back_to_one_pass_per_document(tmp_path, monkeypatch):
+    """Gemma 2 soft-caps its attention scores, which SDPA cannot (transformers runs it with eager attention only):
+    the trainer's set-up refuses per-document SDPA for it, says why, and trains it one document at a time with
+    eager attention -- still exactly. Were its SDPA support claimed, the soft-capping its layers pass down would
+    still be refused."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from ray_finetune.train.loop import ready_attention
+
+    config = Gemma2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                          max_position_embeddings=256)
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path)
+    assert load_model(tmp_path).config._attn_implementation == "eager"   # "sdpa" asked: the exact default
+    model = load_model(tmp_path, attention=DOCUMENT_SDPA)
+    with monkeypatch.context() as patched:
+        patched.setattr(Gemma2ForCausalLM, "_supports_sdpa", True)
+        with pytest.raises(DocumentAttentionUnsupported, match="softcap"):
+            check_documents_apart(model)
+    rows, _ = pack_examples(examples(6, seed=2, vocab=300), 128, pad_id=0)
+    attention, notes = ready_attention(model, DOCUMENT_SDPA, rows, torch.device("cpu"))
+    assert attention == model.config._attn_implementation == "eager"
+    assert "Gemma2ForCausalLM has no SDPA attention" in notes["attention_fallback"]
+    batch = make_batch(rows, np.arange(len(rows)))
+    with torch.no_grad():
+        per_document = forward_loss(CausalLMLoss(model), batch)      # a CPU batch, no document attention
+        whole_rows = forward_loss(CausalLMLoss(model), batch, per_document=False)
+    assert float(per_document.loss_sum) == pytest.approx(float(whole_rows.loss_sum), rel=1e-5)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ray_finetune.train.attention import DOCUMENT_SDPA
 from ray_finetune.train.memory import gpu_zero_stage
 from ray_finetune.train.plan import TrainingPlan
 
@@ -32,15 +33,15 @@ def training_device(requested: str = "auto") -> torch.device:
 
 
 def choose_attention(device: torch.device, requested: str = "auto", stage: int = 2) -> str:
-    """How packed rows attend on `device`. CPUs run each document as its own sequence (step.py), for which SDPA is
-    fastest; GPUs run whole rows: varlen FlashAttention when flash-attn is installed, else FlexAttention's block
-    masks (compiled), both of which skip the masked-out blocks that a dense document mask makes SDPA compute.
-    Under ZeRO-3 the model is loaded as shards, which cannot run before DeepSpeed wraps them (loop._ready_model),
+    """How packed rows attend on `device`. CPUs run whole rows with SDPA once per document (attention.py; a model
+    it does not suit runs each document as its own sequence instead, step.py); GPUs run whole rows: varlen
+    FlashAttention when flash-attn is installed, else FlexAttention's block masks (compiled), both of which skip
+    the masked-out blocks that a dense document mask makes SDPA compute. Under ZeRO-3 the model is loaded as shards, which cannot run before DeepSpeed wraps them (loop._ready_model),
     so FlexAttention, whose compiled kernels can fail, gives way to SDPA, which is exact too."""
     if requested != "auto":
         return requested
     if device.type != "cuda":
-        return "sdpa"
+        return DOCUMENT_SDPA if stage < 3 else "sdpa"
     if importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "flex_attention" if stage < 3 else "sdpa"

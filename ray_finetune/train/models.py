@@ -211,7 +211,9 @@ def load_model(path: str | Path, dtype: Any = None, attention: str = "sdpa", zer
 
     def load() -> Any:
         return AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype or torch.float32, attn_implementation=attention, trust_remote_code=False,
+            # None is SDPA where transformers has it for the model, else eager attention (attention.plain_attention)
+            str(path), dtype=dtype or torch.float32, attn_implementation=None if attention == "sdpa" else attention,
+            trust_remote_code=False,
         )
 
     if zero3_config is None:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ray_finetune.data.packing import IGNORE_INDEX, PackedRows
+from ray_finetune.train.attention import DOCUMENT_SDPA, packed_arguments
 from ray_finetune.train.loss import LossSums, linear_cross_entropy, split_head, token_loss
 from ray_finetune.train.plan import EMPTY_ROW
 
@@ -62,10 +63,17 @@ class CausalLMLoss(torch.nn.Module):
         and backward passes."""
         return [self.split.head.weight] if self.split is not None else []
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    @property
+    def attends_per_document(self) -> bool:
+        """Whether the model runs attention.DOCUMENT_SDPA, which takes the documents' boundaries."""
+        return getattr(self.lm.config, "_attn_implementation", None) == DOCUMENT_SDPA
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
         # No attention mask and no cache: that is when transformers reads restarting position ids as packed documents.
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+        if segment_ids is not None:
+            inputs.update(packed_arguments(segment_ids))
         if self.split is None:
             sums = token_loss(self.lm(**inputs).logits, labels)
         else:
@@ -90,12 +98,16 @@ def forward_loss(model: torch.nn.Module, batch: Batch, per_document: bool | None
     """Summed token loss of packed rows, documents kept apart. `model` is a CausalLMLoss or a DeepSpeed engine
     around one.
 
-    Two exact ways: on CPU each document runs as its own sequence (plain causal attention over L tokens instead of
-    a masked L_row x L_row attention, and no mask to build); elsewhere the whole row runs at once, and the model
-    keeps documents apart by their position ids, which restart at 0 with every document: with no attention mask
-    given, transformers reads such rows as packed sequences and attends within each only (varlen FlashAttention,
-    a FlexAttention block mask, or a document-blocked SDPA/eager mask, whichever the model runs). Both give the
-    same loss as training the examples one by one (tests, for each attention implementation)."""
+    Three exact ways. A model running attention.DOCUMENT_SDPA (the CPU default) runs whole rows and is told where
+    each document starts; its attention runs per document. Otherwise, on CPU, each document runs as its own
+    sequence (plain causal attention over L tokens instead of a masked L_row x L_row attention). Elsewhere the
+    whole row runs at once, and the model keeps documents apart by their position ids, which restart at 0 with
+    every document: with no attention mask given, transformers reads such rows as packed sequences and attends
+    within each only (varlen FlashAttention, a FlexAttention block mask, or a document-blocked SDPA/eager mask,
+    whichever the model runs). All give the same loss as training the examples one by one (tests, for each)."""
+    if getattr(model, "module", model).attends_per_document:
+        return LossSums(*model(input_ids=batch.input_ids, position_ids=batch.position_ids, labels=batch.labels,
+                               segment_ids=batch.segment_ids))
     if per_document is None:
         per_document = batch.input_ids.device.type == "cpu"
     if per_document:
