@@ -87,7 +87,8 @@ def load() -> Settings:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
-ATTENTIONS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
+# "per_document" is train/attention.DOCUMENT_SDPA (named here without importing transformers)
+ATTENTIONS = ("auto", "per_document", "flash_attention_2", "flex_attention", "sdpa", "eager")
 ZERO_STAGES = ("auto", "0", "1", "2", "3")
 
 

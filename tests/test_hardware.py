@@ -19,6 +19,7 @@ CPU = torch.device("cpu")
 def test_cpu_defaults_are_exact_fp32_sdpa_zero0():
     assert choose_precision(CPU) == FP32
     assert choose_attention(CPU) == DOCUMENT_SDPA             # whole rows, SDPA run per document
+    assert DOCUMENT_SDPA in settings.ATTENTIONS               # RAY_FINETUNE_ATTENTION can name it
     assert zero_stage(CPU, FP32) == 0
 
 

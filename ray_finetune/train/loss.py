@@ -103,8 +103,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # fp32 accumulation over chunks; cast to the weight's dtype once, in backward
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_weight = None   # accumulated over chunks in fp32; cast to the weight's dtype once, in backward
         for start in range(0, hidden.shape[0], chunk):
             part, part_labels = hidden[start:start + chunk], labels[start:start + chunk]
             logits = (part @ weight.T).float()
@@ -119,7 +118,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_hidden:
                     grad_hidden[start:start + chunk] = gradient @ weight
                 if need_weight:
-                    grad_weight.add_(gradient.T @ part)   # promoted to fp32 in place, no fp32 copy
+                    contribution = gradient.T @ part
+                    # The first chunk's product is the buffer (no zero-filled [V, H] first; a copy only in bf16);
+                    # later ones are promoted to fp32 as they are added in place.
+                    grad_weight = contribution.float() if grad_weight is None else grad_weight.add_(contribution)
         ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight) if t is not None))
         ctx.computed = (need_hidden, need_weight)
         ctx.weight_dtype = weight.dtype
