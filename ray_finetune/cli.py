@@ -106,6 +106,7 @@ def create(
         checkpoint_interval=checkpoint_interval, checkpoints_to_keep=checkpoints_to_keep,
     )
     if dry_run:
+        _without_library_progress_bars()
         with errors.status("validating the data…") as status:
             result = _guarded(lambda: _fm().estimate(**arguments, progress=status.update))
         _print_json(result.as_dict()) if as_json else console.print(str(result))
@@ -119,6 +120,14 @@ def create(
                           f"`ray-finetune events {run.name} --follow`")
         return
     _follow_to_the_end(run.name, as_json)
+
+
+def _without_library_progress_bars() -> None:
+    """The spinner says what a dry run is doing; transformers' own bars (loading the probe's weights) would draw
+    through it. This process is the CLI's, so turning them off changes nobody's notebook."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
 
 
 def _follow_to_the_end(name: str, as_json: bool, since_resumed: bool = False) -> None:

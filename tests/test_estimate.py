@@ -103,6 +103,7 @@ def test_estimate_and_data_check_from_the_shell(tiny_model, chat_data):
                                  "--register-to", "main.cli", "--context-length", "128", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout[result.stdout.index("{"):])["examples"] == 24
+    assert "Loading weights" not in result.stderr   # the probe's model load draws no bar through the spinner
     checked = runner.invoke(app, ["data", "check", str(chat_data[0])])
     assert checked.exit_code == 0 and "24 records, all valid" in checked.stdout
     bad = runner.invoke(app, ["data", "check", str(chat_data[0]), "--task-type", "INSTRUCTION_FINETUNE"])
