@@ -60,6 +60,8 @@ def _document_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                    cu_seq_lens_q: torch.Tensor | None = None, cu_seq_lens_k: torch.Tensor | None = None,
                    sliding_window: int | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    # cu_seq_lens_k is cu_seq_lens_q (self-attention over the same rows); named so that it is not taken for an
+    # argument this implementation does not know.
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
@@ -68,7 +70,7 @@ def _document_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     if not causal:
         unsupported.append("bidirectional attention")
     if unsupported:
-        raise DocumentAttentionUnsupported(f"{type(module).__name__} passes {', '.join(sorted(unsupported))}")
+        raise DocumentAttentionUnsupported(f"{type(module).__name__} passes {', '.join(unsupported)}")
     batch, _heads, length, _dim = query.shape
     if query.shape[2] != key.shape[2] or int(cu_seq_lens_q[-1]) != batch * length:
         raise DocumentAttentionUnsupported("cached keys or documents that do not cover the batch")

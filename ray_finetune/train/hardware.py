@@ -36,8 +36,9 @@ def choose_attention(device: torch.device, requested: str = "auto", stage: int =
     """How packed rows attend on `device`. CPUs run whole rows with SDPA once per document (attention.py; a model
     it does not suit runs each document as its own sequence instead, step.py); GPUs run whole rows: varlen
     FlashAttention when flash-attn is installed, else FlexAttention's block masks (compiled), both of which skip
-    the masked-out blocks that a dense document mask makes SDPA compute. Under ZeRO-3 the model is loaded as shards, which cannot run before DeepSpeed wraps them (loop._ready_model),
-    so FlexAttention, whose compiled kernels can fail, gives way to SDPA, which is exact too."""
+    the masked-out blocks that a dense document mask makes SDPA compute. Under ZeRO-3 the model is loaded as
+    shards, which cannot run before DeepSpeed wraps them (loop._ready_model), so FlexAttention, whose compiled
+    kernels can fail, and per-document SDPA, which is checked per model, give way to SDPA, which is exact too."""
     if requested != "auto":
         return requested
     if device.type != "cuda":
