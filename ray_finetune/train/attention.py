@@ -17,7 +17,7 @@ implementation into a checkpoint's config.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,12 @@ def document_boundaries(segment_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([positions, positions.new_tensor([flat.numel()])]).to(torch.int32)
 
 
+def document_spans(boundaries: list[int], length: int) -> Iterator[tuple[int, int, int]]:
+    """(row, first, end) of each document between `boundaries` (document_boundaries), in rows of `length`."""
+    for start, end in zip(boundaries, boundaries[1:]):
+        yield start // length, start % length, start % length + (end - start)
+
+
 def packed_arguments(segment_ids: torch.Tensor) -> dict[str, Any]:
     """What a model's forward pass takes to run this implementation's per-document attention."""
     boundaries = document_boundaries(segment_ids)
@@ -74,12 +80,10 @@ def _document_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     batch, _heads, length, _dim = query.shape
     if query.shape[2] != key.shape[2] or int(cu_seq_lens_q[-1]) != batch * length:
         raise DocumentAttentionUnsupported("cached keys or documents that do not cover the batch")
-    bounds = cu_seq_lens_q.tolist()
     parts = []
-    for start, end in zip(bounds, bounds[1:]):
-        row, first, last = start // length, start % length, start % length + (end - start)
+    for row, first, last in document_spans(cu_seq_lens_q.tolist(), length):
         piece = [t[row:row + 1, :, first:last] for t in (query, key, value)]
-        size = end - start
+        size = last - first
         mask = None
         if sliding_window is not None and size > sliding_window:
             steps = torch.arange(size, device=query.device)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ray_finetune.data.packing import IGNORE_INDEX, PackedRows
-from ray_finetune.train.attention import DOCUMENT_SDPA, packed_arguments
+from ray_finetune.train.attention import DOCUMENT_SDPA, document_boundaries, document_spans, packed_arguments
 from ray_finetune.train.loss import LossSums, linear_cross_entropy, split_head, token_loss
 from ray_finetune.train.plan import EMPTY_ROW
 
@@ -117,18 +117,16 @@ def forward_loss(model: torch.nn.Module, batch: Batch, per_document: bool | None
 
 def _per_document_loss(model: torch.nn.Module, batch: Batch) -> LossSums:
     total: LossSums | None = None
-    for row in range(batch.input_ids.shape[0]):
-        segments = batch.segment_ids[row]
-        starts = torch.nonzero(torch.diff(segments, prepend=segments.new_tensor([-2]))).flatten().tolist()
-        for start, end in zip(starts, starts[1:] + [segments.shape[0]]):
-            if int(segments[start]) < 0:
-                continue   # padding
-            part = LossSums(*model(input_ids=batch.input_ids[row:row + 1, start:end],
-                                   position_ids=batch.position_ids[row:row + 1, start:end],
-                                   labels=batch.labels[row:row + 1, start:end]))
-            total = part if total is None else LossSums(total.loss_sum + part.loss_sum,
-                                                        total.target_tokens + part.target_tokens,
-                                                        total.correct_tokens + part.correct_tokens)
+    boundaries = document_boundaries(batch.segment_ids).tolist()
+    for row, start, end in document_spans(boundaries, batch.segment_ids.shape[1]):
+        if int(batch.segment_ids[row, start]) < 0:
+            continue   # padding
+        part = LossSums(*model(input_ids=batch.input_ids[row:row + 1, start:end],
+                               position_ids=batch.position_ids[row:row + 1, start:end],
+                               labels=batch.labels[row:row + 1, start:end]))
+        total = part if total is None else LossSums(total.loss_sum + part.loss_sum,
+                                                    total.target_tokens + part.target_tokens,
+                                                    total.correct_tokens + part.correct_tokens)
     if total is None:   # a row of padding only (the empty rows that fill an epoch's last step)
         zero = sum(p.sum() for p in model.parameters()) * 0.0
         return LossSums(loss_sum=zero, target_tokens=0, correct_tokens=0)
