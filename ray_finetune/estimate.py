@@ -176,7 +176,7 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
     # The attention a CPU trains with; on a GPU plain SDPA (its compiled kernels would take the probe minutes).
     attention = choose_attention(device, chosen.attention) if device.type == "cpu" else "sdpa"
     model = load_model(spec.model_path, dtype=dtype, attention=attention).to(device)
-    ready_attention(model, attention, rows, device)
+    ready_attention(model, rows, device)
     timings = []
     for index in range(PROBE_MICRO_BATCHES + 1):   # the first one warms up
         batch = make_batch(rows, np.arange(index, index + plan.micro_batch_rows) % len(rows)).to(device)

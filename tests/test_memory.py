@@ -142,9 +142,8 @@ def test_set_up_falls_back_to_sdpa_and_fits_a_micro_batch(tiny_model, tmp_path, 
                      seed=0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 16 << 30))
     model = load_model(tiny_model, attention="flex_attention")
-    attention, notes = loop._ready_model(model, "flex_attention", rows, torch.device("cpu"), FP32, stage=2,
-                                         compile_layers=False)
-    assert attention == "sdpa" and "flex_attention failed" in notes["attention_fallback"]
+    notes = loop._ready_model(model, rows, torch.device("cpu"), FP32, stage=2, compile_layers=False)
+    assert model.config._attn_implementation == "sdpa" and "flex_attention failed" in notes["attention_fallback"]
     fitted, notes = fit_micro_batch(plan, sum(p.numel() for p in model.parameters()), torch.device("cpu"),
                                     loop.trial_step(model, rows, torch.device("cpu")))
     assert model.config._attn_implementation == "sdpa"

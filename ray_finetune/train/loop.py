@@ -130,8 +130,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     model = load_initial_model(config.model_path, config.init_weights_path, attention, sharded_by,
                                dtype=torch.bfloat16 if precision == BF16 else torch.float32)
     stop_tokens = set_stop_tokens(model, tokenizer)
-    attention, sizing = _ready_model(model, attention, rows, device, precision, stage,
-                                     compile_layers=chosen.compile == "on")
+    sizing = _ready_model(model, rows, device, precision, stage, compile_layers=chosen.compile == "on")
     plan, fitted = _fit_memory(model, parameters, plan, rows, device, precision, stage,
                                 chosen.activation_checkpointing)
     sizing.update(fitted)
@@ -158,7 +157,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     if rank == 0:
         reporter.model_initialized({
             "parameters": parameters, "device": str(device),
-            "precision": precision, "attention": attention, "zero_stage": stage, "world_size": world,
+            "precision": precision, "attention": model.config._attn_implementation, "zero_stage": stage, "world_size": world,
             "plan": plan.as_dict(), **sizing, "chunked_loss": wrapped.split is not None,
             "stop_tokens": tokenizer.convert_ids_to_tokens(stop_tokens),
             "weights_from": config.resume_from or config.init_weights_path or config.model_path,
@@ -228,14 +227,14 @@ def trial_step(model: Any, rows: PackedRows, device: torch.device) -> Callable[[
     return try_rows
 
 
-def _ready_model(model: Any, attention: str, rows: PackedRows, device: torch.device, precision: str, stage: int,
-                 compile_layers: bool) -> tuple[str, dict[str, Any]]:
+def _ready_model(model: Any, rows: PackedRows, device: torch.device, precision: str, stage: int,
+                 compile_layers: bool) -> dict[str, Any]:
     """On a GPU: move the model there and compile its decoder layers if asked; then make sure its attention trains
     (ready_attention). Under ZeRO-3 the model was loaded as shards, which only DeepSpeed's engine can run: nothing
-    can be tried before (hardware.choose_attention picks accordingly). Returns the attention in use."""
+    can be tried before (hardware.choose_attention picks accordingly). Returns notes for MODEL_INITIALIZED."""
     notes: dict[str, Any] = {}
     if stage == 3:
-        return model.config._attn_implementation, {"compiled_layers": False}
+        return {"compiled_layers": False}
     if device.type == "cuda":
         model.to(device, dtype=torch.bfloat16 if precision == BF16 else torch.float32)
         layers = getattr(getattr(model, getattr(model, "base_model_prefix", ""), None), "layers", None)
@@ -245,27 +244,26 @@ def _ready_model(model: Any, attention: str, rows: PackedRows, device: torch.dev
             # compiling the whole model), and the loss stays outside (it has its own chunked kernel).
             for layer in layers:
                 layer.compile(dynamic=True)
-    attention, fallback = ready_attention(model, attention, rows, device)
-    return attention, {**notes, **fallback}
+    return {**notes, **ready_attention(model, rows, device)}
 
 
-def ready_attention(model: Any, attention: str, rows: PackedRows, device: torch.device) -> tuple[str, dict[str, Any]]:
-    """Make sure `model`'s attention implementation trains on `device`: FlexAttention compiles kernels that can
+def ready_attention(model: Any, rows: PackedRows, device: torch.device) -> dict[str, Any]:
+    """Make sure the attention implementation `model` was loaded with trains on `device`: FlexAttention compiles kernels that can
     fail on an unusual GPU or toolchain (and has no CPU backward at all); per-document SDPA must keep this model's
     documents apart exactly. If not, SDPA (or eager attention for a model without SDPA), which is exact too, with
-    one pass per document on a CPU. Returns the attention in use and, after a fallback, why."""
-    if attention == "sdpa":
-        return plain_attention(model), {}   # what load_model gave it
+    one pass per document on a CPU. Returns, after a fallback, why (the model's config says what it runs)."""
+    attention = model.config._attn_implementation
+    if attention in ("sdpa", "eager"):
+        return {}
     try:
         if attention == DOCUMENT_SDPA:
             check_documents_apart(model)   # plain SDPA underneath: its backward needs no trial
         else:
             trial_step(model, rows, device)(1)
     except Exception as error:  # noqa: BLE001 - any failure of the faster kernel falls back to the exact default
-        fallback = plain_attention(model)
-        model.set_attn_implementation(fallback)
-        return fallback, {"attention_fallback": f"{attention} failed ({type(error).__name__}: {str(error)[:200]})"}
-    return attention, {}
+        model.set_attn_implementation(plain_attention(model))
+        return {"attention_fallback": f"{attention} failed ({type(error).__name__}: {str(error)[:200]})"}
+    return {}
 
 
 def _fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, device: torch.device,
