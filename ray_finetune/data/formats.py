@@ -80,8 +80,8 @@ def format_chats(tokenizer: Any, records: list[dict[str, Any]]) -> list[Tokenize
         messages = [_for_template(message) for message in record["messages"]]
         tools = record.get("tools") or None
         with_tools = uses_tools(record)
-        if with_tools and tool_template_problem(tokenizer):   # unchecked data (validate_inputs=False) gets here
-            raise ValidationError("model", tool_template_problem(tokenizer), expected=TOOL_TEMPLATE_EXPECTED)
+        if with_tools and (problem := tool_template_problem(tokenizer)):   # unchecked data (validate_inputs=False)
+            raise ValidationError("model", problem, expected=TOOL_TEMPLATE_EXPECTED)
         located = _spans_by_shape(tokenizer, messages, shape) if shape and not with_tools else None
         full, spans = located or _spans_by_prefixes(tokenizer, messages, tools)
         rendered.append((full, _trained(spans, record["messages"])))
