@@ -157,7 +157,8 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
     import torch
 
     from ray_finetune import settings
-    from ray_finetune.train.hardware import BF16, choose_attention, choose_precision, training_device
+    from ray_finetune.train.hardware import (BF16, batch_width_multiple, choose_attention, choose_precision,
+                                             training_device)
     from ray_finetune.train.loop import ready_attention
     from ray_finetune.train.models import load_model, parameter_count
     from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
@@ -179,7 +180,8 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
     ready_attention(model, rows, device)
     timings = []
     for index in range(PROBE_MICRO_BATCHES + 1):   # the first one warms up
-        batch = make_batch(rows, np.arange(index, index + plan.micro_batch_rows) % len(rows)).to(device)
+        batch = make_batch(rows, np.arange(index, index + plan.micro_batch_rows) % len(rows),
+                           batch_width_multiple(device)).to(device)
         started = time.perf_counter()
         forward_loss(CausalLMLoss(model), batch).loss_sum.backward()
         if device.type == "cuda":

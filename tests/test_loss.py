@@ -126,3 +126,13 @@ def test_evaluation_computes_no_gradients():
         trained = linear_cross_entropy(hidden, weight, labels)
     assert evaluating.count == 1 and training.count == 3
     assert float(evaluated.loss_sum) == pytest.approx(float(trained.loss_sum))
+
+
+def test_linear_cross_entropy_refuses_a_second_backward():
+    """Its backward scales the gradients it computed in place, so a second one (retain_graph) would double them."""
+    hidden = torch.randn(1, 6, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, labels_for(torch.randint(0, 50, (1, 6)), prompt=2)).loss_sum
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run twice"):
+        loss.backward()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ray_finetune.data.formats import TokenizedExample
-from ray_finetune.data.packing import IGNORE_INDEX, best_fit, pack_examples, pack_stream
+from ray_finetune.data.packing import IGNORE_INDEX, PackedRows, best_fit, pack_examples, pack_stream
 from ray_finetune.train.attention import DOCUMENT_SDPA, DocumentAttentionUnsupported, check_documents_apart
 from ray_finetune.train.models import load_model
 from ray_finetune.train.plan import EMPTY_ROW
@@ -157,6 +157,38 @@ def test_per_document_sdpa_trains_like_one_pass_per_document(request, architectu
     assert float(packed.loss_sum) == pytest.approx(float(alone.loss_sum), rel=1e-5)
     for name, grad in alone_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_batches_drop_the_padding_that_ends_all_their_rows_and_train_the_same(tiny_model):
+    """make_batch cuts the columns after every row's last document (there is nothing to compute there), keeps the
+    width a multiple of what it is asked for, and whole rows only when asked (memory sizing). The loss and every
+    gradient equal those of the whole rows, in every layout a trainer runs."""
+    packs = [pack_examples(examples(count, seed=6 + count, vocab=300, max_length=20), 128, pad_id=0)[0]
+             for count in (1, 3)]   # two rows whose documents end at different columns
+    rows = PackedRows(**{name: np.concatenate([getattr(pack, name) for pack in packs]) for name in PackedRows.FIELDS})
+    indices = np.array([*range(len(rows)), EMPTY_ROW])
+    used = int(max(np.flatnonzero(rows.segment_ids[r] >= 0)[-1] for r in range(len(rows)))) + 1
+    assert used < 64
+    assert make_batch(rows, indices).input_ids.shape == (len(indices), used)
+    assert make_batch(rows, indices, width_multiple=64).input_ids.shape[1] == -(-used // 64) * 64
+    assert make_batch(rows, indices, width_multiple=None).input_ids.shape[1] == 128
+    assert make_batch(rows, np.array([EMPTY_ROW, EMPTY_ROW])).input_ids.shape == (2, 1)
+    for layout, attention in LAYOUTS:
+        if attention == "flex_attention":
+            continue   # no CPU backward
+        results = []
+        for width_multiple in (1, None):
+            torch.manual_seed(0)
+            model = load_model(tiny_model, attention=attention).train()
+            sums = forward_loss(CausalLMLoss(model), make_batch(rows, indices, width_multiple),
+                                per_document=layout == "per-document")
+            sums.loss_sum.backward()
+            results.append((sums, {name: p.grad for name, p in model.named_parameters()}))
+        (cut, cut_grads), (whole, whole_grads) = results
+        assert (cut.target_tokens, cut.correct_tokens) == (whole.target_tokens, whole.correct_tokens)
+        assert float(cut.loss_sum) == pytest.approx(float(whole.loss_sum), rel=1e-5), attention
+        for name, grad in whole_grads.items():
+            torch.testing.assert_close(cut_grads[name], grad, rtol=1e-4, atol=1e-5, msg=f"{attention} {name}")
 
 
 def test_per_document_sdpa_is_plain_sdpa_outside_training_and_is_not_saved(tiny_model, tmp_path):

@@ -12,6 +12,7 @@ import torch
 
 from ray_finetune.data.packing import PackedRows
 from ray_finetune.train.distributed import all_reduce
+from ray_finetune.train.hardware import batch_width_multiple
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
 from ray_finetune.train.step import forward_loss, make_batch, per_document_for
 
@@ -70,7 +71,8 @@ class Evaluation:
         mine[mine >= len(self.rows)] = EMPTY_ROW
         sums = torch.zeros(3, dtype=torch.float64)   # loss, targets, correct
         for start in range(0, per_rank, self.plan.micro_batch_rows):
-            batch = make_batch(self.rows, mine[start:start + self.plan.micro_batch_rows]).to(self.device)
+            batch = make_batch(self.rows, mine[start:start + self.plan.micro_batch_rows],
+                               batch_width_multiple(self.device)).to(self.device)
             result = forward_loss(self.engine, batch, per_document_for(self.sharded))
             sums += torch.tensor([float(result.loss_sum), result.target_tokens, result.correct_tokens],
                                  dtype=torch.float64)

@@ -48,6 +48,13 @@ def choose_attention(device: torch.device, requested: str = "auto", stage: int =
     return "flex_attention" if stage < 3 else "sdpa"
 
 
+def batch_width_multiple(device: torch.device) -> int:
+    """What step.make_batch rounds a batch's width up to once the padding that ends all its rows is cut off. CPUs
+    compute every column they are given, so nothing; GPUs keep widths in steps of FlexAttention's 128-token blocks
+    (also what tensor cores tile well), so that compiled layers and the caching allocator meet few shapes."""
+    return 128 if device.type == "cuda" else 1
+
+
 def choose_precision(device: torch.device, requested: str = "auto") -> str:
     if requested in (BF16, FP32):
         return requested

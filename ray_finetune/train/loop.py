@@ -26,8 +26,8 @@ from ray_finetune.train import checkpoint
 from ray_finetune.errors import CheckpointError
 from ray_finetune.spec import Duration
 from ray_finetune.train.attention import DOCUMENT_SDPA, check_documents_apart, plain_attention
-from ray_finetune.train.hardware import (BF16, choose_attention, choose_precision, deepspeed_config,
-                                         training_device, zero_stage)
+from ray_finetune.train.hardware import (BF16, batch_width_multiple, choose_attention, choose_precision,
+                                         deepspeed_config, training_device, zero_stage)
 from ray_finetune.train.distributed import all_reduce
 from ray_finetune.train.evaluation import EvalResult, Evaluation
 from ray_finetune.train.memory import checkpoint_activations, fit_micro_batch, with_micro_batch
@@ -182,7 +182,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
         step_targets = rows.target_tokens(all_rows[all_rows != EMPTY_ROW])
         sums = torch.zeros(4, dtype=torch.float64)   # loss, targets, correct, real tokens (this rank)
         for micro_rows in plan.rank_micro_batches(step, rank):
-            batch = make_batch(rows, micro_rows).to(device)
+            batch = make_batch(rows, micro_rows, batch_width_multiple(device)).to(device)
             result = forward_loss(engine, batch, per_document)
             # DeepSpeed averages gradients over ranks; multiplying by world undoes that, leaving sum/step_targets.
             engine.backward(result.loss_sum * (world / step_targets), scale_wrt_gas=False)
@@ -218,7 +218,7 @@ def trial_step(model: Any, rows: PackedRows, device: torch.device) -> Callable[[
         training = model.training
         model.train()
         try:
-            batch = make_batch(rows, np.arange(count) % len(rows)).to(device)
+            batch = make_batch(rows, np.arange(count) % len(rows), width_multiple=None).to(device)
             forward_loss(trial, batch).loss_sum.backward()
         finally:   # also after running out of memory halfway through the backward pass
             model.zero_grad(set_to_none=True)

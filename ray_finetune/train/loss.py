@@ -107,12 +107,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             part, part_labels = hidden[start:start + chunk], labels[start:start + chunk]
             logits = (part @ weight.T).float()
-            log_normalizer = torch.logsumexp(logits, dim=-1)
-            loss += (log_normalizer - logits.gather(1, part_labels[:, None]).squeeze(1)).sum()
             correct += (logits.argmax(-1) == part_labels).sum()
+            target_logits = logits.gather(1, part_labels[:, None]).squeeze(1)
+            # The softmax in the logits' own memory (a chunk's logits are a gigabyte: no second copy of them)
+            largest = logits.amax(dim=-1, keepdim=True)
+            exponentials = logits.sub_(largest).exp_()
+            normalizer = exponentials.sum(dim=-1)
+            loss += (normalizer.log() + largest.squeeze(1) - target_logits).sum()
             if need_hidden or need_weight:
-                # d loss / d logits = softmax - one_hot, built in the logits' own memory
-                gradient = logits.sub_(log_normalizer[:, None]).exp_()
+                # d loss / d logits = softmax - one_hot
+                gradient = exponentials.div_(normalizer[:, None])
                 gradient[torch.arange(part.shape[0], device=part.device), part_labels] -= 1.0
                 gradient = gradient.to(part.dtype)
                 if need_hidden:
@@ -130,8 +134,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, _grad_correct: Any) -> tuple[Any, ...]:
+        # Scaled in place: they are this pass's own buffers, and a [vocabulary x hidden] copy per step is not free.
+        # Hence once only (a training step never runs a backward twice).
+        if getattr(ctx, "scaled", False):
+            raise RuntimeError("linear_cross_entropy's backward cannot run twice (retain_graph)")
+        ctx.scaled = True
         saved = list(ctx.saved_tensors)
         need_hidden, need_weight = ctx.computed
-        grad_hidden = saved.pop(0) * grad_loss.to(saved[0].dtype) if need_hidden else None
-        grad_weight = (saved.pop(0) * grad_loss).to(ctx.weight_dtype) if need_weight else None
+        grad_hidden = saved.pop(0).mul_(grad_loss.to(saved[0].dtype)) if need_hidden else None
+        grad_weight = saved.pop(0).mul_(grad_loss).to(ctx.weight_dtype) if need_weight else None
         return grad_hidden, grad_weight, None, None, None

@@ -25,13 +25,21 @@ class Batch:
                        (self.input_ids, self.labels, self.position_ids, self.segment_ids)))
 
 
-def make_batch(rows: PackedRows, indices: np.ndarray) -> Batch:
-    """Rows by index; EMPTY_ROW becomes a row of padding with nothing to learn."""
+def make_batch(rows: PackedRows, indices: np.ndarray, width_multiple: int | None = 1) -> Batch:
+    """Rows by index; EMPTY_ROW becomes a row of padding with nothing to learn. The padding that ends every row
+    of the batch is cut off (its tokens come after all of their rows' documents, so causal attention never lets
+    them change a real token's loss), leaving a width that is a multiple of `width_multiple`
+    (hardware.batch_width_multiple); None keeps whole rows, the widest batch training can meet."""
     real = np.where(indices == EMPTY_ROW, 0, indices)
     empty = indices == EMPTY_ROW
+    width = rows.input_ids.shape[1]
+    if width_multiple is not None:
+        used_columns = np.flatnonzero((rows.segment_ids[real[~empty]] >= 0).any(axis=0))
+        used = int(used_columns[-1]) + 1 if used_columns.size else 0
+        width = min(width, max(1, -(-used // width_multiple)) * width_multiple)
 
     def gather(array: np.ndarray, empty_value: int | None = None) -> torch.Tensor:
-        picked = array[real].astype(np.int64)   # rows are stored as int32; models take int64 ids and labels
+        picked = array[real, :width].astype(np.int64)   # rows are stored as int32; models take int64 ids and labels
         if empty_value is not None:
             picked[empty] = empty_value
         return torch.from_numpy(picked)
