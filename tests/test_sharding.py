@@ -76,6 +76,30 @@ def test_many_shards_pack_the_same_rows_as_one(tmp_path, tiny_model):
     assert_same_rows(one.rows_path, many.rows_path)
 
 
+def test_unchecked_data_fails_preparation_naming_the_malformed_record(tmp_path, tiny_model):
+    """create(validate_inputs=False) queues data nobody has checked: the data packer still refuses a record of the
+    wrong shape (here a tool call without its function's name, which formatting would index) with the file and
+    line -- also from a shard that starts mid-file -- and packs nothing."""
+    import pytest
+
+    from ray_finetune.errors import ValidationError
+
+    records = conversations(40)
+    records[29]["messages"][1] = {"role": "assistant", "tool_calls": [{"type": "function", "function": {}}]}
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    arguments = dict(task_type="CHAT_COMPLETION", model_path=str(tiny_model), tokenizer=load_tokenizer(tiny_model),
+                     context_length=96)
+    for shard_bytes in (sources.SHARD_BYTES, 500):
+        with pytest.raises(ValidationError) as caught:
+            prepare("train_data_path", str(data), cache_dir=tmp_path / f"cache{shard_bytes}", shard_bytes=shard_bytes,
+                    **arguments)
+        assert (caught.value.parameter, caught.value.file, caught.value.line) == ("train_data_path", str(data), 30)
+        assert "tool call without function.name" in caught.value.problem
+        assert "CHAT_COMPLETION record" in caught.value.expected
+        assert not list((tmp_path / f"cache{shard_bytes}").rglob("*.npy"))
+
+
 def assert_same_rows(first: str, second: str) -> None:
     a, b = PackedRows.load(first), PackedRows.load(second)
     for name in PackedRows.FIELDS:

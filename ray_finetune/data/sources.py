@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, NamedTuple
 
 from ray_finetune.access import check_allowed
 from ray_finetune.errors import ValidationError
@@ -146,25 +146,33 @@ class UnreadableLine:
     problem: str
 
 
+class RecordShape(NamedTuple):
+    """What a task type's records must look like (validation.SHAPES)."""
+    problem_of: Callable[[Any], str | None]   # what is wrong with one record, or None
+    expected: str                             # for the error message
+
+
 def read_records(source: DataSource, columns: frozenset[str] | None = None, *,
-                 unreadable_lines: bool = False) -> Iterator[tuple[str, Any]]:
+                 unreadable_lines: bool = False, shape: RecordShape | None = None) -> Iterator[tuple[str, Any]]:
     """(location, record) for every record of a JSONL file, a dataset or a table. For datasets and tables only
     `columns` are kept (they often carry ids and metadata); a JSONL line is taken whole. A line that cannot be
-    read raises, or with `unreadable_lines` comes as an UnreadableLine record."""
+    read raises, or with `unreadable_lines` comes as an UnreadableLine record. With `shape`, a record not of
+    that shape raises."""
     if source.kind == "file":
-        yield from _jsonl_records(source, unreadable_lines=unreadable_lines)
+        yield from _jsonl_records(source, unreadable_lines=unreadable_lines, shape=shape)
     elif source.kind in ("hf_dataset", "delta_table"):
         rows = _dataset_records(source) if source.kind == "hf_dataset" else _table_records(source)
         for location, row in rows:
-            yield location, {k: v for k, v in row.items() if columns is None or k in columns}
+            yield _shaped(source, shape, location, {k: v for k, v in row.items() if columns is None or k in columns})
     else:
         raise ValidationError(source.parameter, f"{source.given!r} is a folder",
                               expected="a .jsonl file, a Hugging Face dataset or a Delta table")
 
 
 def _jsonl_records(source: DataSource, byte_range: tuple[int, int] | None = None, *,
-                   unreadable_lines: bool = False) -> Iterator[tuple[str, Any]]:
-    """Every line of the file, or those starting inside byte_range."""
+                   unreadable_lines: bool = False, shape: RecordShape | None = None) -> Iterator[tuple[str, Any]]:
+    """Every line of the file, or those starting inside byte_range; with `shape`, a record not of that shape
+    raises (naming its line)."""
     if not source.url.endswith(".jsonl"):
         raise ValidationError(source.parameter, f"{source.given!r} is not a .jsonl file", file=source.where,
                               expected="a .jsonl file (one JSON object per line)")
@@ -189,9 +197,12 @@ def _jsonl_records(source: DataSource, byte_range: tuple[int, int] | None = None
                 problem = f"is not valid JSON ({error.msg} at column {error.colno})"
                 expected = "one JSON object per line"
             else:
-                yield location, record
-                continue
-            if not unreadable_lines:
+                problem = shape.problem_of(record) if shape is not None else None
+                if problem is None:
+                    yield location, record
+                    continue
+                expected = shape.expected
+            if not unreadable_lines or shape is not None:
                 raise ValidationError(source.parameter, problem, file=source.where, line=line_number(index),
                                       expected=expected)
             yield location, UnreadableLine(problem)
@@ -341,18 +352,28 @@ def plan_shards(source: DataSource, shard_bytes: int = SHARD_BYTES, parallelism:
     return [Shard(0)]
 
 
-def read_shard_records(source: DataSource, shard: Shard, columns: frozenset[str] | None = None
-                       ) -> Iterator[tuple[str, Any]]:
-    """The records of one shard, in source order; the shards of a source together hold every record once."""
+def read_shard_records(source: DataSource, shard: Shard, columns: frozenset[str] | None = None,
+                       shape: RecordShape | None = None) -> Iterator[tuple[str, Any]]:
+    """The records of one shard, in source order; the shards of a source together hold every record once. With
+    `shape`, a record not of that shape raises (data that create() was told not to check)."""
     if shard.byte_range is not None:
-        yield from _jsonl_records(source, shard.byte_range)
+        yield from _jsonl_records(source, shard.byte_range, shape=shape)
     elif shard.row_range is not None:
         name, _, split = source.url.rpartition("/")
         dataset = _load_dataset(source, name, split).select(range(*shard.row_range))
         for index, row in enumerate(dataset, start=shard.row_range[0] + 1):
-            yield f"row {index}", {k: v for k, v in dict(row).items() if columns is None or k in columns}
+            yield _shaped(source, shape, f"row {index}",
+                          {k: v for k, v in dict(row).items() if columns is None or k in columns})
     else:
-        yield from read_records(source, columns)
+        yield from read_records(source, columns, shape=shape)
+
+
+def _shaped(source: DataSource, shape: RecordShape | None, location: str, record: Any) -> tuple[str, Any]:
+    """(location, record) of a dataset's or table's row, or the error naming the row when it is not of `shape`."""
+    problem = shape.problem_of(record) if shape is not None else None
+    if problem:
+        raise ValidationError(source.parameter, f"{location} {problem}", file=source.where, expected=shape.expected)
+    return location, record
 
 
 # -- documents (CONTINUED_PRETRAIN) -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 
 from ray_finetune.data import formats, sources
 from ray_finetune.data.formats import TokenizedExample
-from ray_finetune.data.validation import COLUMNS
+from ray_finetune.data.validation import COLUMNS, SHAPES
 
 ARRAYS = ("ids", "mask", "lengths", "trainable")
 
@@ -27,7 +27,8 @@ def shard_examples(source: sources.DataSource, shard: sources.Shard, task_type: 
         for file in shard.files:
             yield formats.format_document(tokenizer, sources.read_text(source, file))
     else:
-        records = sources.read_shard_records(source, shard, COLUMNS[task_type])
+        # Checked again as they are read: create(validate_inputs=False) queues data nobody has looked at
+        records = sources.read_shard_records(source, shard, COLUMNS[task_type], SHAPES[task_type])
         yield from formats.examples_from_records(tokenizer, task_type, records)
 
 
