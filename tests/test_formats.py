@@ -77,6 +77,21 @@ def test_an_assistant_turn_with_weight_0_is_context_not_target(smollm2_tokenizer
         assert targets_text(tokenizer, unweighted)[0] == "Lyon.<|im_end|>\n"
 
 
+def test_content_given_as_text_parts_trains_as_the_joined_text(smollm2_tokenizer):
+    """OpenAI's content parts: a message whose content is a list of text parts is the same example as the message
+    with the parts' text joined (including the weighted-out turn and the targets)."""
+    as_strings = [{"role": "user", "content": "Name a colour. Just one."},
+                  {"role": "assistant", "content": "Blue."}]
+    as_parts = [{"role": "user", "content": [{"type": "text", "text": "Name a colour."},
+                                             {"type": "text", "text": " Just one."}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]
+    from ray_finetune.data.validation import chat_problem
+
+    assert chat_problem({"messages": as_parts}) is None
+    assert format_chat(smollm2_tokenizer, as_parts) == format_chat(smollm2_tokenizer, as_strings)
+    assert targets_text(smollm2_tokenizer, format_chat(smollm2_tokenizer, as_parts)) == ["Blue.<|im_end|>\n"]
+
+
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ray_finetune.data.validation import tool_arguments, uses_tools
+from ray_finetune.data.validation import content_text, tool_arguments, uses_tools
 from ray_finetune.errors import ValidationError
 
 
@@ -92,11 +92,12 @@ def format_chats(tokenizer: Any, records: list[dict[str, Any]]) -> list[Tokenize
 
 def _for_template(message: dict[str, Any]) -> dict[str, Any]:
     """A message as chat templates expect it (transformers' convention): no nulls (a table gives every message
-    every field), content "" on a tool-calling turn without any (many templates read it unconditionally),
+    every field), content as one string (OpenAI's list of text parts joined; many templates take strings only),
+    content "" on a tool-calling turn without any (many templates read it unconditionally),
     tool-call arguments as an object (OpenAI writes them as a JSON string; templates write them out with
     `tojson`)."""
     shown = {key: value for key, value in message.items() if value is not None and key != "weight"}
-    shown.setdefault("content", "")
+    shown["content"] = content_text(shown.get("content", ""))
     if "tool_calls" in shown:
         shown["tool_calls"] = [
             {**{k: v for k, v in call.items() if v is not None}, "type": call.get("type") or "function",

@@ -64,11 +64,30 @@ def _message_problem(index: int, message: Any) -> str | None:
     if content is None and not message.get("tool_calls"):
         return f"message {index} has no content (only an assistant message that calls tools may have none)"
     if content is not None and not isinstance(content, str):
-        return f"message {index} has non-string content"
+        return _content_parts_problem(index, content)
     for key, allowed in (("tool_calls", "assistant"), ("tool_call_id", "tool")):
         if message.get(key) is not None and role != allowed:
             return f"message {index} is a {role!r} message with {key!r}; only {allowed} messages have one"
     return _weight_problem(index, message) or _tool_calls_problem(index, message.get("tool_calls"))
+
+
+def _content_parts_problem(index: int, content: Any) -> str | None:
+    """Content that is not a string must be OpenAI's list of content parts, text parts only (a text model)."""
+    if not isinstance(content, list) or not content:
+        return f"message {index} has content that is neither a string nor a list of text parts"
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            shown = f"of type {kind!r}" if kind else repr(part)[:60]
+            return (f"message {index} has a content part {shown}; only text parts "
+                    f'({{"type": "text", "text": "..."}}) can train a text model')
+    return None
+
+
+def content_text(content: Any) -> Any:
+    """A message's content as one string: OpenAI's text parts follow each other as chat templates that take part
+    lists write them (one after another, nothing between)."""
+    return "".join(part["text"] for part in content) if isinstance(content, list) else content
 
 
 def _tool_calls_problem(index: int, calls: Any) -> str | None:
@@ -138,9 +157,12 @@ def instruction_problem(record: Any) -> str | None:
 
 
 SHAPES = {
-    "CHAT_COMPLETION": (chat_problem, '{"messages": [{"role": "user", "content": "..."}, '
-                                      '{"role": "assistant", "content": "..."}]}'),
-    "INSTRUCTION_FINETUNE": (instruction_problem, '{"prompt": "...", "response": "..."}'),
+    "CHAT_COMPLETION": sources.RecordShape(
+        chat_problem, 'one CHAT_COMPLETION record per line, in UTF-8 JSON: {"messages": [{"role": "user", '
+                      '"content": "..."}, {"role": "assistant", "content": "..."}]}'),
+    "INSTRUCTION_FINETUNE": sources.RecordShape(
+        instruction_problem, 'one INSTRUCTION_FINETUNE record per line, in UTF-8 JSON: {"prompt": "...", '
+                             '"response": "..."}'),
 }
 COLUMNS = {"CHAT_COMPLETION": frozenset({"messages", "tools", "parallel_tool_calls"}),
            "INSTRUCTION_FINETUNE": frozenset({"prompt", "response", "completion"})}
@@ -159,7 +181,7 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
     if source.kind == "folder":
         raise ValidationError(parameter, f"{path!r} is a folder", file=source.where,
                               expected=f"a .jsonl file, a Hugging Face dataset or a Delta table for {task_type}")
-    problem_of, shape = SHAPES[task_type]
+    problem_of, expected = SHAPES[task_type]
     bad: list[tuple[str, str]] = []
     bad_count = records = 0
     first_tool_use: str | None = None
@@ -176,7 +198,7 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
         listing = "; ".join(f"{where}: {problem}" for where, problem in bad)
         raise ValidationError(parameter, f"{bad_count} of {records} records are malformed ({listing})",
                               file=source.where, line=_line_number(bad[0][0]),
-                              expected=f"one {task_type} record per line, in UTF-8 JSON: {shape}")
+                              expected=expected)
     if records == 0:
         raise ValidationError(parameter, "has no records", file=source.where, expected="at least one record")
     if first_tool_use and tokenizer is not None:
