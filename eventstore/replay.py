@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any, Iterable
 
 from eventstore.schema import (
-    PENDING, QUEUED, STATUS_AFTER_EVENT, TERMINAL_STATUSES, UNKNOWN, Event, EventType,
+    PENDING, STATUS_AFTER_EVENT, TERMINAL_STATUSES, UNKNOWN, Event, EventType,
 )
 
 
@@ -53,10 +53,11 @@ def apply(state: RunState, event: Event) -> RunState:
     last-writer-wins."""
     changes: dict[str, Any] = {"last_seq": event.seq}
     kind = event.type
-    if kind == EventType.RESUMED.value:   # a new life: what ended the last one no longer describes the run
-        state = replace(state, status=QUEUED, details=None, completed_at=None, attempts=0, interruptions=())
+    new_life = kind == EventType.RESUMED.value
+    if new_life:   # what ended the last life no longer describes the run
+        state = replace(state, details=None, completed_at=None, attempts=0, interruptions=())
     next_status = STATUS_AFTER_EVENT.get(kind)
-    if next_status is not None and not state.is_terminal:
+    if next_status is not None and (new_life or not state.is_terminal):
         changes["status"] = next_status
         if next_status in TERMINAL_STATUSES:
             changes["completed_at"] = event.time
