@@ -3,12 +3,10 @@ eval prompts on their own devices: train/evaluation.py) as MLflow metrics, a tab
 EVALUATED event."""
 from __future__ import annotations
 
-import math
-
 import ray
 
 from actors.event_sink import EventSink
-from actors.messages import EvaluateRequest, EvaluationResult
+from actors.messages import EvaluateRequest
 from eventstore.schema import EventType
 from ray_finetune import settings, tracking
 
@@ -22,20 +20,15 @@ class Evaluator:
         except Exception:  # noqa: BLE001 - only a head start: evaluate() meets any real problem and reports it
             pass
 
-    def evaluate(self, request: EvaluateRequest) -> EvaluationResult:
-        result = EvaluationResult(step=request.step, generations=request.generations)
-        metrics: dict[str, float] = {}
-        if request.eval_loss is not None:
-            loss, accuracy = request.eval_loss, request.token_accuracy
-            metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_token_accuracy": accuracy}
-            result = result.model_copy(update={"eval_loss": loss, "eval_perplexity": metrics["eval_perplexity"],
-                                               "token_accuracy": accuracy})
-        config = settings.load()
-        if metrics:
-            tracking.log_metrics(config, request.run.mlflow_run_id, metrics, step=request.step)
+    def evaluate(self, request: EvaluateRequest) -> None:
+        result, config = request.result, settings.load()
+        if result.eval_loss is not None:
+            tracking.log_metrics(config, request.run.mlflow_run_id,
+                                 {"eval_loss": result.eval_loss, "eval_perplexity": result.eval_perplexity,
+                                  "eval_token_accuracy": result.token_accuracy}, step=result.step)
         if result.generations:
-            tracking.log_generations(config, request.run.mlflow_run_id, result.generations, step=request.step)
-        summary = f"step {request.step}: " + (f"eval loss {result.eval_loss:.4f}, perplexity "
-                                               f"{result.eval_perplexity:.2f}" if metrics else "no eval data")
+            tracking.log_generations(config, request.run.mlflow_run_id, result.generations, step=result.step)
+        summary = f"step {result.step}: " + (f"eval loss {result.eval_loss:.4f}, perplexity "
+                                              f"{result.eval_perplexity:.2f}" if result.eval_loss is not None
+                                              else "no eval data")
         EventSink("evaluator", request.run.run_name).emit(EventType.EVALUATED, summary, result.model_dump())
-        return result

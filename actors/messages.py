@@ -1,9 +1,10 @@
 """Messages between actors: small, immutable, versioned pydantic models (never ad-hoc dicts)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, computed_field
 
 from ray_finetune.spec import RunSpec
 from ray_finetune.train.plan import TrainingPlan
@@ -53,22 +54,23 @@ class StopRequest(Message):
     save_checkpoint: bool = False
 
 
-class EvaluateRequest(Message):
-    """What the trainers evaluated at `step`, to be recorded."""
-    run: RunContext
+class EvaluationResult(Message):
+    """What the trainers evaluated at a checkpoint (train/evaluation.py); the payload of its EVALUATED event."""
     step: int
-    epoch: int
     eval_loss: float | None = None     # None when the run has no eval data
     token_accuracy: float | None = None
     generations: list[dict[str, str]] = []
 
+    @computed_field   # type: ignore[prop-decorator]
+    @property
+    def eval_perplexity(self) -> float | None:
+        return None if self.eval_loss is None else math.exp(min(self.eval_loss, 50.0))
 
-class EvaluationResult(Message):
-    step: int
-    eval_loss: float | None = None
-    eval_perplexity: float | None = None
-    token_accuracy: float | None = None
-    generations: list[dict[str, str]] = []
+
+class EvaluateRequest(Message):
+    """An evaluation to record."""
+    run: RunContext
+    result: EvaluationResult
 
 
 class RegisterRequest(Message):

@@ -17,7 +17,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.event_sink import EventSink
-from actors.messages import EvaluateRequest, StopRequest, TrainRequest, TrainResult
+from actors.messages import EvaluateRequest, EvaluationResult, StopRequest, TrainRequest, TrainResult
 from eventstore.schema import EventType
 from ray_finetune import settings, tracking
 from ray_finetune.train.distributed import free_port, join_process_group
@@ -94,10 +94,8 @@ class EventReporter:
 
     def evaluated(self, step: int, epoch: int, result: EvalResult) -> None:
         """The evaluator records what the trainers evaluated (metrics, generations, an EVALUATED event)."""
-        ray.get(self._evaluator.evaluate.remote(EvaluateRequest(
-            run=self._request.run, step=step, epoch=epoch, eval_loss=result.loss,
-            token_accuracy=result.token_accuracy, generations=result.generations,
-        )))
+        ray.get(self._evaluator.evaluate.remote(EvaluateRequest(run=self._request.run, result=EvaluationResult(
+            step=step, eval_loss=result.loss, token_accuracy=result.token_accuracy, generations=result.generations))))
 
 
 class SilentReporter:
