@@ -202,7 +202,7 @@ def _jsonl_records(source: DataSource, byte_range: tuple[int, int] | None = None
                     yield location, record
                     continue
                 expected = shape.expected
-            if not unreadable_lines or shape is not None:
+            if not unreadable_lines or shape is not None:   # only a reader without a shape collects problems
                 raise ValidationError(source.parameter, problem, file=source.where, line=line_number(index),
                                       expected=expected)
             yield location, UnreadableLine(problem)
