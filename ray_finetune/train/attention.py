@@ -6,8 +6,8 @@ forward pass per document (step.forward_loss's fallback), every linear layer mul
 time instead of a whole row and every weight gradient is summed over the passes. This implementation runs the
 whole row through the model and splits only the attention: each document attends causally within itself,
 with no mask to build. On a 2-core CPU, forward + backward of a SmolLM2-135M row of three documents runs 1.17x as
-fast as one pass per document, with the same loss and gradients; a whole run 1.05x (a 1M-parameter test model,
-whose layers are too small for it to pay, 0.86x: BENCHMARKS.md).
+fast as one pass per document, with the same loss and gradients; a whole run 1.16x (1.34x for a 1M-parameter test
+model; BENCHMARKS.md).
 
 The documents arrive as transformers' packed-sequence arguments (`cu_seq_lens_q`/`cu_seq_lens_k`, the cumulative
 document lengths over the flattened batch), which models hand down to their attention. Without them (generation,
