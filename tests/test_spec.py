@@ -96,7 +96,7 @@ def test_bad_lines_are_reported_with_file_line_and_count(tiny_model, tmp_path):
 @pytest.mark.parametrize("content, problem", [
     ('{"messages": [}\n', "not valid JSON"),
     ('{"prompt": "x", "response": "y"}\n', "no 'messages'"),
-    ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}\n', "non-string"),
+    ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}\n', "neither a string"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "x"}]}\n', "system"),
     ('{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "x"}]}\n', "role 'robot'"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "extra": 1}\n',

@@ -157,7 +157,8 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     if rank == 0:
         reporter.model_initialized({
             "parameters": parameters, "device": str(device),
-            "precision": precision, "attention": model.config._attn_implementation, "zero_stage": stage, "world_size": world,
+            "precision": precision, "attention": model.config._attn_implementation, "zero_stage": stage,
+            "world_size": world,
             "plan": plan.as_dict(), **sizing, "chunked_loss": wrapped.split is not None,
             "stop_tokens": tokenizer.convert_ids_to_tokens(stop_tokens),
             "weights_from": config.resume_from or config.init_weights_path or config.model_path,
@@ -248,10 +249,11 @@ def _ready_model(model: Any, rows: PackedRows, device: torch.device, precision: 
 
 
 def ready_attention(model: Any, rows: PackedRows, device: torch.device) -> dict[str, Any]:
-    """Make sure the attention implementation `model` was loaded with trains on `device`: FlexAttention compiles kernels that can
-    fail on an unusual GPU or toolchain (and has no CPU backward at all); per-document SDPA must keep this model's
-    documents apart exactly. If not, SDPA (or eager attention for a model without SDPA), which is exact too, with
-    one pass per document on a CPU. Returns, after a fallback, why (the model's config says what it runs)."""
+    """Make sure the attention implementation `model` was loaded with trains on `device`: FlexAttention compiles
+    kernels that can fail on an unusual GPU or toolchain (and has no CPU backward at all); per-document SDPA must
+    keep this model's documents apart exactly. If not, SDPA (or eager attention for a model without SDPA), which is
+    exact too, with one pass per document on a CPU. Returns, after a fallback, why (the model's config says what it
+    runs)."""
     attention = model.config._attn_implementation
     if attention in ("sdpa", "eager"):
         return {}
