@@ -10,6 +10,8 @@ same hyperparameters. Prints useful (non-padding) tokens/s, peak RSS, mean train
                                         # activations / under ZeRO-3 (one process: its bookkeeping, whole rows)
     python bench/throughput_cpu.py --model smollm2 --variants passes   # also ours running one forward pass per
                                         # document instead of per-document attention
+    python bench/throughput_cpu.py --model smollm2 --rounds 3   # every contender three times, alternating; the
+                                        # median of the rounds' ratios (this box's speed drifts by the minute)
 
 TRL's packing on CPU (no FlashAttention) lets packed examples attend to each other; ray_finetune's does not.
 """
@@ -155,6 +157,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["ours", "hf", "trl"], default=None, help="run one contender (internal)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--rounds", type=int, default=1, help="run every contender this many times, alternating; "
+                        "ratios are the median of the rounds' own ratios")
     args = parser.parse_args()
     os.environ["RAY_FINETUNE_PRECISION"] = args.precision   # ours reads it; the peers get bf16=True from it
     torch.set_num_threads(os.cpu_count() or 1)
@@ -192,30 +196,37 @@ def main() -> None:
         return
     import subprocess
 
-    results = {}
     runs = [(contender, contender, {}) for contender in ("ours", "hf", "trl")]
     runs += [(f"ours_{variant}", "ours", VARIANTS[variant]) for variant in filter(None, args.variants.split(","))]
-    for name, contender, env in runs:
-        output = subprocess.run([sys.executable, __file__, "--model", args.model, "--context", str(args.context),
-                                 "--examples", str(count), "--only", contender, "--precision", args.precision],
-                                capture_output=True, text=True, env={**os.environ, **env})
-        line = [l for l in output.stdout.splitlines() if l.startswith("RESULT ")]
-        if not line:
-            raise SystemExit(f"{name} failed:\n{output.stderr[-4000:]}")
-        results[name] = json.loads(line[0][len("RESULT "):])
+    rounds = []
+    for _ in range(args.rounds):   # contenders alternate, so a drift of the machine's speed reaches all of them
+        results = {}
+        for name, contender, env in runs:
+            output = subprocess.run([sys.executable, __file__, "--model", args.model, "--context", str(args.context),
+                                     "--examples", str(count), "--only", contender, "--precision", args.precision],
+                                    capture_output=True, text=True, env={**os.environ, **env})
+            line = [l for l in output.stdout.splitlines() if l.startswith("RESULT ")]
+            if not line:
+                raise SystemExit(f"{name} failed:\n{output.stderr[-4000:]}")
+            results[name] = json.loads(line[0][len("RESULT "):])
+        rounds.append(results)
+
+    def ratio(top: str, bottom: str) -> float:   # the median over rounds of each round's own ratio
+        return round(float(np.median([r[top]["useful_tokens_per_s"] / r[bottom]["useful_tokens_per_s"]
+                                      for r in rounds])), 2)
+
     summary = {
         "model": args.model, "examples": count, "context": args.context, "threads": os.cpu_count(),
         "precision": args.precision,
-        "results": {k: {m: (round(v, 3) if isinstance(v, float) else v) for m, v in r.items()}
-                    for k, r in results.items()},
-        "ratio_ours_over_hf_trainer": round(results["ours"]["useful_tokens_per_s"]
-                                            / results["hf"]["useful_tokens_per_s"], 2),
-        "ratio_ours_over_trl_packed": round(results["ours"]["useful_tokens_per_s"]
-                                            / results["trl"]["useful_tokens_per_s"], 2),
-        **{f"ratio_{name}_over_ours": round(results[name]["useful_tokens_per_s"]
-                                            / results["ours"]["useful_tokens_per_s"], 2)
-           for name in results if name.startswith("ours_")},
+        "results": [{k: {m: (round(v, 3) if isinstance(v, float) else v) for m, v in r.items()}
+                     for k, r in results.items()} for results in rounds],
+        "ratio_ours_over_hf_trainer": ratio("ours", "hf"),
+        "ratio_ours_over_trl_packed": ratio("ours", "trl"),
+        **{f"ratio_{name}_over_ours": ratio(name, "ours") for name in rounds[0] if name.startswith("ours_")},
     }
+    if args.rounds > 1:
+        summary["ratio_ours_over_hf_trainer_by_round"] = [
+            round(r["ours"]["useful_tokens_per_s"] / r["hf"]["useful_tokens_per_s"], 2) for r in rounds]
     print(json.dumps(summary, indent=2))
 
 
