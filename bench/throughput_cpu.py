@@ -211,9 +211,11 @@ def main() -> None:
             results[name] = json.loads(line[0][len("RESULT "):])
         rounds.append(results)
 
-    def ratio(top: str, bottom: str) -> float:   # the median over rounds of each round's own ratio
-        return round(float(np.median([r[top]["useful_tokens_per_s"] / r[bottom]["useful_tokens_per_s"]
-                                      for r in rounds])), 2)
+    def ratios(top: str, bottom: str) -> list[float]:   # each round's own ratio
+        return [round(r[top]["useful_tokens_per_s"] / r[bottom]["useful_tokens_per_s"], 2) for r in rounds]
+
+    def ratio(top: str, bottom: str) -> float:
+        return round(float(np.median(ratios(top, bottom))), 2)
 
     summary = {
         "model": args.model, "examples": count, "context": args.context, "threads": os.cpu_count(),
@@ -225,8 +227,7 @@ def main() -> None:
         **{f"ratio_{name}_over_ours": ratio(name, "ours") for name in rounds[0] if name.startswith("ours_")},
     }
     if args.rounds > 1:
-        summary["ratio_ours_over_hf_trainer_by_round"] = [
-            round(r["ours"]["useful_tokens_per_s"] / r["hf"]["useful_tokens_per_s"], 2) for r in rounds]
+        summary["ratio_ours_over_hf_trainer_by_round"] = ratios("ours", "hf")
     print(json.dumps(summary, indent=2))
 
 
