@@ -153,6 +153,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
         for parameter in wrapped.borrowed_parameters():
             deepspeed.zero.register_external_parameter(wrapped, parameter)
     per_document = per_document_for(sharded=stage == 3)
+    width_multiple = batch_width_multiple(device)
     start_step = resume(engine, resume_from) if resume_from else 0
     if rank == 0:
         reporter.model_initialized({
@@ -183,7 +184,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
         step_targets = rows.target_tokens(all_rows[all_rows != EMPTY_ROW])
         sums = torch.zeros(4, dtype=torch.float64)   # loss, targets, correct, real tokens (this rank)
         for micro_rows in plan.rank_micro_batches(step, rank):
-            batch = make_batch(rows, micro_rows, batch_width_multiple(device)).to(device)
+            batch = make_batch(rows, micro_rows, width_multiple).to(device)
             result = forward_loss(engine, batch, per_document)
             # DeepSpeed averages gradients over ranks; multiplying by world undoes that, leaving sum/step_targets.
             engine.backward(result.loss_sum * (world / step_targets), scale_wrt_gas=False)
