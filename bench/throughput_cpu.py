@@ -160,6 +160,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="run every contender this many times, alternating; "
                         "ratios are the median of the rounds' own ratios")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, not {args.rounds}")
     os.environ["RAY_FINETUNE_PRECISION"] = args.precision   # ours reads it; the peers get bf16=True from it
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
