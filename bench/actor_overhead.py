@@ -109,12 +109,7 @@ def create_to_first_step(model: str, data: Path, context: int) -> dict:
             "whole_run_s": ended["COMPLETED"] - times[0]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
-    parser.add_argument("--steps", type=int, default=60)
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="rf-overhead-"))
+def measure(args: argparse.Namespace, work: Path) -> None:
     os.environ.update(RAY_FINETUNE_HOME=str(work / "home"))
     os.environ.pop("RAY_ADDRESS", None)
     from tiny_model import build_tiny_model
@@ -142,6 +137,16 @@ def main() -> None:
           f"{first['whole_run_s']:.1f} s (2 steps)")
     print(f"per step: {overhead['step_s'] * 1000:.1f} ms training, {overhead['overhead_s'] * 1000:.2f} ms reporting "
           f"({overhead['overhead_s'] / overhead['step_s']:.1%}) over {overhead['steps']} steps")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args()
+    # the runs' home, model and checkpoints; the local head may still be writing its last files as it stops
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True, prefix="rf-overhead-") as work:
+        measure(args, Path(work))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -70,39 +69,39 @@ def main() -> None:
             engine.step()
     step_s = (time.perf_counter() - started) / 2
 
-    work = Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
-    config = loop.TrainConfig(run_name="bench", model_path=str(model_path), init_weights_path=None,
-                              train_rows_path="", plan=plan, learning_rate=1e-5, save_folder=str(work), rank=0,
-                              world_size=1, seed=0)
-    started = time.perf_counter()
-    ours = loop.save_checkpoint(engine, tokenizer, config, epoch=0, step=2)
-    ours_save_s = time.perf_counter() - started
-    fresh, _ = engine_for(model_path, plan)
-    started = time.perf_counter()
-    loop.resume(fresh, ours)
-    ours_load_s = time.perf_counter() - started
+    with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as folder:   # two checkpoints of the model
+        work = Path(folder)
+        config = loop.TrainConfig(run_name="bench", model_path=str(model_path), init_weights_path=None,
+                                  train_rows_path="", plan=plan, learning_rate=1e-5, save_folder=str(work), rank=0,
+                                  world_size=1, seed=0)
+        started = time.perf_counter()
+        ours = loop.save_checkpoint(engine, tokenizer, config, epoch=0, step=2)
+        ours_save_s = time.perf_counter() - started
+        fresh, _ = engine_for(model_path, plan)
+        started = time.perf_counter()
+        loop.resume(fresh, ours)
+        ours_load_s = time.perf_counter() - started
 
-    peer_file = work / "peer.pt"
-    started = time.perf_counter()
-    torch.save({"model": engine.module.state_dict(), "optimizer": optimizer.state_dict()}, peer_file)
-    peer_save_s = time.perf_counter() - started
-    started = time.perf_counter()
-    state = torch.load(peer_file, map_location="cpu", weights_only=True)
-    engine.module.load_state_dict(state["model"])
-    peer_load_s = time.perf_counter() - started
+        peer_file = work / "peer.pt"
+        started = time.perf_counter()
+        torch.save({"model": engine.module.state_dict(), "optimizer": optimizer.state_dict()}, peer_file)
+        peer_save_s = time.perf_counter() - started
+        started = time.perf_counter()
+        state = torch.load(peer_file, map_location="cpu", weights_only=True)
+        engine.module.load_state_dict(state["model"])
+        peer_load_s = time.perf_counter() - started
 
-    result = {
-        "model": args.model, "parameters": sum(p.numel() for p in engine.module.parameters()),
-        "train_step_s": round(step_s, 2),
-        "ours": {"save_s": round(ours_save_s, 2), "load_s": round(ours_load_s, 2),
-                 "size_mb": round(size_mb(ours), 1), "weights_mb": round(size_mb(ours / "model"), 1)},
-        "peer_torch_save": {"save_s": round(peer_save_s, 2), "load_s": round(peer_load_s, 2),
-                            "size_mb": round(size_mb(peer_file), 1)},
-    }
-    result["ratio_save_ours_over_peer"] = round(ours_save_s / peer_save_s, 2)
-    result["pause_in_steps"] = round(ours_save_s / step_s, 2)
-    print(json.dumps(result, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+        result = {
+            "model": args.model, "parameters": sum(p.numel() for p in engine.module.parameters()),
+            "train_step_s": round(step_s, 2),
+            "ours": {"save_s": round(ours_save_s, 2), "load_s": round(ours_load_s, 2),
+                     "size_mb": round(size_mb(ours), 1), "weights_mb": round(size_mb(ours / "model"), 1)},
+            "peer_torch_save": {"save_s": round(peer_save_s, 2), "load_s": round(peer_load_s, 2),
+                                "size_mb": round(size_mb(peer_file), 1)},
+        }
+        result["ratio_save_ours_over_peer"] = round(ours_save_s / peer_save_s, 2)
+        result["pause_in_steps"] = round(ours_save_s / step_s, 2)
+        print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -56,12 +56,7 @@ def timed(call, repeat: int) -> dict[str, float]:
     return percentiles(samples)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=10_000)
-    parser.add_argument("--events-per-run", type=int, default=100)
-    args = parser.parse_args()
-    path = Path(tempfile.mkdtemp(prefix="eventlog-bench-")) / "events.duckdb"
+def measure(args: argparse.Namespace, path: Path) -> None:
     store = EventStore(path)
     result: dict[str, object] = {"runs": args.runs, "events": args.runs * args.events_per_run}
 
@@ -101,6 +96,15 @@ def main() -> None:
     result["ratio fm.list: peer / ours"] = round(naive_list_s / (result["fm.list (all runs)"]["p50_ms"] / 1000), 1)
     print(json.dumps(result, indent=2))
     ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=10_000)
+    parser.add_argument("--events-per-run", type=int, default=100)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="eventlog-bench-") as folder:   # a million events
+        measure(args, Path(folder) / "events.duckdb")
 
 
 if __name__ == "__main__":

@@ -194,10 +194,12 @@ def contender(args: argparse.Namespace) -> dict:
     examples = examples_for(MODELS[args.model_name]["vocab_size"], args.examples, args.context,
                             mean_fraction=args.mean_fraction)
     model_path = build_model(args.model_name, work / f"model-{args.model_name}", args.context)
-    run_work = Path(tempfile.mkdtemp(dir=work))
-    if args.only == "ours":
-        return run_ours(model_path, args.model_name, args.context, examples, args.steps, args.warmup, run_work)
-    return run_hf_trainer(model_path, args.model_name, examples, args.steps, args.warmup, args.batch, run_work)
+    with tempfile.TemporaryDirectory(dir=work) as run_work:   # rows and outputs; the model stays for the next
+        if args.only == "ours":
+            return run_ours(model_path, args.model_name, args.context, examples, args.steps, args.warmup,
+                            Path(run_work))
+        return run_hf_trainer(model_path, args.model_name, examples, args.steps, args.warmup, args.batch,
+                              Path(run_work))
 
 
 # Variants of ours: the settings a trainer worker reads from its environment.
@@ -234,25 +236,7 @@ def environment() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tiny", action="store_true", help="a small config that runs on CPU in about a minute")
-    parser.add_argument("--scaling", action="store_true", help="ours only: step time and memory by context length")
-    parser.add_argument("--only", choices=["ours", "hf"], help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
-    parser.add_argument("--model-name", default="llama-1b", choices=sorted(MODELS))
-    parser.add_argument("--context", type=int, default=2048)
-    parser.add_argument("--examples", type=int, default=4000)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8, help="the HF Trainer's examples per step")
-    parser.add_argument("--mean-fraction", type=float, default=0.12, help=argparse.SUPPRESS)
-    parser.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)}")
-    args = parser.parse_args()
-    if args.only:
-        print("RESULT " + json.dumps(contender(args)), flush=True)
-        return
-    work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+def measure(args: argparse.Namespace, work: Path) -> dict:
     summary: dict = {**environment(), "command": " ".join(["python", "bench/gpu_bench.py"] + sys.argv[1:])}
     if args.scaling:
         table = []
@@ -282,6 +266,29 @@ def main() -> None:
             summary["ratio_ours_over_hf_trainer"] = round(ours["useful_tokens_per_s"] / peer["useful_tokens_per_s"], 2)
             if ours.get("peak_memory_gb") and peer.get("peak_memory_gb"):
                 summary["memory_ours_over_hf_trainer"] = round(ours["peak_memory_gb"] / peer["peak_memory_gb"], 2)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true", help="a small config that runs on CPU in about a minute")
+    parser.add_argument("--scaling", action="store_true", help="ours only: step time and memory by context length")
+    parser.add_argument("--only", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--model-name", default="llama-1b", choices=sorted(MODELS))
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--examples", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8, help="the HF Trainer's examples per step")
+    parser.add_argument("--mean-fraction", type=float, default=0.12, help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    args = parser.parse_args()
+    if args.only:
+        print("RESULT " + json.dumps(contender(args)), flush=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as work:   # models built here: GBs each
+        summary = measure(args, Path(work))
     text = json.dumps(summary, indent=1)
     print(text)
     if os.environ.get("OUT"):

@@ -50,12 +50,7 @@ print(json.dumps({"run": run.name if run else None, "latencies": latencies, "err
 """
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--drivers", type=int, default=50)
-    parser.add_argument("--seconds", type=float, default=60)
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="rf-load-"))
+def load(args: argparse.Namespace, work: Path) -> None:
     os.environ.update(RAY_FINETUNE_HOME=str(work / "home"), RAY_FINETUNE_MAX_CONCURRENT_RUNS="1")
     os.environ.pop("RAY_ADDRESS", None)
     from tiny_model import build_tiny_model, write_chat_jsonl
@@ -103,6 +98,16 @@ def main() -> None:
     for message in (errors + crashed)[:5]:
         print("   ", message)
     cluster.down()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--drivers", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=60)
+    args = parser.parse_args()
+    # the runs' home and model; the local head may still be writing its last files as it stops
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True, prefix="rf-load-") as work:
+        load(args, Path(work))
 
 
 if __name__ == "__main__":

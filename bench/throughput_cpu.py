@@ -149,6 +149,33 @@ VARIANTS = {"checkpointed": {"RAY_FINETUNE_ACTIVATION_CHECKPOINTING": "on"}, "ze
             "passes": {"RAY_FINETUNE_ATTENTION": "sdpa"}}
 
 
+def run_contender(args: argparse.Namespace, count: int, work: Path) -> dict:
+    if args.model == "tiny":
+        from tiny_model import build_tiny_model
+
+        model_path = build_tiny_model(work / "tiny", vocab_size=2048, hidden_size=128, layers=4,
+                                      max_positions=args.context)
+    else:
+        from ray_finetune.train.models import resolve_model
+
+        model_path = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct").path
+    vocab = json.loads((model_path / "config.json").read_text())["vocab_size"]
+    data = examples_for(vocab, count, args.context)
+    if args.only == "ours":
+        return run_ours(model_path, data, args.context, work)
+    from ray_finetune.data.formats import TokenizedExample
+    from ray_finetune.data.packing import pack_examples
+    from ray_finetune.train.plan import choose_global_batch_rows
+
+    rows, stats = pack_examples([TokenizedExample(e["input_ids"], [True] * len(e["input_ids"])) for e in data],
+                                args.context, 0)
+    ours_plan_rows = choose_global_batch_rows(len(rows), 1)
+    tokens_per_step = ours_plan_rows * args.context * stats.packing_efficiency
+    batch = max(1, round(tokens_per_step / np.mean([len(e["input_ids"]) for e in data])))
+    return (run_hf_trainer(model_path, data, batch, work) if args.only == "hf"
+            else run_trl(model_path, data, args.context, ours_plan_rows, work))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
@@ -164,37 +191,10 @@ def main() -> None:
         parser.error(f"--rounds must be at least 1, not {args.rounds}")
     os.environ["RAY_FINETUNE_PRECISION"] = args.precision   # ours reads it; the peers get bf16=True from it
     torch.set_num_threads(os.cpu_count() or 1)
-    work = Path(tempfile.mkdtemp(prefix="throughput-"))
-    if args.model == "tiny":
-        from tiny_model import build_tiny_model
-
-        model_path = build_tiny_model(work / "tiny", vocab_size=2048, hidden_size=128, layers=4,
-                                      max_positions=args.context)
-        count = args.examples or 800
-    else:
-        from ray_finetune.train.models import resolve_model
-
-        model_path = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct").path
-        count = args.examples or 48
-    vocab = json.loads((model_path / "config.json").read_text())["vocab_size"]
-    data = examples_for(vocab, count, args.context)
+    count = args.examples or (800 if args.model == "tiny" else 48)
     if args.only:   # one contender per process, so peak memory is its own
-        ours_plan_rows = None
-        if args.only == "ours":
-            result = run_ours(model_path, data, args.context, work)
-        else:
-            from ray_finetune.data.formats import TokenizedExample
-            from ray_finetune.data.packing import pack_examples
-            from ray_finetune.train.plan import choose_global_batch_rows
-
-            rows, stats = pack_examples([TokenizedExample(e["input_ids"], [True] * len(e["input_ids"]))
-                                         for e in data], args.context, 0)
-            ours_plan_rows = choose_global_batch_rows(len(rows), 1)
-            tokens_per_step = ours_plan_rows * args.context * stats.packing_efficiency
-            batch = max(1, round(tokens_per_step / np.mean([len(e["input_ids"]) for e in data])))
-            result = (run_hf_trainer(model_path, data, batch, work) if args.only == "hf"
-                      else run_trl(model_path, data, args.context, ours_plan_rows, work))
-        print("RESULT " + json.dumps(result))
+        with tempfile.TemporaryDirectory(prefix="throughput-") as work:   # its rows and checkpoint: GBs each
+            print("RESULT " + json.dumps(run_contender(args, count, Path(work))))
         return
     import subprocess
 
