@@ -68,7 +68,8 @@ def build_model(name: str, folder: Path, context: int) -> Path:
     if (folder / "config.json").exists():
         return folder
     build_tiny_model(folder)   # writes a tokenizer (and a tiny model, replaced below)
-    config = LlamaConfig(**MODELS[name], max_position_embeddings=max(context, 2048), tie_word_embeddings=True,
+    # Built once per shape and reused for every context of a scaling table: long enough for its longest (8192).
+    config = LlamaConfig(**MODELS[name], max_position_embeddings=max(context, 8192), tie_word_embeddings=True,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
