@@ -1,32 +1,48 @@
 """The data packer actor: reads a run's data, formats it (template + loss mask) and packs it into rows, reusing
 packed rows cached from an earlier run on the same data. Tokenization is spread over the cluster: one Ray task
-per shard of the source, each writing its tokens to shared storage."""
+per shard of the source, each writing its tokens to shared storage.
+
+One packer serves the cluster (named, detached, on the head node like the scheduler), a thread per run: its process
+keeps torch, transformers and the tokenizer code imported from one run to the next. A packer started for each run
+paid those imports every time: 4.5-5.4 s of a small run's 16 s on the 2-core box (BENCHMARKS.md)."""
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import ray
 
-from actors.event_sink import EventSink
+from actors.event_sink import NAMESPACE, EventSink
 from actors.messages import PackedData, PackRequest
+from eventstore.actor import ON_HEAD_NODE
 from eventstore.schema import EventType
 from ray_finetune import settings
 from ray_finetune.data.prepare import on_cluster, prepare
 from ray_finetune.train.models import load_tokenizer
 
-
+ACTOR_NAME = "ray_finetune_data_packer"
+# Runs packing at once; each mostly waits on its tokenize tasks, which Ray spreads over the cluster's CPUs.
+MAX_CONCURRENT_PACKS = 32
 # Tokenizing a large dataset takes minutes; a run that sits in STARTING says how far it has got this often.
 PROGRESS_EVERY_S = 10.0
 
 
+class PackingAbandoned(Exception):
+    """The run was cancelled while its data was being prepared."""
+
+
 class ProgressEvents:
     """DATA_PROGRESS events for one dataset of a run, at most one per PROGRESS_EVERY_S (none for data that
-    tokenizes quicker than that: DATA_VALIDATED follows at once)."""
+    tokenizes quicker than that: DATA_VALIDATED follows at once). Between shards it also stops a preparation
+    whose run was cancelled (`abandoned`)."""
 
-    def __init__(self, sink: EventSink, parameter: str) -> None:
+    def __init__(self, sink: EventSink, parameter: str, abandoned: Callable[[], bool] = lambda: False) -> None:
         self._sink, self._parameter, self._told_at = sink, parameter, time.monotonic()
+        self._abandoned = abandoned
 
     def __call__(self, done: int, total: int) -> None:
+        if self._abandoned():
+            raise PackingAbandoned(f"{self._sink.run_name} was cancelled while its {self._parameter} was tokenized")
         if done < total and time.monotonic() - self._told_at >= PROGRESS_EVERY_S:
             self._told_at = time.monotonic()
             self._sink.emit(EventType.DATA_PROGRESS, f"tokenized {done} of {total} shards of {self._parameter}",
@@ -34,20 +50,42 @@ class ProgressEvents:
 
 
 # The packer itself mostly waits on its tokenize tasks and then packs from memory-mapped shards; it takes no CPU
-# from Ray's accounting so that on a small machine those tasks get every core.
-@ray.remote(num_cpus=0, max_restarts=0)
+# from Ray's accounting so that on a small machine those tasks get every core. If its process dies, Ray starts it
+# again; the runs it was packing for see their worker die and are requeued, as for any other interruption.
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=MAX_CONCURRENT_PACKS)
 class DataPacker:
+    def __init__(self) -> None:
+        self._abandoned: set[str] = set()   # request ids
+        # Imported now (the scheduler starts the packer when it starts) rather than during the first run: a
+        # model's config class pulls in torch and most of what loading any tokenizer needs (3.4 s on the 2-core box).
+        from transformers import AutoConfig
+
+        AutoConfig.for_model("llama")
+
+    def abandon(self, request_id: str) -> None:
+        """The request's run was cancelled: stop tokenizing for it at the next shard, and record nothing more."""
+        self._abandoned.add(request_id)
+
     def pack(self, request: PackRequest) -> PackedData:
+        try:
+            return self._pack(request, lambda: request.request_id in self._abandoned)
+        finally:
+            self._abandoned.discard(request.request_id)
+
+    def _pack(self, request: PackRequest, abandoned: Callable[[], bool]) -> PackedData:
         run, spec = request.run, request.run.spec
         sink = EventSink("data_packer", run.run_name)
         tokenizer = load_tokenizer(spec.model_path)
         common = dict(task_type=spec.task_type, model_path=spec.model_path, tokenizer=tokenizer,
                       context_length=spec.context_length, cache_dir=settings.load().packed_data_dir,
                       data_prep_cluster_id=spec.data_prep_cluster_id, **on_cluster())
-        train = prepare("train_data_path", spec.train_data_path, progress=ProgressEvents(sink, "train_data_path"),
-                        **common)
-        evaluation = (prepare("eval_data_path", spec.eval_data_path, progress=ProgressEvents(sink, "eval_data_path"),
-                              **common) if spec.eval_data_path else None)
+        train = prepare("train_data_path", spec.train_data_path,
+                        progress=ProgressEvents(sink, "train_data_path", abandoned), **common)
+        evaluation = (prepare("eval_data_path", spec.eval_data_path,
+                              progress=ProgressEvents(sink, "eval_data_path", abandoned), **common)
+                      if spec.eval_data_path else None)
+        if abandoned():   # the rows are in the cache for a later run; this one has ended
+            raise PackingAbandoned(f"{run.run_name} was cancelled while its data was prepared")
         stats = train.stats
         sink.emit(
             EventType.DATA_VALIDATED,
@@ -59,3 +97,8 @@ class DataPacker:
         return PackedData(train_rows_path=train.rows_path, train_stats=stats,
                           eval_rows_path=evaluation.rows_path if evaluation else None,
                           eval_stats=evaluation.stats if evaluation else None)
+
+
+def get_or_create() -> "ray.actor.ActorHandle":
+    return DataPacker.options(name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+                              resources=ON_HEAD_NODE).remote()

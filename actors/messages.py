@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import math
+import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from ray_finetune.spec import RunSpec
 from ray_finetune.train.plan import TrainingPlan
@@ -26,6 +27,8 @@ class RunContext(Message):
 
 class PackRequest(Message):
     run: RunContext
+    # Names this request to the shared data packer, so that a cancel can abandon it (and nothing else).
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class PackedData(Message):

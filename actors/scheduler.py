@@ -27,7 +27,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, NodeDiedError, OwnerDiedError, RayActorError, RayTaskError
 
-from actors.data_packer import DataPacker
+from actors import data_packer
 from actors.evaluator import Evaluator
 from actors.event_sink import NAMESPACE, EventSink, event_store
 from actors.messages import PackRequest, RegisterRequest, RunContext, StopRequest, TrainRequest
@@ -105,6 +105,7 @@ class Scheduler:
         self.names: set[str] = set()
         self._mlflow = asyncio.Lock()           # MLflow's sqlite store takes one writer at a time
         self._admission = asyncio.Lock()        # CREATED order = queue order, however many drivers submit at once
+        data_packer.get_or_create()             # started now: it gets ready while the first run is submitted
         await self._recover()
 
     # -- the queue ---------------------------------------------------------------------------------------------
@@ -236,11 +237,14 @@ class Scheduler:
                 f" (attempt {attempt}, resuming from {resume_from.name})" if resume_from else
                 f" (attempt {attempt})" if attempt > 1 else ""), {"attempt": attempt,
                                                                    "resume_from": str(resume_from or "") or None})
-            packer = DataPacker.remote()
             registrar = Registrar.remote(context.spec.model_path)   # gets ready while the run packs and trains
-            actors += [packer, registrar]
-            data = await packer.pack.remote(PackRequest(run=context))
-            ray.kill(packer)
+            actors.append(registrar)
+            packer, request = data_packer.get_or_create(), PackRequest(run=context)
+            try:
+                data = await packer.pack.remote(request)
+            except asyncio.CancelledError:   # cancelled while packing: the shared packer stops this request only
+                packer.abandon.remote(request.request_id)
+                raise
             if resume_from:   # before any GPU is taken: a deterministic refusal
                 checkpoint.ensure_same_data(resume_from, packed_data_id(data.train_rows_path))
             gpus = int(ray.cluster_resources().get("GPU", 0))

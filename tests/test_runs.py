@@ -1,5 +1,6 @@
 """Runs through the public API on a local Ray head: create → COMPLETED with a registered model; cancel of a
-queued and of a running run; a run whose trainer process is killed ends FAILED with the reason."""
+queued run, of one being tokenized and of a running one; a run whose trainer process is killed ends FAILED with the
+reason."""
 from __future__ import annotations
 
 import json
@@ -132,6 +133,34 @@ def test_cancel_a_queued_run_and_a_running_one_with_a_final_checkpoint(cluster, 
     time.sleep(1)
     assert fm.get_events(running.name)[-1].type == "CANCELED"  # nothing trains after the stop
     assert fm.cancel([running.name]) == 0  # already stopped
+
+
+def test_a_run_cancelled_while_its_data_is_tokenized_stops_there_and_the_packer_serves_the_next(
+        cluster, tiny_model, chat_data, tmp_path):
+    """One data packer serves every run: cancelling a run in the middle of tokenizing stops that preparation
+    (nothing published to the cache, no event of it after CANCELED) and leaves the packer serving the next run."""
+    from ray_finetune import settings
+    from tiny_model import write_chat_jsonl
+
+    def until(condition, what: str) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+
+    cache = settings.load().packed_data_dir
+    big = write_chat_jsonl(tmp_path / "big.jsonl", 60_000)   # 9 MB: about 8 s of tokenizing on 2 CPUs, in shards
+    run = create(tiny_model, (big,), training_duration="1ba")
+    until(lambda: list(cache.glob("*/work-*")), "the preparation never started")   # tokenizing now
+    assert fm.cancel([run.name]) == 1
+    assert fm.get(run.name).status == RunStatus.STOPPED
+    # A finished preparation publishes its stats, then removes its work folder; an abandoned one only removes it.
+    until(lambda: not list(cache.glob("*/work-*")), "the preparation never ended")
+    assert 60_000 not in [json.loads(f.read_text())["examples"] for f in cache.glob("*/stats.json")]
+    types = [e.type for e in fm.get_events(run.name)]
+    assert types[-1] == "CANCELED" and "DATA_VALIDATED" not in types and "PLACED" not in types
+
+    assert create(tiny_model, chat_data, training_duration="1ba").wait(timeout=300).status == RunStatus.COMPLETED
 
 
 def test_a_failure_in_the_run_itself_ends_failed_at_once_with_the_reason(cluster, tiny_model, tmp_path):

@@ -44,10 +44,15 @@ def map_over_cluster(jobs: list[TokenizeJob], progress: ShardProgress) -> list[s
     """Ray runs as many tokenize tasks at once as the cluster has free CPUs; the rest queue."""
     tasks = [_tokenize_shard_task.remote(job) for job in jobs]
     pending = tasks
-    while pending:
-        _, pending = ray.wait(pending, num_returns=1)
-        progress(len(tasks) - len(pending), len(tasks))
-    return ray.get(tasks)
+    try:
+        while pending:
+            _, pending = ray.wait(pending, num_returns=1)
+            progress(len(tasks) - len(pending), len(tasks))
+        return ray.get(tasks)
+    except BaseException:
+        for task in pending:   # the caller stopped waiting (progress raised: its run was cancelled)
+            ray.cancel(task)
+        raise
 
 
 def _map_here(jobs: list[TokenizeJob], progress: ShardProgress, tokenizer: Any) -> list[str]:
