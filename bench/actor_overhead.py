@@ -1,6 +1,6 @@
 """What the actor machinery costs a run: the time from fm.create() to the first training step (phase by phase,
-from the run's own events), and the per-step overhead of reporting (TRAIN_UPDATED event + MLflow metrics + the
-stop check) against the step itself.
+from the run's own events; for the first run on a fresh head and for the next one), and the per-step overhead of
+reporting (TRAIN_UPDATED event + MLflow metrics + the stop check) against the step itself.
 
     python bench/actor_overhead.py                 # tiny model (steps of ~0.05 s: the worst case)
     python bench/actor_overhead.py --model smollm2 # SmolLM2-135M-Instruct at context 512
@@ -122,19 +122,24 @@ def measure(args: argparse.Namespace, work: Path) -> None:
     else:
         model, context = str(resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct").path), 512
     data = ROOT / "ray_finetune" / "demo_data" / "chat_train.jsonl"
+    # The next run gets other data (all but the last line), so it tokenizes instead of reading the first's rows.
+    other = work / "chat_train_but_one.jsonl"
+    other.write_text("".join(data.read_text().splitlines(keepends=True)[:-1]))
     settings = cluster.connect()
     try:
-        first = create_to_first_step(model, data, context)
+        runs = {"first run on a fresh head": create_to_first_step(model, data, context),
+                "next run (other data)": create_to_first_step(model, other, context)}
         overhead = per_step_overhead(model, data, context, args.steps, work, settings)
     finally:
         cluster.down()
     print(f"model {args.model}, context {context}, {os.cpu_count()} CPUs")
-    print(f"create() returned in {first['create_call_s']:.2f} s; create → first step "
-          f"{first['to_first_step_s']:.1f} s (first step itself {first['first_step_s']:.2f} s):")
-    for phase, seconds in first["phases"].items():
-        print(f"  {phase:38s} {seconds:6.2f} s")
-    print(f"TRAIN_FINISHED → COMPLETED (registration) {first['registration_s']:.2f} s; CREATED → COMPLETED "
-          f"{first['whole_run_s']:.1f} s (2 steps)")
+    for title, run in runs.items():
+        print(f"{title}: create() returned in {run['create_call_s']:.2f} s; create → first step "
+              f"{run['to_first_step_s']:.1f} s (first step itself {run['first_step_s']:.2f} s):")
+        for phase, seconds in run["phases"].items():
+            print(f"  {phase:38s} {seconds:6.2f} s")
+        print(f"  TRAIN_FINISHED → COMPLETED (registration) {run['registration_s']:.2f} s; CREATED → COMPLETED "
+              f"{run['whole_run_s']:.1f} s (2 steps)")
     print(f"per step: {overhead['step_s'] * 1000:.1f} ms training, {overhead['overhead_s'] * 1000:.2f} ms reporting "
           f"({overhead['overhead_s'] / overhead['step_s']:.1%}) over {overhead['steps']} steps")
 

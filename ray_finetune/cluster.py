@@ -16,7 +16,7 @@ import ray
 from ray_finetune import settings as settings_module
 from ray_finetune.errors import ConfigError
 from ray_finetune.settings import Settings
-from ray_finetune.train.distributed import free_port
+from ray_finetune.train.distributed import free_ports
 
 NAMESPACE = "ray_finetune"
 HEAD_FILE = "head.json"
@@ -85,13 +85,13 @@ def _stay_on_loopback() -> None:
 
 def start_local_head(config: Settings) -> str:
     config.home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port, agent_port, client_port = free_ports(3)
     cpus = max(os.cpu_count() or 1, 4)  # logical slots: trainer workers + packer; the actors' threads are capped
     # Ray's fixed default ports (agent 52365, client server 10001) collide with any other Ray on the machine.
     command = [
         _ray_command(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
-        "--include-dashboard=false", "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
-        f"--ray-client-server-port={free_port()}",
+        "--include-dashboard=false", "--disable-usage-stats", f"--dashboard-agent-listen-port={agent_port}",
+        f"--ray-client-server-port={client_port}",
     ]
     env = {**os.environ, **config.as_env(), **_auth_env(config), **SINGLE_MACHINE, "RAY_USAGE_STATS_ENABLED": "0"}
     result = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from ray_finetune.train.distributed import free_port
+from ray_finetune.train.distributed import free_port, free_ports
 
 pytestmark = pytest.mark.cluster
 
@@ -37,10 +37,10 @@ DRIVER = TESTS / "multinode_driver.py"
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def ray_start(env: dict[str, str], *arguments: str) -> None:
+def ray_start(env: dict[str, str], *arguments: str, agent_port: int | None = None) -> None:
     """One node; its agent gets a port of its own (Ray's default, 52365, is taken by any other Ray here)."""
     result = subprocess.run([RAY, "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                             f"--dashboard-agent-listen-port={free_port()}", *arguments],
+                             f"--dashboard-agent-listen-port={agent_port or free_port()}", *arguments],
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -64,14 +64,14 @@ def head_node(**settings: str):
     token = home / "ray_auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    port, dashboard_port = free_port(), free_port()
+    port, dashboard_port, client_port, agent_port = free_ports(4)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_"))}
     env.update(RAY_FINETUNE_HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                RAY_USAGE_STATS_ENABLED="0", **settings)
     try:
         ray_start(env, "--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={root}/head",
-                  f"--ray-client-server-port={free_port()}",
-                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}")
+                  f"--ray-client-server-port={client_port}", "--include-dashboard=true",
+                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", agent_port=agent_port)
         yield SimpleNamespace(root=root, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
                               dashboard=f"http://127.0.0.1:{dashboard_port}",
                               add_node=lambda name, *resources: ray_start(

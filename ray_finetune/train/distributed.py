@@ -13,9 +13,20 @@ if TYPE_CHECKING:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on now (the OS picks it), for a server or a rendezvous about to start."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` different ports nothing listens on now. Probed together: one probe at a time can be given the same
+    port twice (seen once: Ray refused to start a head whose two servers were given one port)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind((host, 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def join_process_group(rank: int, world_size: int, master: tuple[str, int] | None = None) -> None:
