@@ -58,9 +58,12 @@ class DataPacker:
         self._abandoned: set[str] = set()   # request ids
         # Imported now (the scheduler starts the packer when it starts) rather than during the first run: a
         # model's config class pulls in torch and most of what loading any tokenizer needs (3.4 s on the 2-core box).
-        from transformers import AutoConfig
+        try:
+            from transformers import AutoConfig
 
-        AutoConfig.for_model("llama")
+            AutoConfig.for_model("llama")
+        except Exception:  # noqa: BLE001 - only a head start: pack() meets any real problem and reports it
+            pass
 
     def abandon(self, request_id: str) -> None:
         """The request's run was cancelled: stop tokenizing for it at the next shard, and record nothing more."""
