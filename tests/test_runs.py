@@ -150,12 +150,14 @@ def test_a_run_cancelled_while_its_data_is_tokenized_stops_there_and_the_packer_
 
     cache = settings.load().packed_data_dir
     big = write_chat_jsonl(tmp_path / "big.jsonl", 60_000)   # 9 MB: about 8 s of tokenizing on 2 CPUs, in shards
+    earlier = set(cache.glob("*/work-*"))
     run = create(tiny_model, (big,), training_duration="1ba")
-    until(lambda: list(cache.glob("*/work-*")), "the preparation never started")   # tokenizing now
+    until(lambda: set(cache.glob("*/work-*")) - earlier, "the preparation never started")   # tokenizing now
+    (work,) = set(cache.glob("*/work-*")) - earlier
     assert fm.cancel([run.name]) == 1
     assert fm.get(run.name).status == RunStatus.STOPPED
     # A finished preparation publishes its stats, then removes its work folder; an abandoned one only removes it.
-    until(lambda: not list(cache.glob("*/work-*")), "the preparation never ended")
+    until(lambda: not work.exists(), "the preparation never ended")
     assert 60_000 not in [json.loads(f.read_text())["examples"] for f in cache.glob("*/stats.json")]
     types = [e.type for e in fm.get_events(run.name)]
     assert types[-1] == "CANCELED" and "DATA_VALIDATED" not in types and "PLACED" not in types
