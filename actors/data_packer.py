@@ -69,9 +69,13 @@ class DataPacker:
         """The request's run was cancelled: stop tokenizing for it at the next shard, and record nothing more."""
         self._abandoned.add(request_id)
 
-    def pack(self, request: PackRequest) -> PackedData:
+    def pack(self, request: PackRequest) -> PackedData | None:
+        """The run's packed data; None for an abandoned request, whose run stopped waiting for the reply (raising
+        there would only put an expected cancellation in the logs as an unhandled error)."""
         try:
             return self._pack(request, lambda: request.request_id in self._abandoned)
+        except PackingAbandoned:
+            return None
         finally:
             self._abandoned.discard(request.request_id)
 
