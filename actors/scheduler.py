@@ -36,7 +36,7 @@ from actors.trainer_group import TrainerGroup, remove_stale_placements
 from eventstore.actor import ON_HEAD_NODE
 from eventstore.schema import PENDING, QUEUED, RESUMABLE_STATUSES, EventType
 from ray_finetune import settings, tracking
-from ray_finetune.data.prepare import packed_data_id
+from ray_finetune.data.packing import packed_data_id
 from ray_finetune.spec import RunSpec
 from ray_finetune.train import checkpoint
 from ray_finetune.train.plan import make_plan, trainer_group_size

@@ -11,7 +11,7 @@ each a masked prompt), learning rate and optimizer (AdamW, bf16 with fp32 master
     python bench/gpu_bench.py --tiny       # a small config, CPU is fine: checks that the script runs (a minute)
 
 Each contender runs in its own process (its own peak memory, a clean GPU). With OUT=<folder> the results are also
-written to <folder>/gpu_bench.json. Needs torch, transformers, deepspeed, pydantic, numpy; not Ray.
+written to <folder>/gpu_bench.json (gpu_bench_scaling.json with --scaling). Needs torch, transformers, deepspeed, pydantic, numpy; not Ray.
 """
 from __future__ import annotations
 
@@ -293,7 +293,7 @@ def main() -> None:
     text = json.dumps(summary, indent=1)
     print(text)
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_bench.json").write_text(text)
+        Path(os.environ["OUT"], "gpu_bench_scaling.json" if args.scaling else "gpu_bench.json").write_text(text)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,13 @@ class PackingStats:
                 "packing_efficiency": round(self.packing_efficiency, 4)}
 
 
+def packed_data_id(rows_path: str | Path) -> str:
+    """Which packed data a folder of rows written by prepare() holds: the name of its cache entry, a hash of the
+    data's content, the tokenizer and the packing settings. Here, not in prepare, so that a trainer can name its
+    data without importing Ray (the GPU benchmark runs the training loop on a machine without it)."""
+    return Path(rows_path).parent.name
+
+
 @dataclass(frozen=True)
 class PackedRows:
     """Rows as int32 arrays; on disk a folder of .npy files that readers memory-map (rows are read by index)."""

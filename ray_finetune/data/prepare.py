@@ -81,12 +81,6 @@ def on_cluster(cpus: int | None = None) -> dict[str, Any]:
     return {"map_shards": map_over_cluster, "parallelism": SHARDS_PER_CPU * cpus}
 
 
-def packed_data_id(rows_path: str | Path) -> str:
-    """Which packed data a path of prepare()'s holds: its cache entry's name, a hash of the data's content, the
-    tokenizer and the packing settings."""
-    return Path(rows_path).parent.name
-
-
 def tokenizer_fingerprint(model_path: str | Path) -> str:
     digest = hashlib.sha256()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ray_finetune.data.packing import PackedRows
-from ray_finetune.data.prepare import packed_data_id
+from ray_finetune.data.packing import PackedRows, packed_data_id
 from ray_finetune import settings
 from ray_finetune.train import checkpoint
 from ray_finetune.errors import CheckpointError
