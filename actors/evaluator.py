@@ -1,6 +1,7 @@
-"""The evaluator actor: records what the trainers evaluated at a checkpoint (they score the eval data and sample the
-eval prompts on their own devices: train/evaluation.py) as MLflow metrics, a table of generations and an
-EVALUATED event."""
+"""The evaluator actor: records in MLflow what the trainers measured. Every few seconds, the training metrics of the
+steps since the last batch; at a checkpoint, what the trainers evaluated (they score the eval data and sample the
+eval prompts on their own devices: train/evaluation.py) as metrics, a table of generations and an EVALUATED event.
+The trainer processes themselves never import MLflow (seconds of each one's start)."""
 from __future__ import annotations
 
 import ray
@@ -14,11 +15,14 @@ from ray_finetune import settings, tracking
 @ray.remote(num_cpus=0, max_restarts=0)
 class Evaluator:
     def __init__(self) -> None:
-        # Connected while the trainers start, so the first (baseline) evaluation does not wait for MLflow's imports.
+        # Connected while the trainers start, so the first metrics and evaluation do not wait for MLflow's imports.
         try:
             tracking.open_store(settings.load())
         except Exception:  # noqa: BLE001 - only a head start: evaluate() meets any real problem and reports it
             pass
+
+    def record_training_metrics(self, mlflow_run_id: str, steps: list[tuple[int, dict[str, float]]]) -> None:
+        tracking.log_metric_history(settings.load(), mlflow_run_id, steps)
 
     def evaluate(self, request: EvaluateRequest) -> None:
         result, config = request.result, settings.load()

@@ -2,8 +2,8 @@
 through its chain of actor messages:
 
     CREATED → QUEUED → STARTED → data packer (DATA_PROGRESS…, DATA_VALIDATED) → trainer group
-    (MODEL_INITIALIZED, TRAIN_STARTED, baseline scores → evaluator, TRAIN_UPDATED…, CHECKPOINT_SAVED + scores →
-    evaluator)
+    (MODEL_INITIALIZED, TRAIN_STARTED, baseline scores → evaluator, TRAIN_UPDATED… + metrics → evaluator,
+    CHECKPOINT_SAVED + scores → evaluator)
     → TRAIN_FINISHED → registrar (REGISTERED) → COMPLETED
     a worker dies            → REQUEUED → STARTED again, resuming from the newest complete checkpoint
                                (after MAX_ATTEMPTS: FAILED_EXCEPTION with every attempt's reason → FAILED)
@@ -252,8 +252,8 @@ class Scheduler:
                                                 self.settings.max_concurrent_runs)
             plan = make_plan(rows=int(data.train_stats["rows"]), tokens=int(data.train_stats["tokens"]),
                              duration=context.spec.duration, world_size=world, seed=context.spec.seed)
-            evaluator = Evaluator.remote() if data.eval_rows_path or context.spec.eval_prompts else None
-            actors += [evaluator] if evaluator else []
+            evaluator = Evaluator.remote()   # records the run's metrics, and its evaluations if it has eval data
+            actors.append(evaluator)
             init_weights = (str(checkpoint.initial_weights("custom_weights_path", context.spec.custom_weights_path))
                             if context.spec.custom_weights_path else None)
             group = TrainerGroup(world, gpus_per_worker=int(on_gpus), run_name=name,

@@ -19,8 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.event_sink import EventSink
 from actors.messages import EvaluateRequest, EvaluationResult, StopRequest, TrainRequest, TrainResult
 from eventstore.schema import EventType
-from ray_finetune import settings, tracking
-from ray_finetune.train.distributed import free_port, join_process_group
+from ray_finetune.train.distributed import free_port, import_deepspeed, join_process_group
 from ray_finetune.train.evaluation import EvalResult
 from ray_finetune.train.loop import STOP_AND_CHECKPOINT, STOP, STOP_NONE, StepReport, TrainConfig
 from ray_finetune.train.plan import TrainingPlan
@@ -38,18 +37,19 @@ class EventReporter:
     def __init__(self, request: TrainRequest, evaluator: Any, stop_flag: Callable[[], int]) -> None:
         self._request, self._evaluator, self._stop_flag = request, evaluator, stop_flag
         self._sink = EventSink("trainer_group", request.run.run_name)
-        self._settings = settings.load()
         self._unacknowledged: list[Any] = []
         self._metrics: list[tuple[int, dict[str, float]]] = []
         self._flushed_at = time.monotonic()
 
     def flush(self) -> None:
-        """Wait until every event sent is durable, and write the buffered metrics."""
+        """Wait until every event sent is durable and the buffered metrics are written to MLflow (by the evaluator,
+        whose process has MLflow loaded and connected: this one never imports it)."""
+        if self._metrics:
+            self._unacknowledged.append(self._evaluator.record_training_metrics.remote(
+                self._request.run.mlflow_run_id, list(self._metrics)))
+            self._metrics.clear()
         ray.get(self._unacknowledged)
         self._unacknowledged.clear()
-        if self._metrics:
-            tracking.log_metric_history(self._settings, self._request.run.mlflow_run_id, self._metrics)
-            self._metrics.clear()
         self._flushed_at = time.monotonic()
 
     close = flush
@@ -134,6 +134,10 @@ class TrainerWorker:
         self.rank, self.world_size = rank, world_size
         self._stop = STOP_NONE
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        try:   # first thing in the process (transformers' model code would import it with MLflow), while placing
+            import_deepspeed()
+        except Exception:  # noqa: BLE001 - only a head start: train() imports it again and fails the run with why
+            pass
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -149,6 +153,7 @@ class TrainerWorker:
         import torch
         import torch.distributed as dist
 
+        import_deepspeed()   # loaded by __init__ unless that failed: then it fails here, and the run says why
         from ray_finetune.train import loop
 
         if not torch.cuda.is_available():

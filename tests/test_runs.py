@@ -34,6 +34,24 @@ def wait_for_event(run_name: str, kind: str, timeout_s: float = 120):
     raise AssertionError(f"{run_name} never reached {kind}: {[e.type for e in fm.get_events(run_name)]}")
 
 
+def mlflow_metrics(cluster, run, key: str) -> dict[int, float]:
+    """{step: value} of a metric of the run's MLflow run (each step logged once)."""
+    from mlflow import MlflowClient
+
+    history = MlflowClient(tracking_uri=cluster.tracking_uri).get_metric_history(run.run_id, key)
+    assert len({m.step for m in history}) == len(history), f"{key} logged twice for a step"
+    return {m.step: m.value for m in history}
+
+
+def assert_training_metrics_logged(cluster, run) -> None:
+    """The SPEC's MLflow metrics of training: one value per step, the same as the run's TRAIN_UPDATED events."""
+    updates = [e.payload for e in fm.get_events(run.name) if e.type == "TRAIN_UPDATED"]
+    assert updates
+    for key, field in (("train_loss", "loss"), ("learning_rate", "learning_rate"),
+                       ("tokens_per_second", "tokens_per_second"), ("train_token_accuracy", "token_accuracy")):
+        assert mlflow_metrics(cluster, run, key) == pytest.approx({u["step"]: u[field] for u in updates}), key
+
+
 def test_a_run_goes_from_create_to_a_registered_model(cluster, tiny_model, chat_data):
     run = create(tiny_model, chat_data, eval_data_path=str(chat_data[1]),
                  eval_prompts=["what is the capital of france?"], training_duration="2ep")
@@ -68,6 +86,9 @@ def test_a_run_goes_from_create_to_a_registered_model(cluster, tiny_model, chat_
         f"SELECT payload FROM events WHERE run_name = '{run.name}' AND type = 'EVALUATED' ORDER BY seq")["payload"]]
     assert evaluations[-1]["eval_loss"] < evaluations[0]["eval_loss"]
     assert evaluations[-1]["generations"][0]["prompt"] == "what is the capital of france?"
+    assert_training_metrics_logged(cluster, finished)
+    assert mlflow_metrics(cluster, finished, "eval_loss") == pytest.approx(
+        {e["step"]: e["eval_loss"] for e in evaluations})
 
     import mlflow
     import transformers
@@ -237,6 +258,7 @@ def test_a_run_trains_on_tool_calls_in_openais_format(cluster, tmp_path):
         fm.estimate(**{**arguments, "train_data_path": str(only_answers), "context_length": 64}, probe=False)
     run = fm.create(**arguments).wait(timeout=180)
     assert run.status == RunStatus.COMPLETED, run.details
+    assert_training_metrics_logged(cluster, run)   # a run without eval data logs its training metrics too
 
 
 def test_unknown_runs_and_bad_input_are_errors_before_anything_is_queued(cluster, tiny_model, chat_data):

@@ -54,6 +54,23 @@ def name_deepspeed_accelerator() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def import_deepspeed() -> None:
+    """DeepSpeed imported into a trainer process without MLflow: DeepSpeed's autotuner (unused here) imports MLflow
+    whenever it is installed, 1.2 s of every trainer's start on 2 cores, and a trainer sends its metrics to MLflow
+    through the evaluator actor, so it needs no MLflow of its own. Later imports of DeepSpeed find it loaded."""
+    import importlib
+    import sys
+
+    name_deepspeed_accelerator()
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        return
+    sys.modules["mlflow"] = None   # `import mlflow` raises ImportError, which DeepSpeed takes for "not installed"
+    try:
+        importlib.import_module("deepspeed")
+    finally:
+        del sys.modules["mlflow"]
+
+
 def prepare_deepspeed_ops() -> None:
     """DeepSpeed compiles small C++ ops on first use (on CPU, its shared-memory all-reduce) with torch's JIT
     builder, which runs whichever `ninja` comes first on PATH and keeps the build in one folder per Python. Two
