@@ -24,7 +24,9 @@ class EventSink:
         self.actor, self.run_name = actor, run_name
         self._store = event_store()
 
-    def _event(self, kind: EventType, message: str, payload: dict[str, Any] | None, key: str | None) -> NewEvent:
+    def event(self, kind: EventType, message: str = "", payload: dict[str, Any] | None = None,
+              key: str | None = None) -> NewEvent:
+        """An event of this actor and run, to append now (emit, submit) or later with others (submit_all)."""
         # Every event carries a unique key, so a delivery that Ray retries (the store actor restarted before it
         # answered) appends once.
         return NewEvent(run_name=self.run_name, type=kind, actor=self.actor, message=message,
@@ -38,8 +40,12 @@ class EventSink:
                key: str | None = None) -> "ray.ObjectRef":
         """Append without waiting; the returned reference resolves when the event is durable. The store runs one
         caller's appends in the order they were sent."""
-        return self._store.append.remote([self._event(kind, message, payload, key)])
+        return self.submit_all([self.event(kind, message, payload, key)])
+
+    def submit_all(self, events: list[NewEvent]) -> "ray.ObjectRef":
+        """Append several events, in order, in one message and one transaction of the store, without waiting."""
+        return self._store.append.remote(events)
 
     async def emit_async(self, kind: EventType, message: str = "", payload: dict[str, Any] | None = None,
                          key: str | None = None) -> Event:
-        return (await self._store.append.remote([self._event(kind, message, payload, key)]))[0]
+        return (await self._store.append.remote([self.event(kind, message, payload, key)]))[0]

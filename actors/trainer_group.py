@@ -18,16 +18,19 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.event_sink import EventSink
 from actors.messages import EvaluateRequest, EvaluationResult, StopRequest, TrainRequest, TrainResult
-from eventstore.schema import EventType
+from eventstore.schema import EventType, NewEvent
 from ray_finetune.train.distributed import free_port, import_deepspeed, join_process_group
 from ray_finetune.train.evaluation import EvalResult
 from ray_finetune.train.loop import STOP_AND_CHECKPOINT, STOP, STOP_NONE, StepReport, TrainConfig
 from ray_finetune.train.plan import TrainingPlan
 
 
-# Per-step reporting must cost a small step next to nothing: TRAIN_UPDATED events are sent without waiting and
-# acknowledged together, MLflow metrics (a sqlite or HTTP write each) are written in batches. Both are flushed at
-# least this often, before every checkpoint event, and when training ends.
+# Per-step reporting must cost a small step next to nothing (a GPU step of a small model takes tens of ms):
+# TRAIN_UPDATED events go to the event store together, in one message and one transaction for all the steps since
+# the last, at most SEND_EVERY_S apart, and are acknowledged later; MLflow metrics (a sqlite or HTTP write each) are
+# written in batches. Both are flushed (sent and acknowledged) at least FLUSH_EVERY_S apart, before every checkpoint
+# event, and when training ends.
+SEND_EVERY_S = 0.5
 FLUSH_EVERY_S = 5.0
 
 
@@ -37,13 +40,22 @@ class EventReporter:
     def __init__(self, request: TrainRequest, evaluator: Any, stop_flag: Callable[[], int]) -> None:
         self._request, self._evaluator, self._stop_flag = request, evaluator, stop_flag
         self._sink = EventSink("trainer_group", request.run.run_name)
+        self._updates: list[NewEvent] = []   # TRAIN_UPDATED events not sent yet
         self._unacknowledged: list[Any] = []
         self._metrics: list[tuple[int, dict[str, float]]] = []
-        self._flushed_at = time.monotonic()
+        self._flushed_at = self._sent_at = time.monotonic()
+
+    def _send_updates(self) -> None:
+        if self._updates:
+            self._unacknowledged.append(self._sink.submit_all(self._updates))
+            self._updates = []
+        self._sent_at = time.monotonic()
 
     def flush(self) -> None:
-        """Wait until every event sent is durable and the buffered metrics are written to MLflow (by the evaluator,
-        whose process has MLflow loaded and connected: this one never imports it)."""
+        """Send the step events not sent yet, and wait until every event sent is durable and the buffered metrics
+        are written to MLflow (by the evaluator, whose process has MLflow loaded and connected: this one never
+        imports it)."""
+        self._send_updates()
         if self._metrics:
             self._unacknowledged.append(self._evaluator.record_training_metrics.remote(
                 self._request.run.mlflow_run_id, list(self._metrics)))
@@ -71,20 +83,24 @@ class EventReporter:
             "tokens_per_second": report.tokens_per_second, "step_seconds": report.step_seconds,
             "estimated_end_time": report.estimated_end_time.isoformat(),
         }
-        self._unacknowledged.append(self._sink.submit(
+        self._updates.append(self._sink.event(
             EventType.TRAIN_UPDATED, f"step {report.step}/{report.total_steps} loss {report.loss:.4f} "
             f"{report.tokens_per_second:,.0f} tok/s", payload))
         self._metrics.append((report.step, {
             "train_loss": report.loss, "learning_rate": report.learning_rate,
             "tokens_per_second": report.tokens_per_second, "train_token_accuracy": report.token_accuracy,
         }))
-        if time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
+        now = time.monotonic()
+        if now - self._flushed_at >= FLUSH_EVERY_S:
             self.flush()
+        elif now - self._sent_at >= SEND_EVERY_S:
+            self._send_updates()
 
     def stop_requested(self) -> int:
         return self._stop_flag()
 
     def checkpoint_removed(self, path: str) -> None:
+        self._send_updates()   # after the events of the steps before it
         self._sink.emit(EventType.CHECKPOINT_REMOVED, f"removed {os.path.basename(path)} (retention)", {"path": path})
 
     def checkpoint_saved(self, path: str, epoch: int, step: int) -> None:
