@@ -3,6 +3,10 @@
 The scheduler creates a group per run inside a placement group, starts `train` on every rank and awaits them all;
 all ranks evaluate each checkpoint (eval data, eval prompts); rank 0 reports progress and checkpoints as events
 and hands what was evaluated to the evaluator, which records it.
+
+The scheduler imports this module, and so does every driver that looks the scheduler up (Ray loads an actor's class
+to hand out its handle): what only the trainer processes run (torch, transformers, the training loop) is imported
+inside the methods that run there, not here, or `ray-finetune runs list` would spend seconds importing them.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -20,9 +24,11 @@ from actors.event_sink import EventSink
 from actors.messages import EvaluateRequest, EvaluationResult, StopRequest, TrainRequest, TrainResult
 from eventstore.schema import EventType, NewEvent
 from ray_finetune.train.distributed import free_port, import_deepspeed, join_process_group
-from ray_finetune.train.evaluation import EvalResult
-from ray_finetune.train.loop import STOP_AND_CHECKPOINT, STOP, STOP_NONE, StepReport, TrainConfig
 from ray_finetune.train.plan import TrainingPlan
+
+if TYPE_CHECKING:
+    from ray_finetune.train.evaluation import EvalResult
+    from ray_finetune.train.loop import StepReport
 
 
 # Per-step reporting must cost a small step next to nothing (a GPU step of a small model takes tens of ms):
@@ -124,7 +130,9 @@ class SilentReporter:
     def evaluated(self, step: int, epoch: int, result: EvalResult) -> None: ...
     def close(self) -> None: ...
     def stop_requested(self) -> int:
-        return STOP_NONE
+        from ray_finetune.train import loop
+
+        return loop.STOP_NONE
 
 
 def train_reporting(train: Callable[[], Any], reporter: Any) -> Any:
@@ -148,12 +156,14 @@ def train_reporting(train: Callable[[], Any], reporter: Any) -> Any:
 class TrainerWorker:
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
-        self._stop = STOP_NONE
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         try:   # first thing in the process (transformers' model code would import it with MLflow), while placing
             import_deepspeed()
         except Exception:  # noqa: BLE001 - only a head start: train() imports it again and fails the run with why
             pass
+        from ray_finetune.train import loop   # torch, transformers: imported while the group is placed
+
+        self._stop = loop.STOP_NONE
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -163,7 +173,9 @@ class TrainerWorker:
 
     def request_stop(self, request: StopRequest) -> None:
         """Stop at the next step boundary (after a final checkpoint if asked)."""
-        self._stop = STOP_AND_CHECKPOINT if request.save_checkpoint else STOP
+        from ray_finetune.train import loop
+
+        self._stop = loop.STOP_AND_CHECKPOINT if request.save_checkpoint else loop.STOP
 
     def train(self, request: TrainRequest, master: tuple[str, int], evaluator: Any) -> TrainResult:
         import torch
@@ -176,7 +188,7 @@ class TrainerWorker:
             # Ray's CPU count is a scheduling token; the math should use the node's cores, shared by the ranks.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world_size))
         join_process_group(self.rank, self.world_size, master)
-        config = TrainConfig(
+        config = loop.TrainConfig(
             run_name=request.run.run_name, model_path=request.run.spec.model_path,
             init_weights_path=request.init_weights_path, train_rows_path=request.data.train_rows_path,
             plan=request.plan, learning_rate=request.run.spec.learning_rate, save_folder=request.run.save_folder,

@@ -57,3 +57,21 @@ def test_shell_errors_are_one_line_with_an_exit_code(cluster, tiny_model, chat_d
     assert missing.exit_code == 1 and "not found" in missing.stderr
     write = invoke("sql", "DELETE FROM events")
     assert write.exit_code == 2 and "read-only" in write.stderr
+
+
+def test_looking_at_runs_from_a_fresh_process_imports_no_training_code(cluster):
+    """`ray-finetune runs list`, `events`, `sql` and `cancel` only talk to the scheduler and the event store: a new
+    process doing them must not import torch or transformers (seconds of a small machine's time, every command;
+    Ray loads the scheduler's class to hand out its handle, so the scheduler's module must not import them)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, json\n"
+             "from ray_finetune.cli import app\n"
+             "from typer.testing import CliRunner\n"
+             "for command in (['runs', 'list', '--json'], ['sql', 'SELECT count(*) FROM events', '--json']):\n"
+             "    assert CliRunner().invoke(app, command).exit_code == 0, command\n"
+             "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'mlflow') if m in sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
