@@ -28,7 +28,6 @@ import ray
 from ray.exceptions import ActorDiedError, NodeDiedError, OwnerDiedError, RayActorError, RayTaskError
 
 from actors import data_packer
-from actors.directory import SCHEDULER_NAME
 from actors.evaluator import Evaluator
 from actors.event_sink import NAMESPACE, EventSink, event_store
 from actors.messages import PackRequest, RegisterRequest, RunContext, StopRequest, TrainRequest
@@ -42,6 +41,7 @@ from ray_finetune.spec import RunSpec
 from ray_finetune.train import checkpoint
 from ray_finetune.train.plan import make_plan, trainer_group_size
 
+ACTOR_NAME = "ray_finetune_scheduler"
 MAX_ATTEMPTS = 3            # a run that keeps dying is not retried forever
 STOP_GRACE_S = 60.0         # how long a cancel waits for a step boundary before killing the workers
 PLACEMENT_PATIENCE_S = 5.0  # a trainer group not placed by then is waiting for resources: say so in the log
@@ -365,6 +365,5 @@ class Scheduler:
 
 
 def get_or_create() -> "ray.actor.ActorHandle":
-    """Drivers use actors.directory.scheduler(), which imports this module only when there is no scheduler yet."""
-    return Scheduler.options(name=SCHEDULER_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+    return Scheduler.options(name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
                              resources=ON_HEAD_NODE).remote()

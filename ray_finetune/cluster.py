@@ -114,11 +114,11 @@ def connect() -> Settings:
             _stay_on_loopback()
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR",
                  runtime_env={"env_vars": _settings_not_set_by_the_job(config)})
-    from actors import directory
+    from actors import scheduler
     from eventstore import actor as event_store_actor
 
     event_store_actor.get_or_create(str(config.event_log_path))
-    directory.scheduler()
+    scheduler.get_or_create()
     return config
 
 

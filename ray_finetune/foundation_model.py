@@ -47,9 +47,9 @@ def create(
     (3 by default; the final checkpoint is always kept too)."""
     spec = spec_module.resolve(**locals())   # exactly create()'s arguments, by name
     cluster.connect()
-    from actors import directory
+    from actors import scheduler
 
-    state = ray.get(directory.scheduler().submit.remote(spec))
+    state = ray.get(scheduler.get_or_create().submit.remote(spec))
     run = TrainingRun.from_state(state)
     run.status = RunStatus.PENDING  # the contract: create() answers PENDING, whatever has happened since
     return run
@@ -169,9 +169,9 @@ def cancel(runs: builtins.list["str | TrainingRun"] | "str | TrainingRun | None"
         names = [_name(r) for r in items]
         for name in names:
             get(name)  # unknown names are an error, as in the original
-    from actors import directory
+    from actors import scheduler
 
-    return len(ray.get(directory.scheduler().cancel.remote(names, save_checkpoint)))
+    return len(ray.get(scheduler.get_or_create().cancel.remote(names, save_checkpoint)))
 
 
 def resume(training_run: "str | TrainingRun") -> TrainingRun:
@@ -181,9 +181,9 @@ def resume(training_run: "str | TrainingRun") -> TrainingRun:
     run (QUEUED); follow it with get_events(follow=True) or wait()."""
     name = _name(training_run)
     get(name)   # unknown names are an error
-    from actors import directory
+    from actors import scheduler
 
-    refused = ray.get(directory.scheduler().resume.remote(name, spec_module.current_user()))
+    refused = ray.get(scheduler.get_or_create().resume.remote(name, spec_module.current_user()))
     if refused:
         raise ValidationError("training_run", f"run {name} cannot be resumed: {refused}",
                               expected="a STOPPED or FAILED run that saved a checkpoint")
