@@ -62,13 +62,16 @@ def import_deepspeed() -> None:
     import sys
 
     name_deepspeed_accelerator()
-    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+    if "deepspeed" in sys.modules:
         return
-    sys.modules["mlflow"] = None   # `import mlflow` raises ImportError, which DeepSpeed takes for "not installed"
+    hidden = "mlflow" not in sys.modules   # (a process that has MLflow already has nothing to save)
+    if hidden:
+        sys.modules["mlflow"] = None   # `import mlflow` raises ImportError, which DeepSpeed takes for "not installed"
     try:
         importlib.import_module("deepspeed")
     finally:
-        del sys.modules["mlflow"]
+        if hidden:
+            del sys.modules["mlflow"]
 
 
 def prepare_deepspeed_ops() -> None:
