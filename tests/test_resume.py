@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from ray_finetune import foundation_model as fm
 from ray_finetune.cli import app
 from ray_finetune.entities import RunStatus
 from ray_finetune.errors import ValidationError
+from waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 STEPS, EVERY = 400, "80ba"   # long enough that a kill after the first checkpoint lands before the last
@@ -34,16 +34,6 @@ def create(tiny_model, chat_data, **overrides):
 
 def events_of(name: str, kind: str):
     return [e for e in fm.get_events(name) if e.type == kind]
-
-
-def wait_until(predicate, timeout_s: float = 180, what: str = ""):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def losses_by_step(name: str) -> dict[int, float]:
@@ -99,6 +89,10 @@ def test_a_resumed_run_equals_the_uninterrupted_one(cluster, tiny_model, chat_da
     restart = events_of(run.name, "STARTED")[-1].payload
     every = int(EVERY.removesuffix("ba"))
     assert resumed["resumed_at_step"] in range(every, STEPS, every)
+    events = fm.get_events(run.name)
+    requeued = [e.type for e in events].index("REQUEUED")
+    reported = [e.payload["step"] for e in events[:requeued] if e.type == "CHECKPOINT_SAVED"]
+    assert resumed["resumed_at_step"] >= max(reported)   # never older than a checkpoint the first attempt reported
     assert Path(restart["resume_from"]).name.endswith(f"-ba{resumed['resumed_at_step']}")
     assert losses_by_step(run.name) == losses_by_step(uninterrupted)   # exactly, step by step
     ours, theirs = final_weights(run.name), final_weights(uninterrupted)

@@ -13,6 +13,7 @@ from ray_finetune import events as event_log
 from ray_finetune import foundation_model as fm
 from ray_finetune.entities import RunStatus
 from ray_finetune.errors import ValidationError
+from waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -25,13 +26,11 @@ def create(tiny_model, chat_data, **overrides):
 
 
 def wait_for_event(run_name: str, kind: str, timeout_s: float = 120):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = [e for e in fm.get_events(run_name) if e.type == kind]
-        if found:
-            return found[0]
-        time.sleep(0.3)
-    raise AssertionError(f"{run_name} never reached {kind}: {[e.type for e in fm.get_events(run_name)]}")
+    try:
+        return wait_until(lambda: [e for e in fm.get_events(run_name) if e.type == kind], timeout_s,
+                          f"{run_name} to reach {kind}")[0]
+    except AssertionError as error:
+        raise AssertionError(f"{error}; its events: {[e.type for e in fm.get_events(run_name)]}") from None
 
 
 def mlflow_metrics(cluster, run, key: str) -> dict[int, float]:
@@ -163,22 +162,16 @@ def test_a_run_cancelled_while_its_data_is_tokenized_stops_there_and_the_packer_
     from ray_finetune import settings
     from tiny_model import write_chat_jsonl
 
-    def until(condition, what: str) -> None:
-        deadline = time.monotonic() + 120
-        while not condition():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.2)
-
     cache = settings.load().packed_data_dir
     big = write_chat_jsonl(tmp_path / "big.jsonl", 60_000)   # 9 MB: about 8 s of tokenizing on 2 CPUs, in shards
     earlier = set(cache.glob("*/work-*"))
     run = create(tiny_model, (big,), training_duration="1ba")
-    until(lambda: set(cache.glob("*/work-*")) - earlier, "the preparation never started")   # tokenizing now
+    wait_until(lambda: set(cache.glob("*/work-*")) - earlier, 120, "the preparation to start")   # tokenizing now
     (work,) = set(cache.glob("*/work-*")) - earlier
     assert fm.cancel([run.name]) == 1
     assert fm.get(run.name).status == RunStatus.STOPPED
     # A finished preparation publishes its stats, then removes its work folder; an abandoned one only removes it.
-    until(lambda: not work.exists(), "the preparation never ended")
+    wait_until(lambda: not work.exists(), 120, "the preparation to end")
     assert 60_000 not in [json.loads(f.read_text())["examples"] for f in cache.glob("*/stats.json")]
     types = [e.type for e in fm.get_events(run.name)]
     assert types[-1] == "CANCELED" and "DATA_VALIDATED" not in types and "PLACED" not in types
