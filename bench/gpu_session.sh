@@ -7,6 +7,9 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "no wheels in .whl/: run bash bench/gpu_wheels.sh on the development machine and carry .whl"; exit 1
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 OUT
