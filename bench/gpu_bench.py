@@ -2,12 +2,14 @@
 directly, without Ray) against the Hugging Face Trainer with a padding collator, in one invocation, on the same
 Llama-3.2-1B-shaped model (random init), the same SFT-like examples (lognormal lengths around 330 tokens, 40% of
 each a masked prompt), learning rate and optimizer (AdamW, bf16 with fp32 master weights). Prints useful
-(non-padding) tokens/s, MFU (6 N tokens/s over 989 TFLOP/s dense bf16), peak GPU memory, and the ratios.
+(non-padding) tokens/s, MFU (6 N tokens/s over 989 TFLOP/s dense bf16), peak memory (GPU: allocated; CPU: the
+process's resident), and the ratios.
 
     python bench/gpu_bench.py              # ours vs the HF Trainer, context 2048 (about 4 minutes on an H200)
     python bench/gpu_bench.py --variants sdpa,compiled   # also ours with SDPA attention / compiled decoder layers
                                     # (and: checkpointed = activations recomputed, zero3 = ZeRO-3 on one GPU)
     python bench/gpu_bench.py --scaling    # ours: step time and memory by context length 512..8192, two model sizes
+                                           # (without a GPU: on CPU, the tiny and SmolLM2-135M shapes, one row a step)
     python bench/gpu_bench.py --tiny       # a small config, CPU is fine: checks that the script runs (a minute)
 
 Each contender runs in its own process (its own peak memory, a clean GPU). With OUT=<folder> the results are also
@@ -76,10 +78,16 @@ def build_model(name: str, folder: Path, context: int) -> Path:
     return folder
 
 
-def gpu_peak_gb() -> float | None:
+def peak_memory_gb() -> float:
+    """On a GPU the most its allocator held; on CPU the process's peak resident memory (each contender runs in its
+    own process, so this is the model, its training state and the step's activations, plus the interpreter)."""
+    import resource
+
     import torch
 
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
 
 
 def matmul_parameters(model_name: str) -> int:
@@ -132,13 +140,14 @@ def run_ours(model_path: Path, model_name: str, context: int, examples: list[dic
     return {"useful_tokens_per_s": rate, "mfu": 6 * matmul_parameters(model_name) * rate / PEAK_FLOPS,
             "step_seconds": seconds / len(timed), "tokens_per_step": tokens / len(timed),
             "mean_loss": sum(r.loss for r in timed) / len(timed), "steps_timed": len(timed),
-            "peak_memory_gb": gpu_peak_gb(), "packing_efficiency": round(stats.packing_efficiency, 4),
+            "peak_memory_gb": peak_memory_gb(), "packing_efficiency": round(stats.packing_efficiency, 4),
             "precision": initialized.get("precision"), "attention": initialized.get("attention"),
             "micro_batch_rows": initialized.get("plan", {}).get("micro_batch_rows"),
             "out_of_memory_at": initialized.get("out_of_memory_at"),
             "attention_fallback": initialized.get("attention_fallback"),
             "zero_stage": initialized.get("zero_stage"),
             "activation_checkpointing": initialized.get("activation_checkpointing"),
+            "memory_estimate": initialized.get("memory"),   # a CPU trainer's (loop._cpu_need)
             "wall_seconds": time.perf_counter() - started}
 
 
@@ -187,7 +196,7 @@ def run_hf_trainer(model_path: Path, model_name: str, examples: list[dict], step
     rate = tokens / seconds
     return {"useful_tokens_per_s": rate, "mfu": 6 * matmul_parameters(model_name) * rate / PEAK_FLOPS,
             "step_seconds": seconds / (steps - warmup), "tokens_per_step": tokens / (steps - warmup),
-            "mean_loss": result.training_loss, "batch": batch, "peak_memory_gb": gpu_peak_gb()}
+            "mean_loss": result.training_loss, "batch": batch, "peak_memory_gb": peak_memory_gb()}
 
 
 def contender(args: argparse.Namespace) -> dict:
@@ -240,15 +249,21 @@ def environment() -> dict:
 def measure(args: argparse.Namespace, work: Path) -> dict:
     summary: dict = {**environment(), "command": " ".join(["python", "bench/gpu_bench.py"] + sys.argv[1:])}
     if args.scaling:
+        import torch
+
         table = []
+        on_gpu = torch.cuda.is_available() and not args.tiny
         sizes = ((("tiny", (256, 512)),) if args.tiny else
-                 (("smollm2-135m", (512, 2048, 8192)), ("llama-1b", (512, 2048, 4096, 8192))))
+                 (("smollm2-135m", (512, 2048, 8192)), ("llama-1b", (512, 2048, 4096, 8192))) if on_gpu else
+                 (("tiny", (512, 2048, 8192)), ("smollm2-135m", (512, 2048, 8192))))   # a 1B model: 16 GB of state
         for model_name, contexts in sizes:
             for context in contexts:
-                # about 64k tokens a step (the plan takes ~1/8 of the rows a step) whatever the context; the
-                # documents' mean length is 0.12 x 1.38 of the context (lognormal, sigma 0.8)
-                count = max(64, int(8 * 65536 / (context * 0.165)))
-                result = launch(work, "ours", model_name, context, count, steps=5, warmup=2, mean_fraction=0.12)
+                # The documents' mean length is 0.12 x 1.38 of the context (lognormal, sigma 0.8), and the plan takes
+                # ~1/8 of the rows a step: on a GPU about 64k tokens a step whatever the context; on CPU one row.
+                count = max(64, int(8 * 65536 / (context * 0.165))) if on_gpu else 48
+                steps, warmup = (5, 2) if on_gpu else (3, 1)
+                result = launch(work, "ours", model_name, context, count, steps=steps, warmup=warmup,
+                                mean_fraction=0.12, timeout=600 if on_gpu else 1200)
                 table.append({"model": model_name, "context": context, **result})
         summary["scaling"] = table
     else:

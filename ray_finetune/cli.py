@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ray_finetune.errors import RayFinetuneError
@@ -183,7 +183,7 @@ def data_check(
 
 def _follow_with_progress(name: str, since_resumed: bool = False):
     fm = _fm()
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=errors) as progress:
         task = progress.add_task(name, total=None, status="queued")
         for event in fm.follow_events(name, since_resumed=since_resumed):
@@ -197,6 +197,8 @@ def _follow_with_progress(name: str, since_resumed: bool = False):
                                 status=f"tokenizing {p['parameter']}")
             else:
                 progress.console.print(f"[dim]{event.time:%H:%M:%S}[/dim] {event.type}: {event.message}")
+                # the bar's last word is where the run is, not "queued" after it started (or failed)
+                progress.update(task, status=event.type.lower().replace("_", " "))
     return fm.get(name)
 
 

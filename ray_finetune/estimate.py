@@ -42,6 +42,10 @@ class Estimate:
     seconds_per_step: float      # measured here: forward + backward of the step's micro-batches
     estimated_seconds: float     # training steps only (not evaluation, checkpoints or start-up)
     probe_device: str = ""
+    # A CPU trainer's memory need as the trainer works it out (train/memory.fit_cpu_memory), against this machine's
+    # available memory: needed_gb, model_state_gb, activations_gb, budget_gb, activation_checkpointing; or, for a
+    # run that would not fit, refused: what the trainer would fail with. None on GPUs (they fit by trying).
+    memory: dict[str, Any] | None = field(default=None)
     eval: dict[str, Any] | None = field(default=None)
     tokenized: str = ""          # where the training data was tokenized, or that it came from the cache
 
@@ -63,7 +67,15 @@ class Estimate:
             f"time per step       {self.seconds_per_step:.2f} s (probe on {self.probe_device})" if self.probed else
             f"time per step       unknown ({self.probe_device})",
             f"estimated training  {_duration(self.estimated_seconds) if self.probed else 'unknown'}",
-        ])
+        ] + ([f"memory per trainer  {self._memory_line()}"] if self.memory else []))
+
+    def _memory_line(self) -> str:
+        memory = self.memory or {}
+        if "refused" in memory:
+            return f"does not fit: {memory['refused']}"
+        recomputed = ", activations recomputed" if memory["activation_checkpointing"] else ""
+        return (f"{memory['needed_gb']:g} GiB ({memory['model_state_gb']:g} model state, {memory['activations_gb']:g} "
+                f"activations{recomputed}) of {memory['budget_gb']:g} GiB available")
 
     @property
     def probed(self) -> bool:
@@ -114,7 +126,7 @@ def estimate(spec: RunSpec, *, probe: bool = True, progress: Callable[[str], Non
                      seed=spec.seed)
     if probe:
         progress("probing a training step")
-    seconds, device = (_probe_step_seconds(spec, train.rows_path, plan) if probe else (0.0, "not probed"))
+    seconds, device, memory = (_probe_step_seconds(spec, train.rows_path, plan) if probe else (0.0, "not probed", None))
     return Estimate(
         examples=stats["examples"], tokens=stats["tokens"], target_tokens=stats["target_tokens"],
         truncated_examples=stats["truncated_examples"], dropped_examples=stats["dropped_examples"],
@@ -122,7 +134,7 @@ def estimate(spec: RunSpec, *, probe: bool = True, progress: Callable[[str], Non
         rows=stats["rows"], context_length=spec.context_length, world_size=plan.world_size,
         global_batch_rows=plan.global_batch_rows, steps_per_epoch=plan.steps_per_epoch,
         total_steps=plan.total_steps, epochs=plan.epochs, seconds_per_step=seconds,
-        estimated_seconds=seconds * plan.total_steps, probe_device=device,
+        estimated_seconds=seconds * plan.total_steps, probe_device=device, memory=memory,
         eval=evaluation.stats if evaluation else None,
         tokenized="from the cache (this data was packed the same way before)" if train.cached else
         f"in {train.shards} shard(s) " + ("as Ray tasks across the cluster" if spread and train.shards > 1
@@ -151,15 +163,18 @@ def _free_memory(device) -> int:
     return psutil.virtual_memory().available
 
 
-def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str]:
-    """Time forward + backward of real packed rows; a step is gradient_accumulation_steps of them per rank."""
+def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str, dict[str, Any] | None]:
+    """Time forward + backward of real packed rows; a step is gradient_accumulation_steps of them per rank. On a
+    CPU the trainer's memory need comes first (and with it whether activations are recomputed, which the timing
+    then includes); a run that would not fit is not probed, and says why."""
     import numpy as np
     import torch
 
     from ray_finetune import settings
     from ray_finetune.train.hardware import (BF16, batch_width_multiple, choose_attention, choose_precision,
                                              training_device)
-    from ray_finetune.train.loop import ready_attention
+    from ray_finetune.train.loop import cpu_memory_budget, cpu_need, ready_attention
+    from ray_finetune.train.memory import checkpoint_activations
     from ray_finetune.train.models import load_model, parameter_count
     from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
 
@@ -169,15 +184,25 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
     precision = choose_precision(device, chosen.precision)   # the precision the run will train in
     dtype = torch.bfloat16 if precision == BF16 else torch.float32
     # A model trained sharded over a GPU cluster can be far larger than the machine a dry run runs on.
-    needed = parameter_count(spec.model_path) * dtype.itemsize * PROBE_COPIES
+    parameters = parameter_count(spec.model_path)
+    needed = parameters * dtype.itemsize * PROBE_COPIES
     free = _free_memory(device)
     if needed > PROBE_MEMORY_SHARE * free:
         return 0.0, (f"not probed: the model's weights and gradients ({needed / 2**30:.1f} GiB) would not fit in the "
-                     f"free memory of this machine's {device.type.upper()} ({free / 2**30:.1f} GiB)")
+                     f"free memory of this machine's {device.type.upper()} ({free / 2**30:.1f} GiB)"), None
+    budget = cpu_memory_budget(chosen.cpu_memory_gb) if device.type == "cpu" else None
     # The attention a CPU trains with; on a GPU plain SDPA (its compiled kernels would take the probe minutes).
     attention = choose_attention(device, chosen.attention) if device.type == "cpu" else "sdpa"
     model = load_model(spec.model_path, dtype=dtype, attention=attention).to(device)
     ready_attention(model, rows, device)
+    memory = None
+    if budget is not None:
+        try:
+            need = cpu_need(model, parameters, plan, rows, precision, chosen.activation_checkpointing, *budget)
+        except MemoryError as refused:
+            return 0.0, "not probed: the run would not fit in this machine's memory", {"refused": str(refused)}
+        recomputing = need.recomputing and checkpoint_activations(model)
+        memory = {**need.as_dict(), "activation_checkpointing": recomputing}
     timings = []
     for index in range(PROBE_MICRO_BATCHES + 1):   # the first one warms up
         batch = make_batch(rows, np.arange(index, index + plan.micro_batch_rows) % len(rows),
@@ -188,4 +213,4 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - started)
     per_micro_batch = sum(timings[1:]) / PROBE_MICRO_BATCHES
-    return per_micro_batch * plan.gradient_accumulation_steps, f"{device}, {precision}"
+    return per_micro_batch * plan.gradient_accumulation_steps, f"{device}, {precision}", memory

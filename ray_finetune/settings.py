@@ -33,6 +33,10 @@ class Settings:
     # A run whose trainer group the cluster cannot place within this many seconds fails, saying what it waited
     # for (GPU nodes that never start, a cluster too small); 0 waits forever.
     placement_timeout_s: int = 3600
+    # GiB the CPU trainers of a run may take on each node (model state and activations, shared by the node's
+    # trainers); 0: what the node has available when the run starts. A run that would need more recomputes
+    # activations, or fails saying what it needs (train/memory.py), instead of being killed by the kernel.
+    cpu_memory_gb: float = 0.0
 
     @property
     def event_log_path(self) -> Path:
@@ -62,6 +66,7 @@ class Settings:
             "RAY_FINETUNE_ACTIVATION_CHECKPOINTING": self.activation_checkpointing,
             "RAY_FINETUNE_COMPILE": self.compile,
             "RAY_FINETUNE_PLACEMENT_TIMEOUT_S": str(self.placement_timeout_s),
+            "RAY_FINETUNE_CPU_MEMORY_GB": str(self.cpu_memory_gb),
         }
 
 
@@ -83,6 +88,7 @@ def load() -> Settings:
         activation_checkpointing=_one_of("RAY_FINETUNE_ACTIVATION_CHECKPOINTING", ("auto", "on", "off")),
         compile=_one_of("RAY_FINETUNE_COMPILE", ("off", "on")),
         placement_timeout_s=_count("RAY_FINETUNE_PLACEMENT_TIMEOUT_S", default=3600, least=0),
+        cpu_memory_gb=_amount("RAY_FINETUNE_CPU_MEMORY_GB"),
     )
 
 
@@ -101,6 +107,19 @@ def _count(variable: str, default: int, least: int) -> int:
     if not text.isdigit() or int(text) < least:
         raise ConfigError(f"{variable}={text!r} is not a whole number of at least {least}")
     return int(text)
+
+
+def _amount(variable: str) -> float:
+    from ray_finetune.errors import ConfigError
+
+    text = os.environ.get(variable, "").strip()
+    try:
+        value = float(text or 0)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{variable}={text!r} is not a number of GiB (0 or more, e.g. 12 or 0.5)")
+    return value
 
 
 def _one_of(variable: str, allowed: tuple[str, ...]) -> str:

@@ -39,6 +39,12 @@ def test_the_estimate_matches_what_the_run_reports(cluster, tiny_model, chat_dat
     started = next(e for e in fm.get_events(run.name) if e.type == "TRAIN_STARTED")
     assert started.payload["plan"]["total_steps"] == estimate.total_steps
     assert started.payload["plan"]["global_batch_rows"] == estimate.global_batch_rows
+    # the memory a CPU trainer needs, as the dry run and the trainer work it out (train/memory.py)
+    initialized = next(e for e in fm.get_events(run.name) if e.type == "MODEL_INITIALIZED")
+    assert estimate.memory["activation_checkpointing"] is False and estimate.memory["needed_gb"] > 0
+    for key in ("needed_gb", "model_state_gb", "activations_gb"):
+        assert initialized.payload["memory"][key] == estimate.memory[key]
+    assert f"memory per trainer  {estimate.memory['needed_gb']:g} GiB" in str(estimate)
 
 
 def test_with_a_cluster_up_the_dry_run_tokenizes_across_it_and_counts_the_same(cluster, tiny_model, tmp_path,
@@ -90,6 +96,17 @@ def test_a_model_too_large_for_this_machine_is_counted_but_not_probed(tiny_model
     assert result.seconds_per_step == result.estimated_seconds == 0
     assert "not probed: the model's weights and gradients (0.0 GiB) would not fit" in result.probe_device
     assert "estimated training  unknown" in str(result)
+
+
+def test_a_run_that_would_not_fit_this_machines_memory_is_told_so_by_the_dry_run(tiny_model, chat_data,
+                                                                                monkeypatch):
+    monkeypatch.setenv("RAY_FINETUNE_CPU_MEMORY_GB", "0.001")
+    result = fm.estimate(model=str(tiny_model), train_data_path=str(chat_data[0]), context_length=128)
+    assert result.examples == 24 and not result.probed
+    assert result.probe_device == "not probed: the run would not fit in this machine's memory"
+    assert result.memory["refused"].startswith("training needs about")
+    assert "(RAY_FINETUNE_CPU_MEMORY_GB=0.001)" in result.memory["refused"]
+    assert "memory per trainer  does not fit: training needs about" in str(result)
 
 
 def test_estimate_rejects_bad_input_like_create(tiny_model, chat_data):

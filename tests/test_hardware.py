@@ -156,10 +156,19 @@ def test_counts_that_are_not_counts_are_refused(monkeypatch, variable, value):
         settings.load()
 
 
+@pytest.mark.parametrize("value", ["lots", "-1", "nan", "inf"])
+def test_a_memory_limit_that_is_not_an_amount_is_refused(monkeypatch, value):
+    monkeypatch.setenv("RAY_FINETUNE_CPU_MEMORY_GB", value)
+    with pytest.raises(ConfigError, match=f"RAY_FINETUNE_CPU_MEMORY_GB='{value}' is not a number of GiB"):
+        settings.load()
+
+
 def test_settings_travel_to_the_actors(monkeypatch):
     monkeypatch.setenv("RAY_FINETUNE_PRECISION", "BF16")
     monkeypatch.setenv("RAY_FINETUNE_ZERO_STAGE", "2")
+    monkeypatch.setenv("RAY_FINETUNE_CPU_MEMORY_GB", "12.5")
     loaded = settings.load()
-    assert (loaded.precision, loaded.zero_stage) == ("bf16", "2")
+    assert (loaded.precision, loaded.zero_stage, loaded.cpu_memory_gb) == ("bf16", "2", 12.5)
     environment = loaded.as_env()
     assert environment["RAY_FINETUNE_PRECISION"] == "bf16" and environment["RAY_FINETUNE_ZERO_STAGE"] == "2"
+    assert environment["RAY_FINETUNE_CPU_MEMORY_GB"] == "12.5"

@@ -151,3 +151,92 @@ def test_set_up_falls_back_to_sdpa_and_fits_a_micro_batch(tiny_model, tmp_path, 
     assert fitted.micro_batch_rows == per_rank == notes["micro_batch_rows"]      # plenty of room: all rows at once
     assert fitted.gradient_accumulation_steps == 1 and notes["out_of_memory_at"] == []
     assert all(p.grad is None for p in model.parameters())                        # trials leave no gradients
+
+
+def _probe_rows(model, lengths: list[int]):
+    """What autograd keeps for a row of documents of these lengths, every token a target."""
+    from ray_finetune.train.memory import saved_for_backward
+    from ray_finetune.train.step import Batch, CausalLMLoss, forward_loss
+
+    ids = torch.randint(3, model.config.vocab_size, (1, sum(lengths)))
+    batch = Batch(input_ids=ids, labels=ids.clone(), position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+                  segment_ids=torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None])
+    probe = CausalLMLoss(model)
+    return saved_for_backward(lambda: forward_loss(probe, batch), model.parameters())
+
+
+def test_what_a_cpu_step_keeps_for_its_backward_pass_follows_from_two_short_probes(tiny_model):
+    """A CPU trainer works out its memory before it trains (the kernel would kill it, not raise): from two short
+    probe rows it predicts exactly what a long row of several documents keeps, with or without the chunked loss."""
+    from ray_finetune.train.attention import DOCUMENT_SDPA
+    from ray_finetune.train.memory import activation_bytes
+    from ray_finetune.train.models import load_model
+
+    for attention in (DOCUMENT_SDPA, "sdpa"):     # whole rows with SDPA per document; one pass per document
+        model = load_model(tiny_model, attention=attention).train()
+        predicted = activation_bytes(lambda tokens: _probe_rows(model, [tokens]))
+        assert predicted.per_token > 0 and predicted.fixed > 0   # the output layer's gradient, whatever the length
+        for lengths in ([300], [100, 150, 50], [480]):
+            # one pass per document keeps the fixed part once per document (loop.cpu_need counts it so)
+            fixed_times = 1 if attention == DOCUMENT_SDPA else len(lengths)
+            expected = predicted.of(sum(lengths)) + (fixed_times - 1) * predicted.fixed
+            assert _probe_rows(model, lengths) == pytest.approx(expected, rel=0.02)
+
+
+def test_a_cpu_trainer_recomputes_activations_only_when_they_would_not_fit_and_else_says_what_it_needs():
+    from ray_finetune.train.memory import ActivationBytes, fit_cpu_memory
+
+    activations = ActivationBytes(fixed=100 << 20, per_token=1 << 20)     # 1 MiB a token, 100 MiB whatever
+    common = dict(parameters=100_000_000, precision="fp32", activations=activations, tokens=4096, layers=32,
+                  hidden_bytes=4096, transient=256 << 20, budget_source="the test's budget",
+                  context_length=4096)
+    state = 100_000_000 * 16
+    roomy = fit_cpu_memory(budget=64 << 30, checkpointing="auto", **common)
+    assert not roomy.recomputing and roomy.state == state and roomy.total > state + (4 << 30)
+    tight = fit_cpu_memory(budget=5 << 30, checkpointing="auto", **common)
+    assert tight.recomputing and state < tight.total <= 5 << 30
+    assert fit_cpu_memory(budget=64 << 30, checkpointing="on", **common).recomputing      # asked for: always
+    with pytest.raises(MemoryError, match="RAY_FINETUNE_ACTIVATION_CHECKPOINTING=auto would recompute"):
+        fit_cpu_memory(budget=5 << 30, checkpointing="off", **common)
+    with pytest.raises(MemoryError) as refused:
+        fit_cpu_memory(budget=1 << 30, checkpointing="auto", **common)
+    message = str(refused.value)
+    assert "context_length=4096" in message and "1.5 GiB of model state" in message and "recomputed" in message
+    assert "100 M parameters in fp32" in message
+    assert "more than the 1.0 GiB it has (the test's budget)" in message
+    assert "shorter context_length" in message
+
+
+def test_a_cpu_run_that_would_not_fit_recomputes_activations_or_fails_before_training(tmp_path):
+    """The trainer's set-up with a memory budget: plenty, it keeps activations; between what recomputation needs
+    and what keeping them needs, it recomputes them (and says so); below that it refuses, naming the figures.
+    Sixteen layers: recomputing the activations of a model of few saves nothing (memory.RECOMPUTE_WORKSPACE_LAYERS)."""
+    from ray_finetune.data.packing import PackedRows
+    from ray_finetune.train import loop
+    from ray_finetune.train.hardware import FP32
+    from ray_finetune.train.models import load_model
+    from tiny_model import build_tiny_model
+    from trainer_helpers import packed_chat_run
+
+    tiny_model = build_tiny_model(tmp_path / "deeper", layers=16)
+    rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
+    rows = PackedRows.load(rows_path)
+    plan = make_plan(rows=stats.rows, tokens=stats.tokens, duration=Duration(value=1, unit="ep"), world_size=1,
+                     seed=0)
+
+    def set_up(budget_gb: float):
+        model = load_model(tiny_model)
+        parameters = sum(p.numel() for p in model.parameters())
+        _, notes = loop._fit_memory(model, parameters, plan, rows, torch.device("cpu"), FP32, 0, "auto",
+                                    (budget_gb * 2**30, "test budget"))
+        assert model.is_gradient_checkpointing == notes["activation_checkpointing"]
+        return notes
+
+    roomy = set_up(64)
+    assert roomy["activation_checkpointing"] is False and 0 < roomy["memory"]["needed_gb"] < 64
+    kept, state = roomy["memory"]["activations_gb"], roomy["memory"]["model_state_gb"]
+    tight = set_up(roomy["memory"]["needed_gb"] - kept / 100)
+    assert tight["activation_checkpointing"] is True
+    assert tight["memory"]["activations_gb"] < kept and tight["memory"]["model_state_gb"] == state
+    with pytest.raises(MemoryError, match="context_length=64.*more than the [0-9.]+ MiB it has \\(test budget\\)"):
+        set_up(state / 2)

@@ -22,6 +22,7 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
     os.environ["RAY_FINETUNE_ZERO_STAGE"] = arguments.pop("zero_stage")
     os.environ["RAY_FINETUNE_PRECISION"] = arguments.pop("precision", "auto")
     os.environ["RAY_FINETUNE_ACTIVATION_CHECKPOINTING"] = arguments.pop("activation_checkpointing", "auto")
+    os.environ["RAY_FINETUNE_CPU_MEMORY_GB"] = arguments.pop("cpu_memory_gb", "0")
     import faulthandler
 
     import torch
@@ -49,8 +50,13 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
                                  "generations": result.generations}
         def stop_requested(self): return loop.STOP_NONE
 
-    loop.train(loop.TrainConfig(plan=plan, rank=rank, world_size=world, seed=0, learning_rate=2e-3, **arguments),
-               Collect())
+    try:
+        loop.train(loop.TrainConfig(plan=plan, rank=rank, world_size=world, seed=0, learning_rate=2e-3, **arguments),
+                   Collect())
+    except MemoryError as refused:   # a CPU run that would not fit: refused before it trains (memory.fit_cpu_memory)
+        Path(out).with_name(f"refused-{rank}.txt").write_text(str(refused))
+        dist.destroy_process_group()
+        return
     if rank == 0:
         Path(out).write_text(json.dumps({"losses": losses, "initialized": initialized, "evaluations": evaluations}))
     dist.destroy_process_group()
@@ -253,3 +259,31 @@ def test_a_bf16_run_saves_its_fp32_master_weights(tiny_model, tmp_path):
     assert not torch.equal(saved[weight], initial[weight])                  # trained
     # fp32 masters: most values fall between two bf16 numbers; a bf16 copy would round-trip exactly
     assert not torch.equal(saved[weight], saved[weight].to(torch.bfloat16).float())
+
+
+def test_cpu_trainers_on_one_node_share_its_memory(tiny_model, tmp_path):
+    """RAY_FINETUNE_CPU_MEMORY_GB is what a node gives a run's CPU trainers together: a budget with room for one
+    trainer of this run refuses two on the node, each saying what it needs, before any training starts."""
+    import torch
+
+    from ray_finetune.data.packing import PackedRows
+    from ray_finetune.train import loop
+    from ray_finetune.train.hardware import FP32
+    from ray_finetune.train.models import load_model
+
+    rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
+    model = load_model(tiny_model)
+    plan = make_plan(rows=stats.rows, tokens=stats.tokens, duration=Duration(value=2, unit="ep"), world_size=1, seed=0)
+    _, alone = loop._fit_memory(model, sum(p.numel() for p in model.parameters()), plan, PackedRows.load(rows_path),
+                                torch.device("cpu"), FP32, 0, "auto", (2**40, "plenty"))
+    budget_gb = 1.5 * alone["memory"]["needed_gb"]          # room for one trainer; two get 0.75 of it each
+    out = tmp_path / "two.json"
+    run_ranks(_rank, 2, dict(model_path=str(tiny_model), init_weights_path=None, train_rows_path=rows_path,
+                             stats=stats.as_dict(), zero_stage="auto", cpu_memory_gb=str(budget_gb), run_name="two",
+                             save_folder=str(tmp_path / "two")), str(out))
+    assert not out.exists()                                  # no rank trained
+    for rank in range(2):
+        refused = (tmp_path / f"refused-{rank}.txt").read_text()
+        assert f"RAY_FINETUNE_CPU_MEMORY_GB={budget_gb:g}, shared by the 2 trainers on this node" in refused
+        assert "training needs about" in refused and "context_length=64" in refused
+    assert not (tmp_path / "two").exists() or not any((tmp_path / "two").rglob("ep*-ba*"))

@@ -124,3 +124,16 @@ def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
     reduced = values.clone()
     dist.all_reduce(reduced, op=operation)
     return reduced
+
+
+def ranks_on_this_node() -> int:
+    """How many ranks of the group run on this rank's machine (they share its memory); every rank must call it."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return 1
+    hosts: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    return hosts.count(socket.gethostname())

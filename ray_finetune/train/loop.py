@@ -25,15 +25,17 @@ from ray_finetune.train import checkpoint
 from ray_finetune.errors import CheckpointError
 from ray_finetune.spec import Duration
 from ray_finetune.train.attention import DOCUMENT_SDPA, check_documents_apart, plain_attention
+from ray_finetune.train.loss import CHUNK_LOGIT_ELEMENTS
 from ray_finetune.train.hardware import (BF16, batch_width_multiple, choose_attention, choose_precision,
                                          deepspeed_config, training_device, zero_stage)
-from ray_finetune.train.distributed import all_reduce
+from ray_finetune.train.distributed import all_reduce, ranks_on_this_node
 from ray_finetune.train.evaluation import EvalResult, Evaluation
-from ray_finetune.train.memory import checkpoint_activations, fit_micro_batch, with_micro_batch
+from ray_finetune.train.memory import (ActivationBytes, CpuMemoryNeed, activation_bytes, checkpoint_activations, fit_cpu_memory,
+                                       fit_micro_batch, saved_for_backward, with_micro_batch)
 from ray_finetune.train.models import load_initial_model, load_tokenizer, parameter_count, set_stop_tokens
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
 from ray_finetune.train.schedule import lr_factor
-from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch, per_document_for
+from ray_finetune.train.step import Batch, CausalLMLoss, forward_loss, make_batch, per_document_for
 
 BETAS = (0.9, 0.95)
 
@@ -123,6 +125,8 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     attention = choose_attention(device, chosen.attention, stage)
     # ZeRO-3 keeps the plan's micro-batch (_fit_memory), so this is the config the engine will train with.
     sharded_by = deepspeed_config(plan, stage, precision) if stage == 3 else None
+    # What this machine has for the run, taken before the model is loaded (the need counts the model too).
+    cpu_budget = cpu_memory_budget(chosen.cpu_memory_gb) if device.type == "cpu" and stage < 3 else None
     # In the dtype the engine trains the weights in: under bf16 DeepSpeed casts them to bf16 before it makes the
     # fp32 master copies anyway, and a bf16 checkpoint then stays memory-mapped (shared by the ranks of a node)
     # instead of each rank converting its own fp32 copy on the host (4 bytes per parameter, per rank).
@@ -131,7 +135,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     stop_tokens = set_stop_tokens(model, tokenizer)
     sizing = _ready_model(model, rows, device, precision, stage, compile_layers=chosen.compile == "on")
     plan, fitted = _fit_memory(model, parameters, plan, rows, device, precision, stage,
-                                chosen.activation_checkpointing)
+                                chosen.activation_checkpointing, cpu_budget)
     sizing.update(fitted)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=BETAS, weight_decay=0.0,
                                   fused=True)
@@ -269,10 +273,12 @@ def ready_attention(model: Any, rows: PackedRows, device: torch.device) -> dict[
 
 
 def _fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, device: torch.device,
-                precision: str, stage: int, checkpointing: str) -> tuple[TrainingPlan, dict[str, Any]]:
+                precision: str, stage: int, checkpointing: str,
+                cpu_budget: tuple[float, str] | None = None) -> tuple[TrainingPlan, dict[str, Any]]:
     """The micro-batch and activation checkpointing (`checkpointing`: auto, on or off). ZeRO-2 GPUs fit the largest
     micro-batch and recompute activations only when not even one row fits without; under ZeRO-3 (a model that
-    barely fits) one row at a time, recomputing activations; CPUs keep the plan's micro-batch."""
+    barely fits) one row at a time, recomputing activations; CPUs keep the plan's micro-batch and recompute
+    activations when it would not fit `cpu_budget` (bytes, and where that figure comes from) otherwise."""
     recomputing = (checkpointing == "on" or (checkpointing == "auto" and device.type == "cuda" and stage == 3)) \
         and checkpoint_activations(model)
     fitted: dict[str, Any] = {}
@@ -282,7 +288,68 @@ def _fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRow
         recomputing = recomputing or fitted["activation_checkpointing"]
         if plan.world_size > 1:   # every rank must split its rows alike, or their gradient reductions would not meet
             plan = with_micro_batch(plan, int(all_reduce(torch.tensor([plan.micro_batch_rows]), "min")))
+    elif cpu_budget is not None:
+        try:
+            need = cpu_need(model, parameters, plan, rows, precision, checkpointing, *cpu_budget)
+        except MemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a probe this model cannot run must not stop its training
+            return plan, {"memory": {"unknown": f"the probe failed ({type(error).__name__}: {str(error)[:200]})"},
+                          "activation_checkpointing": recomputing, "micro_batch_rows": plan.micro_batch_rows}
+        recomputing = recomputing or (need.recomputing and checkpoint_activations(model))
+        fitted = {"memory": need.as_dict()}
     return plan, {**fitted, "activation_checkpointing": recomputing, "micro_batch_rows": plan.micro_batch_rows}
+
+
+def cpu_memory_budget(limit_gb: float) -> tuple[float, str]:
+    """Bytes a CPU trainer may take (RAY_FINETUNE_CPU_MEMORY_GB, else what the machine has available now), shared
+    by the trainers of the group on this machine; and where the figure comes from, for an error message."""
+    import psutil
+
+    local = ranks_on_this_node()
+    shared = f", shared by the {local} trainers on this node" if local > 1 else ""
+    if limit_gb:
+        return limit_gb * 2**30 / local, f"RAY_FINETUNE_CPU_MEMORY_GB={limit_gb:g}{shared}"
+    available = psutil.virtual_memory().available
+    return available / local, f"{available / 2**30:.1f} GiB available on this node{shared}"
+
+
+def cpu_need(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, precision: str, checkpointing: str,
+              budget: float, budget_source: str) -> CpuMemoryNeed:
+    """What a CPU trainer needs for this run (memory.fit_cpu_memory), from what the model keeps for the backward
+    pass of two short probe rows made of the first row's tokens (one document each, every token a target)."""
+    probe = CausalLMLoss(model)
+    tokens = rows.input_ids[0]
+
+    def saved_at(length: int) -> int:
+        ids = torch.from_numpy(np.resize(tokens, length).astype(np.int64))[None]
+        batch = Batch(input_ids=ids, labels=ids.clone(), position_ids=torch.arange(length)[None],
+                      segment_ids=torch.zeros_like(ids))
+        training = model.training
+        model.train()   # as training will run it (dropout keeps its masks then)
+        try:
+            return saved_for_backward(lambda: forward_loss(probe, batch), model.parameters())
+        finally:
+            model.train(training)
+
+    activations = activation_bytes(saved_at)
+    if not probe.attends_per_document:
+        # One pass per document (step.forward_loss): what every pass keeps whatever its length (the chunked loss's
+        # output-layer gradient) is kept once per document of the micro-batch.
+        documents = plan.micro_batch_rows * (int(rows.segment_ids.max(initial=0)) + 1)
+        activations = ActivationBytes(fixed=activations.fixed * documents, per_token=activations.per_token)
+    text = model.config.get_text_config()
+    weight = next(model.parameters())
+    tokens = plan.micro_batch_rows * rows.input_ids.shape[1]
+    # The chunked loss holds one chunk of fp32 logits at a time (loss.py); the plain loss's logits are kept for the
+    # backward pass, so the probe has counted them already.
+    logits = min(tokens * text.vocab_size, CHUNK_LOGIT_ELEMENTS) * 4 if probe.split is not None else 0
+    return fit_cpu_memory(
+        parameters=parameters, precision=precision, activations=activations, tokens=tokens,
+        layers=text.num_hidden_layers, hidden_bytes=text.hidden_size * weight.element_size(), transient=logits,
+        budget=budget, budget_source=budget_source,
+        checkpointing=checkpointing if getattr(model, "supports_gradient_checkpointing", False) else "off",
+        context_length=rows.input_ids.shape[1])
 
 
 def _resumable_state(config: TrainConfig, stage: int) -> Path | None:

@@ -1,4 +1,4 @@
-"""What a run keeps in GPU memory: the ZeRO stage, the micro-batch, and whether activations are recomputed.
+"""What a run keeps in memory: the ZeRO stage, the micro-batch, and whether activations are recomputed.
 
 ZeRO-2 unless its model state would leave too little room for activations; then ZeRO-3, which shards the weights
 too (at the cost of gathering every layer's weights from all ranks whenever it runs).
@@ -10,13 +10,19 @@ accumulation changes, and the loss of a step does not depend on that split (loop
 step). The search runs one forward + backward per candidate, largest first, on the rows the run will train on,
 while memory the optimizer will hold later (fp32 master weights, Adam moments, fp32 gradient accumulation, all
 sharded over the ranks by ZeRO-2) is already taken, so the size found still fits once training allocates them.
+
+A CPU has no out-of-memory error to back off from (the kernel kills the process, and the run would only say its
+trainer died), so there the need is worked out before training: the model state by its bytes per parameter, the
+activations from what autograd keeps of two short probe rows (exact for the model at hand, in its dtype and
+attention), scaled to the rows a micro-batch holds. Activations are recomputed when they would not fit otherwise;
+a run that does not fit even so fails at once, saying how much it needs and what to change.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -135,3 +141,121 @@ def fit_micro_batch(plan: TrainingPlan, parameters: int, device: torch.device, t
     return with_micro_batch(plan, size), {"micro_batch_rows": size, "out_of_memory_at": failed,
                                           "activation_checkpointing": recomputing,
                                           "reserved_for_optimizer_gb": round(reserve_bytes / 2**30, 2)}
+
+
+# --- CPU ---------------------------------------------------------------------------------------------------------
+
+# Peak resident memory of a CPU step, beyond the model state and the output layer's chunk of logits, over the
+# activations autograd keeps for it: the backward pass's own buffers, what the allocator holds on to. Measured with
+# bench/gpu_bench.py --scaling on CPU (SmolLM2-135M shape, fp32, one row a step): 1.09x at context 512, 1.30x at
+# 2048, 1.43x at 8192 (BENCHMARKS.md). Rounded up: recomputing activations when not needed costs some speed, a
+# trainer the kernel kills costs the run.
+ACTIVATION_PEAK = 1.5
+# Recomputing activations, the process's peak grows by far more than the one layer's activations held at a time:
+# glibc keeps the buffers of the layers recomputed before (measured, SmolLM2-135M shape, fp32, peak over the model:
+# 0.52 GiB at context 2048 with MALLOC_MMAP_THRESHOLD_ fixed, 1.22 GiB without; 5.98 GiB at 8192, where the layer
+# inputs and one layer's activations are ~1 GiB). Counted as this many layers' activations, which covers every
+# case measured (30 layers at 2048, 4096 and 8192 tokens; 12 layers at 4096): a model of this many layers or fewer
+# gains nothing from recomputing on a CPU by this count, and is not made to.
+RECOMPUTE_WORKSPACE_LAYERS = 8
+# Lengths of the probe rows (two, so that what is kept whatever the length -- the chunked loss's output-layer
+# gradient -- is told apart from what grows with it).
+PROBE_TOKENS = (64, 128)
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    """Bytes autograd keeps for the backward pass of one micro-batch, as fixed + per_token x tokens."""
+    fixed: float
+    per_token: float
+
+    def of(self, tokens: int) -> float:
+        return self.fixed + self.per_token * tokens
+
+    def recomputed(self, layers: int, hidden_bytes: int) -> "ActivationBytes":
+        """With each decoder layer's activations recomputed in the backward pass: every layer keeps its input
+        (hidden_bytes a token), and the layer being recomputed holds its activations and their gradients -- counted
+        as RECOMPUTE_WORKSPACE_LAYERS layers' activations, for what the allocator keeps of each layer's in turn."""
+        return ActivationBytes(self.fixed, layers * hidden_bytes
+                               + RECOMPUTE_WORKSPACE_LAYERS * self.per_token / max(1, layers))
+
+
+def saved_for_backward(run_forward: Callable[[], Any], parameters: Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of what `run_forward` computes (each storage once;
+    the parameters, which exist anyway, not counted). Nothing runs backward: the graph is dropped on return."""
+    weights = {p.untyped_storage().data_ptr() for p in parameters}
+    kept: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        outputs = run_forward()
+    del outputs
+    return sum(kept.values())
+
+
+def activation_bytes(saved_at: Callable[[int], int]) -> ActivationBytes:
+    """The line through what `saved_at(tokens)` (saved_for_backward of a row of that many tokens) gives at the
+    PROBE_TOKENS lengths. Linear because attention here never holds a [tokens x tokens] score matrix (SDPA per
+    document, FlashAttention); a model only eager attention runs would be underestimated at long rows."""
+    short, long = PROBE_TOKENS
+    at_short, at_long = saved_at(short), saved_at(long)
+    per_token = max(0.0, (at_long - at_short) / (long - short))
+    return ActivationBytes(fixed=max(0.0, at_short - per_token * short), per_token=per_token)
+
+
+@dataclass(frozen=True)
+class CpuMemoryNeed:
+    state: float                 # weights, gradients, optimizer state
+    activations: float           # at the step's peak, for one micro-batch
+    budget: float
+    recomputing: bool
+
+    @property
+    def total(self) -> float:
+        return self.state + self.activations
+
+    def as_dict(self) -> dict[str, Any]:
+        """In GiB, to three significant digits (a tiny model's needs are megabytes)."""
+        return {name: float(f"{value / 2**30:.3g}") for name, value in (
+            ("needed_gb", self.total), ("model_state_gb", self.state), ("activations_gb", self.activations),
+            ("budget_gb", self.budget))}
+
+
+def fit_cpu_memory(*, parameters: int, precision: str, activations: ActivationBytes, tokens: int, layers: int,
+                   hidden_bytes: int, transient: float, budget: float, budget_source: str, checkpointing: str,
+                   context_length: int) -> CpuMemoryNeed:
+    """Whether a CPU trainer fits `budget` bytes with a micro-batch of `tokens` tokens: as it is, or (checkpointing
+    "auto" or "on") recomputing activations. `transient`: bytes held for a moment at the step's peak whatever is
+    recomputed (the loss's chunk of logits). Raises MemoryError saying what it needs and what to change."""
+    state = parameters * STATE_BYTES[precision].total
+    recomputed = activations.recomputed(layers, hidden_bytes)
+
+    def need(recomputing: bool) -> CpuMemoryNeed:
+        kept = (recomputed if recomputing else activations).of(tokens)
+        return CpuMemoryNeed(state=state, activations=kept * ACTIVATION_PEAK + transient, budget=budget,
+                             recomputing=recomputing)
+
+    as_is = need(checkpointing == "on")
+    if as_is.total <= budget:
+        return as_is
+    # (A model of few layers saves nothing by recomputing them: one layer's activations are most of them.)
+    best = min(as_is, need(True), key=lambda option: option.total) if checkpointing == "auto" else as_is
+    if best.total <= budget:
+        return best
+    raise MemoryError(
+        f"training needs about {_size(best.total)} on each CPU trainer at context_length={context_length}: "
+        f"{_size(state)} of model state ({parameters / 1e6:.3g} M parameters in {precision}: weights, gradients, "
+        f"Adam moments) and {_size(best.activations)} of activations for a row of {tokens} tokens"
+        f"{' recomputed layer by layer' if best.recomputing else ''}, more than the {_size(budget)} it has "
+        f"({budget_source}). Use a shorter context_length, a smaller model, or a machine with more memory"
+        + ("" if best.recomputing or checkpointing == "auto" else
+           f"; RAY_FINETUNE_ACTIVATION_CHECKPOINTING=auto would recompute activations (about {_size(need(True).total)})"))
+
+
+def _size(count: float) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.3g} MiB"
