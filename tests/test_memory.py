@@ -177,10 +177,7 @@ def test_what_a_cpu_step_keeps_for_its_backward_pass_follows_from_two_short_prob
         predicted = activation_bytes(lambda tokens: _probe_rows(model, [tokens]))
         assert predicted.per_token > 0 and predicted.fixed > 0   # the output layer's gradient, whatever the length
         for lengths in ([300], [100, 150, 50], [480]):
-            # one pass per document keeps the fixed part once per document (loop.cpu_need counts it so)
-            fixed_times = 1 if attention == DOCUMENT_SDPA else len(lengths)
-            expected = predicted.of(sum(lengths)) + (fixed_times - 1) * predicted.fixed
-            assert _probe_rows(model, lengths) == pytest.approx(expected, rel=0.02)
+            assert _probe_rows(model, lengths) == pytest.approx(predicted.of(sum(lengths)), rel=0.02)
 
 
 def test_a_cpu_trainer_recomputes_activations_only_when_they_would_not_fit_and_else_says_what_it_needs():

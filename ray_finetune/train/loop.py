@@ -30,7 +30,7 @@ from ray_finetune.train.hardware import (BF16, batch_width_multiple, choose_atte
                                          deepspeed_config, training_device, zero_stage)
 from ray_finetune.train.distributed import all_reduce, ranks_on_this_node
 from ray_finetune.train.evaluation import EvalResult, Evaluation
-from ray_finetune.train.memory import (ActivationBytes, CpuMemoryNeed, activation_bytes, checkpoint_activations, fit_cpu_memory,
+from ray_finetune.train.memory import (CpuMemoryNeed, activation_bytes, checkpoint_activations, fit_cpu_memory,
                                        fit_micro_batch, saved_for_backward, with_micro_batch)
 from ray_finetune.train.models import load_initial_model, load_tokenizer, parameter_count, set_stop_tokens
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
@@ -319,10 +319,10 @@ def cpu_need(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, 
     """What a CPU trainer needs for this run (memory.fit_cpu_memory), from what the model keeps for the backward
     pass of two short probe rows made of the first row's tokens (one document each, every token a target)."""
     probe = CausalLMLoss(model)
-    tokens = rows.input_ids[0]
+    first_row = rows.input_ids[0]
 
     def saved_at(length: int) -> int:
-        ids = torch.from_numpy(np.resize(tokens, length).astype(np.int64))[None]
+        ids = torch.from_numpy(np.resize(first_row, length).astype(np.int64))[None]
         batch = Batch(input_ids=ids, labels=ids.clone(), position_ids=torch.arange(length)[None],
                       segment_ids=torch.zeros_like(ids))
         training = model.training
@@ -332,12 +332,6 @@ def cpu_need(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, 
         finally:
             model.train(training)
 
-    activations = activation_bytes(saved_at)
-    if not probe.attends_per_document:
-        # One pass per document (step.forward_loss): what every pass keeps whatever its length (the chunked loss's
-        # output-layer gradient) is kept once per document of the micro-batch.
-        documents = plan.micro_batch_rows * (int(rows.segment_ids.max(initial=0)) + 1)
-        activations = ActivationBytes(fixed=activations.fixed * documents, per_token=activations.per_token)
     text = model.config.get_text_config()
     weight = next(model.parameters())
     tokens = plan.micro_batch_rows * rows.input_ids.shape[1]
@@ -345,7 +339,7 @@ def cpu_need(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, 
     # backward pass, so the probe has counted them already.
     logits = min(tokens * text.vocab_size, CHUNK_LOGIT_ELEMENTS) * 4 if probe.split is not None else 0
     return fit_cpu_memory(
-        parameters=parameters, precision=precision, activations=activations, tokens=tokens,
+        parameters=parameters, precision=precision, activations=activation_bytes(saved_at), tokens=tokens,
         layers=text.num_hidden_layers, hidden_bytes=text.hidden_size * weight.element_size(), transient=logits,
         budget=budget, budget_source=budget_source,
         checkpointing=checkpointing if getattr(model, "supports_gradient_checkpointing", False) else "off",

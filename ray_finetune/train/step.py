@@ -77,7 +77,13 @@ class CausalLMLoss(torch.nn.Module):
         return getattr(self.lm.config, "_attn_implementation", None) == DOCUMENT_SDPA
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
+                segment_ids: torch.Tensor | None = None,
+                one_pass_per_document: bool = False) -> tuple[torch.Tensor, int, int]:
+        """Summed token loss, target tokens and correct tokens. With `segment_ids`, the model runs whole rows and
+        is told where each document starts (attention.DOCUMENT_SDPA); with `one_pass_per_document` as well, each
+        document runs as its own sequence instead (plain causal attention over its tokens), padding skipped."""
+        if one_pass_per_document:
+            return self._one_pass_per_document(input_ids, position_ids, labels, segment_ids)
         # No attention mask and no cache: that is when transformers reads restarting position ids as packed documents.
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
         if segment_ids is not None:
@@ -87,6 +93,31 @@ class CausalLMLoss(torch.nn.Module):
         else:
             sums = linear_cross_entropy(self.split.base(**inputs).last_hidden_state, self.split.head.weight, labels)
         return sums.loss_sum, sums.target_tokens, sums.correct_tokens
+
+    def _one_pass_per_document(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                               segment_ids: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        spans = [(row, first, end) for row, first, end in
+                 document_spans(document_boundaries(segment_ids).tolist(), segment_ids.shape[1])
+                 if int(segment_ids[row, first]) >= 0]
+        if not spans:   # a row of padding only (the empty rows that fill an epoch's last step)
+            zero = sum(p.sum() for p in self.parameters()) * 0.0
+            return zero, 0, 0
+
+        def part(row: int, first: int, end: int) -> dict[str, Any]:
+            return {"input_ids": input_ids[row:row + 1, first:end], "position_ids": position_ids[row:row + 1, first:end],
+                    "use_cache": False}
+
+        if self.split is not None:
+            # One loss over the hidden states of all documents: the output layer's [vocabulary x hidden] gradient is
+            # formed once per micro-batch, not kept once per document until the backward pass.
+            hidden = torch.cat([self.split.base(**part(*span)).last_hidden_state for span in spans], dim=1)
+            targets = torch.cat([labels[row:row + 1, first:end] for row, first, end in spans], dim=1)
+            sums = linear_cross_entropy(hidden, self.split.head.weight, targets)
+            return sums.loss_sum, sums.target_tokens, sums.correct_tokens
+        totals = [token_loss(self.lm(**part(row, first, end)).logits, labels[row:row + 1, first:end])
+                  for row, first, end in spans]
+        return (torch.stack([t.loss_sum for t in totals]).sum(), sum(t.target_tokens for t in totals),
+                sum(t.correct_tokens for t in totals))
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         return self.lm.state_dict(*args, **kwargs)
@@ -118,24 +149,6 @@ def forward_loss(model: torch.nn.Module, batch: Batch, per_document: bool | None
                                segment_ids=batch.segment_ids))
     if per_document is None:
         per_document = batch.input_ids.device.type == "cpu"
-    if per_document:
-        return _per_document_loss(model, batch)
-    return LossSums(*model(input_ids=batch.input_ids, position_ids=batch.position_ids, labels=batch.labels))
-
-
-def _per_document_loss(model: torch.nn.Module, batch: Batch) -> LossSums:
-    total: LossSums | None = None
-    boundaries = document_boundaries(batch.segment_ids).tolist()
-    for row, start, end in document_spans(boundaries, batch.segment_ids.shape[1]):
-        if int(batch.segment_ids[row, start]) < 0:
-            continue   # padding
-        part = LossSums(*model(input_ids=batch.input_ids[row:row + 1, start:end],
-                               position_ids=batch.position_ids[row:row + 1, start:end],
-                               labels=batch.labels[row:row + 1, start:end]))
-        total = part if total is None else LossSums(total.loss_sum + part.loss_sum,
-                                                    total.target_tokens + part.target_tokens,
-                                                    total.correct_tokens + part.correct_tokens)
-    if total is None:   # a row of padding only (the empty rows that fill an epoch's last step)
-        zero = sum(p.sum() for p in model.parameters()) * 0.0
-        return LossSums(loss_sum=zero, target_tokens=0, correct_tokens=0)
-    return total
+    return LossSums(*model(input_ids=batch.input_ids, position_ids=batch.position_ids, labels=batch.labels,
+                           segment_ids=batch.segment_ids if per_document else None,
+                           one_pass_per_document=per_document))
