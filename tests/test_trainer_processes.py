@@ -1,7 +1,8 @@
 """The training loop run as its trainer workers run it (one process per rank, one gloo group), without Ray:
 a checkpoint written by two workers resumes on one with the losses the run would have had, under ZeRO-0 (the CPU
 default), ZeRO-2 (the GPU default) and ZeRO-3 (the per-rank state of both converted to be re-sharded); ZeRO-3 trains
-and saves what ZeRO-0 does; and a bf16 run's checkpoint holds its fp32 master weights, not their bf16 rounding."""
+and saves what ZeRO-0 does; a bf16 run's checkpoint holds its fp32 master weights, not their bf16 rounding; and CPU
+trainers on one machine share its memory budget."""
 from __future__ import annotations
 
 import json
