@@ -154,13 +154,14 @@ def _cluster_gpus() -> int:
 
 
 def _free_memory(device) -> int:
-    """Bytes free on `device` now: a GPU's own memory, else the host's available memory."""
-    import psutil
+    """Bytes free on `device` now: a GPU's own memory, else the host's (or its container's) available memory."""
     import torch
+
+    from ray_finetune.train.hardware import host_memory
 
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return psutil.virtual_memory().available
+    return host_memory()[1]
 
 
 def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str, dict[str, Any] | None]:

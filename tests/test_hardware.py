@@ -172,3 +172,38 @@ def test_settings_travel_to_the_actors(monkeypatch):
     environment = loaded.as_env()
     assert environment["RAY_FINETUNE_PRECISION"] == "bf16" and environment["RAY_FINETUNE_ZERO_STAGE"] == "2"
     assert environment["RAY_FINETUNE_CPU_MEMORY_GB"] == "12.5"
+
+
+def test_a_containers_memory_limit_is_what_a_trainer_has(tmp_path):
+    """In a Kubernetes pod the kernel kills at the pod's memory limit, whatever the host has free."""
+    import psutil
+
+    from ray_finetune.train.hardware import host_memory
+
+    host = psutil.virtual_memory()
+    assert host_memory(tmp_path / "none")[0] == host.total             # no cgroup files: the host's figures
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{8 << 30}\n")
+    (v2 / "memory.current").write_text(f"{3 << 30}\n")
+    (v2 / "memory.stat").write_text(f"anon {2 << 30}\ninactive_file {1 << 30}\n")
+    assert host_memory(v2) == (8 << 30, min(host.available, 6 << 30))   # 3 GiB used, 1 of it reclaimable cache
+    (v2 / "memory.max").write_text("max\n")                               # no limit: the host's figures
+    assert host_memory(v2)[0] == host.total
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{4 << 30}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{1 << 30}\n")
+    (v1 / "memory.stat").write_text("total_inactive_file 0\n")
+    assert host_memory(tmp_path / "v1") == (4 << 30, min(host.available, 3 << 30))
+
+
+def test_a_trainer_leaves_what_rays_memory_monitor_keeps_free(monkeypatch):
+    from ray_finetune.train import loop
+
+    monkeypatch.setattr(loop, "host_memory", lambda: (100 << 30, 40 << 30))
+    budget, source = loop.cpu_memory_budget(0)
+    assert budget == pytest.approx(35 << 30) and "35.0 GiB available" in source and "RAY_memory_usage_threshold=0.95" in source
+    monkeypatch.setenv("RAY_memory_usage_threshold", "0.8")
+    assert loop.cpu_memory_budget(0)[0] == pytest.approx(20 << 30)
+    assert loop.cpu_memory_budget(2.5) == (2.5 * 2**30, "RAY_FINETUNE_CPU_MEMORY_GB=2.5")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +47,28 @@ def choose_attention(device: torch.device, requested: str = "auto", stage: int =
     if importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "flex_attention" if stage < 3 else "sdpa"
+
+
+def host_memory(cgroup_root: Path = Path("/sys/fs/cgroup")) -> tuple[int, int]:
+    """(total, available) bytes of memory on this machine for this process: the host's, or its container's when a
+    cgroup limits memory below that (a Kubernetes pod, `docker --memory`), where the kernel kills at the limit
+    whatever the host has free. Page cache that can be reclaimed counts as available, as the host's figure has it."""
+    import psutil
+
+    host = psutil.virtual_memory()
+    for limit_file, usage_file, stat_file, cache_key in (
+            ("memory.max", "memory.current", "memory.stat", "inactive_file"),                          # cgroup v2
+            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",       # cgroup v1
+             "total_inactive_file")):
+        try:
+            limit = int((cgroup_root / limit_file).read_text())   # v2 says "max" when there is no limit
+            usage = int((cgroup_root / usage_file).read_text())
+            stats = dict(line.split() for line in (cgroup_root / stat_file).read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        if limit < host.total:
+            return limit, max(0, min(host.available, limit - usage + int(stats.get(cache_key, 0))))
+    return host.total, host.available
 
 
 def batch_width_multiple(device: torch.device) -> int:

@@ -27,7 +27,7 @@ from ray_finetune.spec import Duration
 from ray_finetune.train.attention import DOCUMENT_SDPA, check_documents_apart, plain_attention
 from ray_finetune.train.loss import CHUNK_LOGIT_ELEMENTS
 from ray_finetune.train.hardware import (BF16, batch_width_multiple, choose_attention, choose_precision,
-                                         deepspeed_config, training_device, zero_stage)
+                                         deepspeed_config, host_memory, training_device, zero_stage)
 from ray_finetune.train.distributed import all_reduce, ranks_on_this_node
 from ray_finetune.train.evaluation import EvalResult, Evaluation
 from ray_finetune.train.memory import (CpuMemoryNeed, activation_bytes, checkpoint_activations, fit_cpu_memory,
@@ -38,6 +38,8 @@ from ray_finetune.train.schedule import lr_factor
 from ray_finetune.train.step import Batch, CausalLMLoss, forward_loss, make_batch, per_document_for
 
 BETAS = (0.9, 0.95)
+# Ray's default share of a node's memory beyond which its memory monitor kills a worker (RAY_memory_usage_threshold).
+RAY_MEMORY_USAGE_THRESHOLD = 0.95
 
 
 @dataclass(frozen=True)
@@ -302,16 +304,18 @@ def _fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRow
 
 
 def cpu_memory_budget(limit_gb: float) -> tuple[float, str]:
-    """Bytes a CPU trainer may take (RAY_FINETUNE_CPU_MEMORY_GB, else what the machine has available now), shared
-    by the trainers of the group on this machine; and where the figure comes from, for an error message."""
-    import psutil
-
+    """Bytes a CPU trainer may take (RAY_FINETUNE_CPU_MEMORY_GB, else what the machine has available now, less the
+    share Ray's memory monitor keeps free: beyond RAY_memory_usage_threshold of a node's memory it kills a worker),
+    shared by the trainers of the group on this machine; and where the figure comes from, for an error message."""
     local = ranks_on_this_node()
     shared = f", shared by the {local} trainers on this node" if local > 1 else ""
     if limit_gb:
         return limit_gb * 2**30 / local, f"RAY_FINETUNE_CPU_MEMORY_GB={limit_gb:g}{shared}"
-    available = psutil.virtual_memory().available
-    return available / local, f"{available / 2**30:.1f} GiB available on this node{shared}"
+    total, available = host_memory()
+    threshold = float(os.environ.get("RAY_memory_usage_threshold") or RAY_MEMORY_USAGE_THRESHOLD)
+    usable = max(0.0, available - (1 - threshold) * total)
+    return usable / local, (f"{usable / 2**30:.1f} GiB available on this node below Ray's memory monitor's line, "
+                            f"RAY_memory_usage_threshold={threshold:g}{shared}")
 
 
 def cpu_need(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, precision: str, checkpointing: str,
