@@ -160,7 +160,7 @@ ACTIVATION_PEAK = 1.5
 RECOMPUTE_WORKSPACE_LAYERS = 8
 # Lengths of the probe rows (two, so that what is kept whatever the length -- the chunked loss's output-layer
 # gradient -- is told apart from what grows with it).
-PROBE_TOKENS = (64, 128)
+PROBE_TOKENS = (16, 32)
 
 
 @dataclass(frozen=True)
