@@ -73,9 +73,13 @@ class EventReporter:
     close = flush
 
     def model_initialized(self, info: dict[str, Any]) -> None:
+        memory = info.get("memory") or {}
         self._sink.emit(EventType.MODEL_INITIALIZED, f"{info['parameters']:,} parameters on {info['world_size']} "
                         f"{info['device'].split(':')[0]} worker(s), {info['precision']}, "
-                        f"{info['attention']} attention", info)
+                        f"{info['attention']} attention"
+                        + (", activations recomputed" if info.get("activation_checkpointing") else "")
+                        + (f", needs ~{memory['needed_gb']:g} of {memory['budget_gb']:g} GiB per worker"
+                           if "needed_gb" in memory else ""), info)
         plan = TrainingPlan(**info["plan"])   # the micro-batch may have been fitted to the GPU
         self._sink.emit(EventType.TRAIN_STARTED, f"training for {plan.total_steps} steps of "
                         f"{plan.global_batch_rows} rows ({plan.micro_batch_rows} at a time per worker)",

@@ -44,6 +44,7 @@ def test_the_estimate_matches_what_the_run_reports(cluster, tiny_model, chat_dat
     assert estimate.memory["activation_checkpointing"] is False and estimate.memory["needed_gb"] > 0
     for key in ("needed_gb", "model_state_gb", "activations_gb"):
         assert initialized.payload["memory"][key] == estimate.memory[key]
+    assert f", needs ~{estimate.memory['needed_gb']:g} of " in initialized.message   # what `--wait` prints
     assert f"memory per trainer  {estimate.memory['needed_gb']:g} GiB" in str(estimate)
 
 
