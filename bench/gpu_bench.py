@@ -147,7 +147,7 @@ def run_ours(model_path: Path, model_name: str, context: int, examples: list[dic
             "attention_fallback": initialized.get("attention_fallback"),
             "zero_stage": initialized.get("zero_stage"),
             "activation_checkpointing": initialized.get("activation_checkpointing"),
-            "memory_estimate": initialized.get("memory"),   # a CPU trainer's (loop._cpu_need)
+            "memory_estimate": initialized.get("memory"),   # a CPU trainer's (loop.fit_cpu)
             "wall_seconds": time.perf_counter() - started}
 
 

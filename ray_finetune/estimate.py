@@ -42,9 +42,10 @@ class Estimate:
     seconds_per_step: float      # measured here: forward + backward of the step's micro-batches
     estimated_seconds: float     # training steps only (not evaluation, checkpoints or start-up)
     probe_device: str = ""
-    # A CPU trainer's memory need as the trainer works it out (train/memory.fit_cpu_memory), against this machine's
-    # available memory: needed_gb, model_state_gb, activations_gb, budget_gb, activation_checkpointing; or, for a
-    # run that would not fit, refused: what the trainer would fail with. None on GPUs (they fit by trying).
+    # A CPU trainer's memory need as the trainer works it out (train/loop.fit_cpu), against this machine's available
+    # memory: needed_gb, model_state_gb, activations_gb, budget_gb, activation_checkpointing; or, for a run that
+    # would not fit, refused: what the trainer would fail with; or unknown: why the probe could not run. None on
+    # GPUs (they fit by trying).
     memory: dict[str, Any] | None = field(default=None)
     eval: dict[str, Any] | None = field(default=None)
     tokenized: str = ""          # where the training data was tokenized, or that it came from the cache
@@ -73,6 +74,8 @@ class Estimate:
         memory = self.memory or {}
         if "refused" in memory:
             return f"does not fit: {memory['refused']}"
+        if "unknown" in memory:
+            return f"unknown: {memory['unknown']}"
         recomputed = ", activations recomputed" if memory["activation_checkpointing"] else ""
         return (f"{memory['needed_gb']:g} GiB ({memory['model_state_gb']:g} model state, {memory['activations_gb']:g} "
                 f"activations{recomputed}) of {memory['budget_gb']:g} GiB available")
@@ -174,8 +177,7 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
     from ray_finetune import settings
     from ray_finetune.train.hardware import (BF16, batch_width_multiple, choose_attention, choose_precision,
                                              training_device)
-    from ray_finetune.train.loop import cpu_memory_budget, cpu_need, ready_attention
-    from ray_finetune.train.memory import checkpoint_activations
+    from ray_finetune.train.loop import cpu_memory_budget, fit_cpu, ready_attention
     from ray_finetune.train.models import load_model, parameter_count
     from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
 
@@ -199,11 +201,10 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
     memory = None
     if budget is not None:
         try:
-            need = cpu_need(model, parameters, plan, rows, precision, chosen.activation_checkpointing, *budget)
+            fitted = fit_cpu(model, parameters, plan, rows, precision, chosen.activation_checkpointing, budget)
         except MemoryError as refused:
             return 0.0, "not probed: the run would not fit in this machine's memory", {"refused": str(refused)}
-        recomputing = need.recomputing and checkpoint_activations(model)
-        memory = {**need.as_dict(), "activation_checkpointing": recomputing}
+        memory = {**fitted["memory"], "activation_checkpointing": fitted["activation_checkpointing"]}
     timings = []
     for index in range(PROBE_MICRO_BATCHES + 1):   # the first one warms up
         batch = make_batch(rows, np.arange(index, index + plan.micro_batch_rows) % len(rows),

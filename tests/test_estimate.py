@@ -110,6 +110,19 @@ def test_a_run_that_would_not_fit_this_machines_memory_is_told_so_by_the_dry_run
     assert "memory per trainer  does not fit: training needs about" in str(result)
 
 
+def test_a_model_the_memory_probe_cannot_run_is_still_estimated_and_says_why(tiny_model, chat_data, monkeypatch):
+    from ray_finetune.train import loop
+
+    def unprobeable(*arguments, **options):
+        raise RuntimeError("this model's forward pass wants something the probe does not give")
+
+    monkeypatch.setattr(loop, "_cpu_need", unprobeable)
+    result = fm.estimate(model=str(tiny_model), train_data_path=str(chat_data[0]), context_length=128)
+    assert result.probed and result.memory["activation_checkpointing"] is False
+    assert result.memory["unknown"].startswith("the probe failed (RuntimeError: this model's forward pass")
+    assert "memory per trainer  unknown: the probe failed" in str(result)
+
+
 def test_estimate_rejects_bad_input_like_create(tiny_model, chat_data):
     with pytest.raises(ValidationError, match="training_duration"):
         fm.estimate(model=str(tiny_model), train_data_path=str(chat_data[0]), training_duration="a while")

@@ -206,4 +206,6 @@ def test_a_trainer_leaves_what_rays_memory_monitor_keeps_free(monkeypatch):
     assert budget == pytest.approx(35 << 30) and "35.0 GiB available" in source and "RAY_memory_usage_threshold=0.95" in source
     monkeypatch.setenv("RAY_memory_usage_threshold", "0.8")
     assert loop.cpu_memory_budget(0)[0] == pytest.approx(20 << 30)
+    monkeypatch.setenv("RAY_memory_usage_threshold", "most")           # not a number: Ray's default, no traceback
+    assert loop.cpu_memory_budget(0)[0] == pytest.approx(35 << 30)
     assert loop.cpu_memory_budget(2.5) == (2.5 * 2**30, "RAY_FINETUNE_CPU_MEMORY_GB=2.5")

@@ -291,16 +291,25 @@ def _fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRow
         if plan.world_size > 1:   # every rank must split its rows alike, or their gradient reductions would not meet
             plan = with_micro_batch(plan, int(all_reduce(torch.tensor([plan.micro_batch_rows]), "min")))
     elif cpu_budget is not None:
-        try:
-            need = cpu_need(model, parameters, plan, rows, precision, checkpointing, *cpu_budget)
-        except MemoryError:
-            raise
-        except Exception as error:  # noqa: BLE001 - a probe this model cannot run must not stop its training
-            return plan, {"memory": {"unknown": f"the probe failed ({type(error).__name__}: {str(error)[:200]})"},
-                          "activation_checkpointing": recomputing, "micro_batch_rows": plan.micro_batch_rows}
-        recomputing = recomputing or (need.recomputing and checkpoint_activations(model))
-        fitted = {"memory": need.as_dict()}
+        fitted = fit_cpu(model, parameters, plan, rows, precision, checkpointing, cpu_budget)
+        recomputing = recomputing or fitted["activation_checkpointing"]
     return plan, {**fitted, "activation_checkpointing": recomputing, "micro_batch_rows": plan.micro_batch_rows}
+
+
+def fit_cpu(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, precision: str, checkpointing: str,
+            budget: tuple[float, str]) -> dict[str, Any]:
+    """A CPU trainer's memory (what a trainer and a dry run both work out): its need against `budget` (bytes, and
+    where that figure comes from), activations recomputed from here on when that is what fits. Returns
+    {"memory": the figures, "activation_checkpointing": whether recomputing}; raises MemoryError when nothing fits.
+    A model the probe cannot run trains unchecked, and the figures say why."""
+    try:
+        need = _cpu_need(model, parameters, plan, rows, precision, checkpointing, *budget)
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a probe this model cannot run must not stop its training
+        return {"memory": {"unknown": f"the probe failed ({type(error).__name__}: {str(error)[:200]})"},
+                "activation_checkpointing": False}
+    return {"memory": need.as_dict(), "activation_checkpointing": need.recomputing and checkpoint_activations(model)}
 
 
 def cpu_memory_budget(limit_gb: float) -> tuple[float, str]:
@@ -312,13 +321,16 @@ def cpu_memory_budget(limit_gb: float) -> tuple[float, str]:
     if limit_gb:
         return limit_gb * 2**30 / local, f"RAY_FINETUNE_CPU_MEMORY_GB={limit_gb:g}{shared}"
     total, available = host_memory()
-    threshold = float(os.environ.get("RAY_memory_usage_threshold") or RAY_MEMORY_USAGE_THRESHOLD)
+    try:   # Ray's own setting (unset, or not a number Ray could use: Ray's default)
+        threshold = min(1.0, max(0.0, float(os.environ.get("RAY_memory_usage_threshold", ""))))
+    except ValueError:
+        threshold = RAY_MEMORY_USAGE_THRESHOLD
     usable = max(0.0, available - (1 - threshold) * total)
     return usable / local, (f"{usable / 2**30:.1f} GiB available on this node below Ray's memory monitor's line, "
                             f"RAY_memory_usage_threshold={threshold:g}{shared}")
 
 
-def cpu_need(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, precision: str, checkpointing: str,
+def _cpu_need(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, precision: str, checkpointing: str,
               budget: float, budget_source: str) -> CpuMemoryNeed:
     """What a CPU trainer needs for this run (memory.fit_cpu_memory), from what the model keeps for the backward
     pass of two short probe rows made of the first row's tokens (one document each, every token a target)."""
