@@ -88,17 +88,18 @@ class EventReporter:
     def step_finished(self, report: StepReport) -> None:
         payload = {
             "step": report.step, "total_steps": report.total_steps, "epoch": report.epoch, "loss": report.loss,
-            "token_accuracy": report.token_accuracy, "learning_rate": report.learning_rate,
-            "tokens": report.tokens, "target_tokens": report.target_tokens,
+            "token_accuracy": report.token_accuracy, "grad_norm": report.grad_norm,
+            "learning_rate": report.learning_rate, "tokens": report.tokens, "target_tokens": report.target_tokens,
             "tokens_per_second": report.tokens_per_second, "step_seconds": report.step_seconds,
             "estimated_end_time": report.estimated_end_time.isoformat(),
         }
         self._updates.append(self._sink.event(
             EventType.TRAIN_UPDATED, f"step {report.step}/{report.total_steps} loss {report.loss:.4f} "
-            f"{report.tokens_per_second:,.0f} tok/s", payload))
+            f"grad norm {report.grad_norm:.3g} {report.tokens_per_second:,.0f} tok/s", payload))
         self._metrics.append((report.step, {
             "train_loss": report.loss, "learning_rate": report.learning_rate,
             "tokens_per_second": report.tokens_per_second, "train_token_accuracy": report.token_accuracy,
+            "grad_norm": report.grad_norm,
         }))
         now = time.monotonic()
         if now - self._flushed_at >= FLUSH_EVERY_S:

@@ -181,6 +181,12 @@ def data_check(
                   f"for {task_type}")
 
 
+def _step_status(update: dict) -> str:
+    """A TRAIN_UPDATED payload in a line (steps logged before grad_norm was recorded have none)."""
+    grad_norm = f"grad norm {update['grad_norm']:.3g}  " if "grad_norm" in update else ""
+    return f"loss {update['loss']:.4f}  {grad_norm}{update['tokens_per_second']:,.0f} tok/s"
+
+
 def _follow_with_progress(name: str, since_resumed: bool = False):
     fm = _fm()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -190,7 +196,7 @@ def _follow_with_progress(name: str, since_resumed: bool = False):
             if event.type == "TRAIN_UPDATED":
                 p = event.payload
                 progress.update(task, total=p["total_steps"], completed=p["step"],
-                                status=f"loss {p['loss']:.4f}  {p['tokens_per_second']:,.0f} tok/s")
+                                status=_step_status(p))
             elif event.type == "DATA_PROGRESS":   # the same bar counts shards while the data is tokenized
                 p = event.payload
                 progress.update(task, total=p["shards"], completed=p["shards_done"],

@@ -47,7 +47,8 @@ def assert_training_metrics_logged(cluster, run) -> None:
     updates = [e.payload for e in fm.get_events(run.name) if e.type == "TRAIN_UPDATED"]
     assert updates
     for key, field in (("train_loss", "loss"), ("learning_rate", "learning_rate"),
-                       ("tokens_per_second", "tokens_per_second"), ("train_token_accuracy", "token_accuracy")):
+                       ("tokens_per_second", "tokens_per_second"), ("train_token_accuracy", "token_accuracy"),
+                       ("grad_norm", "grad_norm")):
         assert mlflow_metrics(cluster, run, key) == pytest.approx({u["step"]: u[field] for u in updates}), key
 
 

@@ -15,6 +15,7 @@ import pytest
 from ray_finetune.spec import Duration
 from ray_finetune.train import checkpoint
 from ray_finetune.train.distributed import free_port, join_process_group
+from ray_finetune.train.hardware import GRADIENT_CLIPPING
 from ray_finetune.train.plan import make_plan
 from trainer_helpers import packed_chat_run
 
@@ -38,12 +39,14 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
     plan = make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=Duration(value=2, unit="ep"),
                      world_size=world, seed=0)
     losses: dict[int, float] = {}
+    grad_norms: dict[int, float] = {}
     initialized: dict = {}
     evaluations: dict[int, dict] = {}
 
     class Collect:
         def model_initialized(self, info): initialized.update(info)
-        def step_finished(self, report): losses[report.step] = report.loss
+        def step_finished(self, report):
+            losses[report.step], grad_norms[report.step] = report.loss, report.grad_norm
         def checkpoint_saved(self, path, epoch, step): ...
         def checkpoint_removed(self, path): ...
         def evaluated(self, step, epoch, result):
@@ -59,7 +62,7 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
         dist.destroy_process_group()
         return
     if rank == 0:
-        Path(out).write_text(json.dumps({"losses": losses, "initialized": initialized, "evaluations": evaluations}))
+        Path(out).write_text(json.dumps({"losses": losses, "grad_norms": grad_norms, "initialized": initialized, "evaluations": evaluations}))
     dist.destroy_process_group()
 
 
@@ -78,7 +81,8 @@ def run_ranks(target, world: int, *arguments) -> None:
 def train_ranks(world: int, out: Path, **arguments) -> dict:
     run_ranks(_rank, world, dict(arguments), str(out))
     result = json.loads(out.read_text())
-    return {"losses": {int(k): v for k, v in result["losses"].items()}, "initialized": result["initialized"],
+    return {"losses": {int(k): v for k, v in result["losses"].items()},
+            "grad_norms": {int(k): v for k, v in result["grad_norms"].items()}, "initialized": result["initialized"],
             "evaluations": {int(k): v for k, v in result["evaluations"].items()}}
 
 
@@ -103,6 +107,7 @@ def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_s
     assert sorted(one["losses"]) == [s for s in sorted(two["losses"]) if s > resumed_at]
     for step, loss in one["losses"].items():
         assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
+        assert one["grad_norms"][step] == pytest.approx(two["grad_norms"][step], rel=1e-3), step
 
 
 PROMPTS = ("what is the capital of france?", "count to five")
@@ -172,6 +177,12 @@ def test_zero3_trains_scores_and_saves_what_zero0_does(tiny_model, tmp_path):
     assert sorted(runs["3"]["losses"]) == sorted(runs["0"]["losses"])
     for step, loss in runs["0"]["losses"].items():
         assert runs["3"]["losses"][step] == pytest.approx(loss, rel=1e-4), step
+        assert runs["3"]["grad_norms"][step] == pytest.approx(runs["0"]["grad_norms"][step], rel=1e-3), step
+    # the norm each step reports is its whole gradient's (both ranks' rows), before clipping scaled it down
+    first = _first_step_gradient_norm(tiny_model, rows_path, stats)
+    assert first > GRADIENT_CLIPPING
+    for stage in ("0", "3"):
+        assert runs[stage]["grad_norms"][1] == pytest.approx(first, rel=1e-4), stage
     assert weights["3"].keys() == weights["0"].keys()
     for name, value in weights["0"].items():
         assert weights["3"][name].shape == value.shape, name
@@ -240,6 +251,26 @@ def test_zero3_ranks_load_only_their_shards(tiny_model, tmp_path):
         assert loaded["weights"].keys() == base.keys()   # the output layer is tied to the embeddings
         for name, value in loaded["weights"].items():
             torch.testing.assert_close(value, custom.get(name, base.get(name)), rtol=0, atol=0, msg=name)
+
+
+def _first_step_gradient_norm(model_path, rows_path: str, stats) -> float:
+    """The L2 norm of the gradient of step 1's mean token loss, computed in this one process, one row at a time."""
+    import numpy as np
+    import torch
+
+    from ray_finetune.data.packing import PackedRows
+    from ray_finetune.train.models import load_model
+    from ray_finetune.train.plan import EMPTY_ROW
+    from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
+
+    plan = make_plan(rows=stats.rows, tokens=stats.tokens, duration=Duration(value=2, unit="ep"), world_size=2,
+                     seed=0)
+    rows, model = PackedRows.load(rows_path), load_model(model_path).train()
+    step_rows = [index for index in plan.step_rows(0) if index != EMPTY_ROW]
+    targets = rows.target_tokens(step_rows)
+    for index in step_rows:
+        (forward_loss(CausalLMLoss(model), make_batch(rows, np.array([index]))).loss_sum / targets).backward()
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
 
 
 def test_a_bf16_run_saves_its_fp32_master_weights(tiny_model, tmp_path):

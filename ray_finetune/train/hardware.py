@@ -97,13 +97,20 @@ def zero_stage(device: torch.device, precision: str, requested: str = "auto", pa
     return 1 if precision == BF16 else 0
 
 
+def engine_reports_gradient_norm(stage: int, precision: str) -> bool:
+    """Whether DeepSpeed's engine keeps the gradient norm it clips by (`get_global_grad_norm`). Its optimizers for
+    ZeRO and for bf16 do; without either (fp32 ZeRO-0, the CPU default) it clips and forgets the norm, so there the
+    training loop clips itself -- the same norm and the same clipping -- and keeps it."""
+    return stage > 0 or precision == BF16
+
+
 def deepspeed_config(plan: TrainingPlan, stage: int, precision: str) -> dict[str, Any]:
     bf16 = precision == BF16
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_rows,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "train_batch_size": plan.global_batch_rows,
-        "gradient_clipping": GRADIENT_CLIPPING,
+        "gradient_clipping": GRADIENT_CLIPPING if engine_reports_gradient_norm(stage, precision) else 0.0,
         # ZeRO-1/2 save the optimizer state by rank; a run resumed on another number of workers converts it
         # (loop._resumable_state). DeepSpeed's "elastic" format cannot be converted, nor loaded on another count.
         "zero_optimization": {"stage": stage},

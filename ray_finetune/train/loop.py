@@ -26,8 +26,9 @@ from ray_finetune.errors import CheckpointError
 from ray_finetune.spec import Duration
 from ray_finetune.train.attention import DOCUMENT_SDPA, check_documents_apart, plain_attention
 from ray_finetune.train.loss import CHUNK_LOGIT_ELEMENTS
-from ray_finetune.train.hardware import (BF16, batch_width_multiple, choose_attention, choose_precision,
-                                         deepspeed_config, host_memory, training_device, zero_stage)
+from ray_finetune.train.hardware import (BF16, GRADIENT_CLIPPING, batch_width_multiple, choose_attention,
+                                         choose_precision, deepspeed_config, engine_reports_gradient_norm,
+                                         host_memory, training_device, zero_stage)
 from ray_finetune.train.distributed import all_reduce, ranks_on_this_node
 from ray_finetune.train.evaluation import EvalResult, Evaluation
 from ray_finetune.train.memory import (CpuMemoryNeed, activation_bytes, checkpoint_activations, fit_cpu_memory,
@@ -80,6 +81,7 @@ class StepReport:
     epoch: int
     loss: float
     token_accuracy: float
+    grad_norm: float         # L2 norm of the step's gradient (of the mean token loss, all ranks), before clipping
     learning_rate: float
     tokens: int              # real (non-padding) tokens this step, all ranks
     target_tokens: int
@@ -158,6 +160,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
         for parameter in wrapped.borrowed_parameters():
             deepspeed.zero.register_external_parameter(wrapped, parameter)
     per_document = per_document_for(sharded=stage == 3)
+    clips_here = not engine_reports_gradient_norm(stage, precision)
     width_multiple = batch_width_multiple(device)
     start_step = resume(engine, resume_from) if resume_from else 0
     if rank == 0:
@@ -193,6 +196,8 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
             result = forward_loss(engine, batch, per_document)
             # DeepSpeed averages gradients over ranks; multiplying by world undoes that, leaving sum/step_targets.
             engine.backward(result.loss_sum * (world / step_targets), scale_wrt_gas=False)
+            if clips_here and engine.is_gradient_accumulation_boundary():   # the step's gradient, all-reduced
+                grad_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), GRADIENT_CLIPPING)
             engine.step()
             sums += torch.tensor([result.loss_sum.item(), result.target_tokens, result.correct_tokens,
                                   int((batch.segment_ids >= 0).sum())], dtype=torch.float64)
@@ -205,6 +210,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
             reporter.step_finished(StepReport(
                 step=step + 1, total_steps=plan.total_steps, epoch=_epochs_done(plan, step),
                 loss=float(sums[0] / sums[1]), token_accuracy=float(sums[2] / sums[1]),
+                grad_norm=float(grad_norm if clips_here else engine.get_global_grad_norm()),
                 learning_rate=float(schedule.get_last_lr()[0]) if step + 1 < plan.total_steps else 0.0,
                 tokens=int(sums[3]), target_tokens=int(sums[1]),
                 tokens_per_second=float(sums[3]) / max(step_seconds, 1e-9), step_seconds=step_seconds,
