@@ -141,10 +141,11 @@ def test_cancel_a_queued_run_and_a_running_one_with_a_final_checkpoint(cluster, 
     assert fm.get(queued.name).status == RunStatus.STOPPED
     assert "MODEL_INITIALIZED" not in [e.type for e in fm.get_events(queued.name)]
 
-    started = time.monotonic()
+    # cancel() returns once the run has stopped, at a step boundary (a run killed after the grace period would
+    # have no final checkpoint)
     assert fm.cancel(runs=[running.name], save_checkpoint=True) == 1
     stopped = fm.get(running.name)
-    assert stopped.status == RunStatus.STOPPED and time.monotonic() - started < 15
+    assert stopped.status == RunStatus.STOPPED
     events = fm.get_events(running.name)
     assert events[-1].type == "CANCELED"
     last_step = [e for e in events if e.type == "TRAIN_UPDATED"][-1].payload["step"]
