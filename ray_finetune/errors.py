@@ -41,3 +41,7 @@ class ResponseError(RayFinetuneError):
 
 class CheckpointError(RayFinetuneError):
     """A checkpoint could not be written or read (disk full, unwritable storage, torn files)."""
+
+
+class TrainingDivergedError(RayFinetuneError):
+    """A step's loss or gradient was not a finite number: nothing after it is saved or registered."""

@@ -1,6 +1,6 @@
 """Runs through the public API on a local Ray head: create → COMPLETED with a registered model; cancel of a
-queued run, of one being tokenized and of a running one; a run whose trainer process is killed ends FAILED with the
-reason."""
+queued run, of one being tokenized and of a running one; a run that fails in itself (bad data found late, weights
+that are not numbers) ends FAILED at once with the reason."""
 from __future__ import annotations
 
 import json
@@ -197,6 +197,29 @@ def test_a_failure_in_the_run_itself_ends_failed_at_once_with_the_reason(cluster
     with pytest.raises(ValidationError, match="saved no complete checkpoint"):   # failed before its first one
         fm.resume(run.name)
     assert fm.get(run.name).status == RunStatus.FAILED
+
+
+def test_weights_that_hold_nan_fail_the_run_at_its_first_step_saving_and_registering_nothing(
+        cluster, tiny_model, chat_data, tmp_path):
+    """Weights that are not numbers (a corrupt copy, a bad conversion) give a loss or gradient that is not one: the
+    run fails at once saying so -- no checkpoint and no registered model of NaN weights, no retry."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    finished = create(broken, chat_data, training_duration="2ba").wait(timeout=180)
+    assert finished.status == RunStatus.FAILED
+    assert "TrainingDivergedError: training diverged at step 1 of 2: loss nan" in finished.details
+    assert "the starting weights may hold NaN or infinite values" in finished.details
+    types = [e.type for e in fm.get_events(finished.name)]
+    assert types[-2:] == ["FAILED_EXCEPTION", "FAILED"]
+    assert not {"TRAIN_UPDATED", "CHECKPOINT_SAVED", "REQUEUED", "COMPLETED"} & set(types)
+    assert fm.get_checkpoints(finished.name) == []
 
 
 def test_data_named_relative_to_the_drivers_directory_is_found_by_the_run(cluster, tiny_model, chat_data, tmp_path,

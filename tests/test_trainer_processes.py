@@ -6,12 +6,14 @@ trainers on one machine share its memory budget."""
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 from pathlib import Path
 
 import pytest
 
+from ray_finetune.errors import TrainingDivergedError
 from ray_finetune.spec import Duration
 from ray_finetune.train import checkpoint
 from ray_finetune.train.distributed import free_port, join_process_group
@@ -54,11 +56,11 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
                                  "generations": result.generations}
         def stop_requested(self): return loop.STOP_NONE
 
+    arguments.setdefault("learning_rate", 2e-3)
     try:
-        loop.train(loop.TrainConfig(plan=plan, rank=rank, world_size=world, seed=0, learning_rate=2e-3, **arguments),
-                   Collect())
-    except MemoryError as refused:   # a CPU run that would not fit: refused before it trains (memory.fit_cpu_memory)
-        Path(out).with_name(f"refused-{rank}.txt").write_text(str(refused))
+        loop.train(loop.TrainConfig(plan=plan, rank=rank, world_size=world, seed=0, **arguments), Collect())
+    except (MemoryError, TrainingDivergedError) as failed:   # refused before training, or stopped while training
+        Path(out).with_name(f"failed-{rank}.txt").write_text(json.dumps({"error": str(failed), "losses": losses}))
         dist.destroy_process_group()
         return
     if rank == 0:
@@ -315,7 +317,30 @@ def test_cpu_trainers_on_one_node_share_its_memory(tiny_model, tmp_path):
                              save_folder=str(tmp_path / "two")), str(out))
     assert not out.exists()                                  # no rank trained
     for rank in range(2):
-        refused = (tmp_path / f"refused-{rank}.txt").read_text()
+        refused = json.loads((tmp_path / f"failed-{rank}.txt").read_text())["error"]
         assert f"RAY_FINETUNE_CPU_MEMORY_GB={budget_gb:g}, shared by the 2 trainers on this node" in refused
         assert "training needs about" in refused and "context_length=64" in refused
     assert not (tmp_path / "two").exists() or not any((tmp_path / "two").rglob("ep*-ba*"))
+
+
+@pytest.mark.parametrize("zero_stage", ["0", "2"])
+def test_a_run_that_diverges_stops_at_that_step_and_keeps_the_checkpoints_before_it(tiny_model, tmp_path, zero_stage):
+    """A learning rate far too high makes the weights infinite within a few steps: every rank stops at the first step
+    whose loss or gradient is not a number, before that step is reported or saved, and says which checkpoint holds
+    the weights before it. Under ZeRO-0 the loop measures the gradient norm itself, under ZeRO-2 DeepSpeed does."""
+    rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
+    out = tmp_path / "diverged.json"
+    run_ranks(_rank, 2, dict(model_path=str(tiny_model), init_weights_path=None, train_rows_path=rows_path,
+                             stats=stats.as_dict(), zero_stage=zero_stage, run_name="d", save_folder=str(tmp_path / "d"),
+                             learning_rate=1e30, checkpoint_every=Duration(value=1, unit="ba")), str(out))
+    assert not out.exists()                                  # it did not train to the end
+    failed = [json.loads((tmp_path / f"failed-{rank}.txt").read_text()) for rank in range(2)]
+    assert failed[0]["error"] == failed[1]["error"]
+    reported = {int(step): loss for step, loss in failed[0]["losses"].items()}
+    diverged_at = len(reported) + 1
+    assert reported and all(math.isfinite(loss) for loss in reported.values())
+    saved = sorted(checkpoint.parse_name(p.name)[1] for p in checkpoint.checkpoints_dir(tmp_path / "d", "d").iterdir()
+                   if checkpoint.is_complete(p))
+    assert saved[-1] == diverged_at - 1                      # every step before it was saved, none after
+    assert f"training diverged at step {diverged_at} of " in failed[0]["error"]
+    assert f"the newest checkpoint, ep0-ba{diverged_at - 1}, holds the weights before it" in failed[0]["error"]

@@ -7,6 +7,7 @@ weigh, whatever the world size.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from ray_finetune.data.packing import PackedRows, packed_data_id
 from ray_finetune import settings
 from ray_finetune.train import checkpoint
-from ray_finetune.errors import CheckpointError
+from ray_finetune.errors import CheckpointError, TrainingDivergedError
 from ray_finetune.spec import Duration
 from ray_finetune.train.attention import DOCUMENT_SDPA, check_documents_apart, plain_attention
 from ray_finetune.train.loss import CHUNK_LOGIT_ELEMENTS
@@ -203,6 +204,9 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
                                   int((batch.segment_ids >= 0).sum())], dtype=torch.float64)
         if world > 1:
             sums = all_reduce(sums)
+        # The same on every rank (all-reduced), so every rank stops here together.
+        grad_norm = float(grad_norm if clips_here else engine.get_global_grad_norm())
+        ensure_finite(step, plan.total_steps, float(sums[0] / sums[1]), grad_norm, last_checkpoint)
         if rank == 0:
             elapsed = time.monotonic() - started
             step_seconds = time.monotonic() - step_started
@@ -210,7 +214,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
             reporter.step_finished(StepReport(
                 step=step + 1, total_steps=plan.total_steps, epoch=_epochs_done(plan, step),
                 loss=float(sums[0] / sums[1]), token_accuracy=float(sums[2] / sums[1]),
-                grad_norm=float(grad_norm if clips_here else engine.get_global_grad_norm()),
+                grad_norm=grad_norm,
                 learning_rate=float(schedule.get_last_lr()[0]) if step + 1 < plan.total_steps else 0.0,
                 tokens=int(sums[3]), target_tokens=int(sums[1]),
                 tokens_per_second=float(sums[3]) / max(step_seconds, 1e-9), step_seconds=step_seconds,
@@ -219,6 +223,19 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
         if is_checkpoint_step(plan, config.checkpoint_every, step):
             last_checkpoint = _checkpoint(engine, tokenizer, config, reporter, evaluation, step)
     return TrainOutcome(final_checkpoint=last_checkpoint, steps_done=plan.total_steps, stopped=False)
+
+
+def ensure_finite(step: int, total_steps: int, loss: float, grad_norm: float, last_checkpoint: Path | None) -> None:
+    """Stop a run whose step (0-based) gave a loss or gradient that is not a number before anything of it is saved:
+    its weights are now NaN or infinite, and every later step, checkpoint and the registered model would be too."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    kept = (f"the newest checkpoint, {last_checkpoint.name}, holds the weights before it: continue from it "
+            "(custom_weights_path) with a lower learning_rate" if last_checkpoint else
+            "no checkpoint was saved before it" + ("; the starting weights may hold NaN or infinite values"
+                                                  if step == 0 else ": try a lower learning_rate"))
+    raise TrainingDivergedError(f"training diverged at step {step + 1} of {total_steps}: loss {loss:g}, gradient "
+                                f"norm {grad_norm:g}. Nothing of this step or after it was saved; {kept}")
 
 
 def trial_step(model: Any, rows: PackedRows, device: torch.device) -> Callable[[int], None]:
