@@ -65,6 +65,18 @@ def test_continued_pretraining_stream_keeps_every_token():
     assert rows.segment_ids[1].tolist()[:6] == [0] * 6 and rows.position_ids[1, 0] == 0
 
 
+@pytest.mark.parametrize("last_row_tokens", [1, 2])
+def test_continued_pretraining_leaves_out_a_last_row_with_nothing_to_learn(last_row_tokens):
+    """A stream one token longer than its full rows would end in a row whose lone token predicts nothing; a step of
+    that row alone would have no target tokens to take its loss over. Two tokens make one target: that row stays."""
+    documents = [TokenizedExample(list(range(3, 3 + n)), [True] * n) for n in (40, 24 + last_row_tokens)]
+    rows, stats = pack_stream(documents, 32, pad_id=0)
+    assert len(rows) == stats.rows == (2 if last_row_tokens == 1 else 3)
+    assert all(rows.target_tokens([row]) > 0 for row in range(len(rows)))
+    assert stats.tokens == 64 + (last_row_tokens if last_row_tokens > 1 else 0)
+    assert stats.target_tokens == rows.target_tokens(range(len(rows)))
+
+
 @pytest.fixture(scope="module")
 def model(tiny_model):
     return load_model(tiny_model).eval()

@@ -174,7 +174,12 @@ def pack_stream(documents: ExampleTable | Iterable[TokenizedExample], context_le
     stats = _length_stats(table, context_length)
     stats.truncated_examples = 0   # nothing is cut off: long documents continue in the next row
     total = int(table.lengths.sum())
-    rows = PackedRows.allocate(-(-total // context_length), context_length, pad_id, folder)
+    row_count = -(-total // context_length)
+    # The stream's last row can hold nothing to learn (a lone last token predicts nothing in its row): a step of
+    # such rows would have no target to average its loss over. It is left out.
+    if row_count and not _learns_from(table, (row_count - 1) * context_length):
+        row_count -= 1
+    rows = PackedRows.allocate(row_count, context_length, pad_id, folder)
     row, offset, segment = 0, 0, 0
     stats.target_tokens = 0
     for index in range(len(table)):
@@ -183,11 +188,28 @@ def pack_stream(documents: ExampleTable | Iterable[TokenizedExample], context_le
         while start < len(ids):
             if offset == context_length:
                 row, offset, segment = row + 1, 0, 0
+            if row == row_count:
+                break
             taken = min(context_length - offset, len(ids) - start)
             _place(rows, row, offset, segment, ids[start:start + taken], mask[start:start + taken])
             stats.target_tokens += int(mask[start + 1:start + taken].sum())
             start, offset, segment = start + taken, offset + taken, segment + 1
     rows.flush()
     stats.rows = len(rows)
-    stats.tokens = total
+    stats.tokens = min(total, row_count * context_length)
     return rows, stats
+
+
+def _learns_from(table: ExampleTable, position: int) -> bool:
+    """Whether the documents' stream, from token `position` on, holds a target: a token predicted by the token
+    before it in the same piece (a piece starts at `position` or at its document's start)."""
+    end = int(table.lengths.sum())
+    for index in range(len(table) - 1, -1, -1):
+        start = end - int(table.lengths[index])
+        _, mask = table.example(index)
+        if mask[max(position - start, 0) + 1:].any():
+            return True
+        if start <= position:
+            return False
+        end = start
+    return False

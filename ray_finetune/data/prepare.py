@@ -17,6 +17,9 @@ from ray_finetune.data.tokenized import ExampleTable, TokenizeJob
 from ray_finetune.errors import ValidationError
 
 FORMAT_VERSION = 2   # bump when formatting or packing changes what rows contain
+# Bumped when only continued pretraining's rows change (version 2: a last row with nothing to learn is left out), so
+# that chat and instruction runs resumed across such a change still find their data the same.
+STREAM_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ def tokenizer_fingerprint(model_path: str | Path) -> str:
 
 def cache_key(source: sources.DataSource, model_path: str, task_type: str, context_length: int) -> str:
     parts = [sources.fingerprint(source), tokenizer_fingerprint(model_path), task_type, str(context_length),
-             str(FORMAT_VERSION)]
+             str(FORMAT_VERSION)] + ([f"stream{STREAM_VERSION}"] if task_type == "CONTINUED_PRETRAIN" else [])
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
