@@ -11,6 +11,7 @@ from actors.event_sink import EventSink
 from actors.messages import RegisterRequest, Registration
 from eventstore.schema import EventType
 from ray_finetune import settings, tracking
+from ray_finetune.errors import RegistrationError
 from ray_finetune.train.checkpoint import weights_folder
 from ray_finetune.train.models import parameter_count
 
@@ -31,14 +32,22 @@ class Registrar:
     def register(self, request: RegisterRequest) -> Registration:
         run = request.run
         final_model = Path(run.save_folder) / run.run_name / "final_model"
-        if not final_model.exists():
-            staging = final_model.with_name("final_model.tmp")
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(weights_folder("final checkpoint", request.final_checkpoint), staging)
-            staging.rename(final_model)
         name = run.spec.destination.full_name(run.run_name)
-        version = tracking.log_and_register_model(settings.load(), run_id=run.mlflow_run_id,
-                                                  model_folder=str(final_model), registered_name=name)
+        try:
+            if not final_model.exists():
+                staging = final_model.with_name("final_model.tmp")
+                shutil.rmtree(staging, ignore_errors=True)
+                shutil.copytree(weights_folder("final checkpoint", request.final_checkpoint), staging)
+                staging.rename(final_model)
+            version = tracking.log_and_register_model(settings.load(), run_id=run.mlflow_run_id,
+                                                      model_folder=str(final_model), registered_name=name)
+        except Exception as error:   # noqa: BLE001 - the run fails with what to do about it
+            cause = " ".join(str(error).split())   # one line: a run's details keep the last line of its error
+            raise RegistrationError(
+                f"could not register the final model as {name}: {type(error).__name__}: {cause}. Its final "
+                f"checkpoint ({Path(str(request.final_checkpoint)).name}) is intact: once the cause is fixed, "
+                "resuming the run (fm.resume, `ray-finetune runs resume`) registers it without training again"
+            ) from error
         registration = Registration(model_name=name, model_version=version, final_model_path=str(final_model))
         EventSink("registrar", run.run_name).emit(EventType.REGISTERED, f"registered {name} version {version}",
                                                   registration.model_dump())

@@ -45,3 +45,7 @@ class CheckpointError(RayFinetuneError):
 
 class TrainingDivergedError(RayFinetuneError):
     """A step's loss or gradient was not a finite number: nothing after it is saved or registered."""
+
+
+class RegistrationError(RayFinetuneError):
+    """Training ended, but its final model could not be registered; the final checkpoint is intact."""

@@ -1,6 +1,6 @@
 """Runs that survive: a killed trainer, a killed scheduler or a killed head node; the resumed run reproduces the
-uninterrupted one exactly (per-step losses and final weights, bitwise on CPU), and a run that keeps dying ends
-FAILED with every attempt's reason."""
+uninterrupted one exactly (per-step losses and final weights, bitwise on CPU), a run that keeps dying ends
+FAILED with every attempt's reason, and a run whose registration failed is registered by resuming it."""
 from __future__ import annotations
 
 import os
@@ -170,3 +170,31 @@ def test_unwritable_checkpoint_storage_fails_the_run_with_a_clear_reason(cluster
     assert finished.details.startswith("CheckpointError: could not write checkpoint ep1-ba")
     assert "earlier checkpoints are intact" in finished.details
     assert "REQUEUED" not in [e.type for e in fm.get_events(run.name)]   # a disk problem is not retried blindly
+
+
+def test_a_run_whose_registration_failed_is_registered_by_resume_without_training_again(cluster, tiny_model,
+                                                                                        chat_data):
+    """Training ended and registering did not (here the folder the final model is staged in is taken; a full disk
+    or an unreachable registry stops it alike): the run ends FAILED saying why, and resuming it registers its final
+    checkpoint without training a step again."""
+    run = create(tiny_model, chat_data, training_duration="2ba", checkpoint_interval="1ep")
+    blocked = Path(run.save_folder) / run.name / "final_model.tmp"
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("in the way")
+    failed = run.wait(timeout=300)
+    assert failed.status == RunStatus.FAILED
+    assert failed.details.startswith(f"RegistrationError: could not register the final model as "
+                                     f"main.resume.{run.name}: FileExistsError: ")
+    assert failed.details.endswith("Its final checkpoint (ep0-ba2) is intact: once the cause is fixed, resuming the "
+                                   "run (fm.resume, `ray-finetune runs resume`) registers it without training again")
+    types = [e.type for e in fm.get_events(run.name)]
+    assert "TRAIN_FINISHED" in types and "REQUEUED" not in types
+    trained = losses_by_step(run.name)
+
+    blocked.unlink()
+    finished = fm.resume(run.name).wait(timeout=300)
+    assert finished.status == RunStatus.COMPLETED, finished.details
+    assert losses_by_step(run.name) == trained and len(events_of(run.name, "TRAIN_UPDATED")) == len(trained)
+    assert events_of(run.name, "MODEL_INITIALIZED")[-1].payload["resumed_at_step"] == 2
+    registered = events_of(run.name, "COMPLETED")[-1].payload
+    assert registered["model_name"] == f"main.resume.{run.name}" and registered["model_version"] == "1"
