@@ -141,3 +141,31 @@ def test_a_model_folder_whose_config_is_not_json_is_refused_naming_the_file(tmp_
     with pytest.raises(ValidationError, match=r"half-copied/config.json cannot be read as JSON") as refused:
         spec_module.resolve(model=str(folder), train_data_path=str(chat_data[0]), register_to="main.models")
     assert refused.value.parameter == "model"
+
+
+def test_a_gguf_headers_context_length_is_read_past_every_kind_of_value(tmp_path):
+    """Listing reads only a GGUF header's keys up to `<architecture>.context_length`, skipping what comes before it
+    (strings, numbers of every width, arrays of strings and of arrays): the value gguf's own reader finds."""
+    import gguf
+
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_token_list([f"token-{i}" for i in range(5000)])
+    writer.add_token_scores([0.5] * 5000)
+    writer.add_array("acme.nested", [[1, 2], [3]])
+    writer.add_string("acme.note", "ünïcode")
+    writer.add_float32("acme.scale", 0.25)
+    writer.add_key_value("acme.flag", True, gguf.GGUFValueType.BOOL)
+    writer.add_key_value("acme.big", 2**40, gguf.GGUFValueType.UINT64)
+    writer.add_key_value("llama.context_length", 1024, gguf.GGUFValueType.UINT32)   # another architecture's
+    writer.add_context_length(32768)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    fields = gguf.GGUFReader(path).fields
+    assert models._gguf_context_length(path) == int(fields["gemma3.context_length"].contents()) == 32768
+
+    not_gguf = tmp_path / "weights.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 a zip")
+    with pytest.raises(ValidationError, match="is not a GGUF file"):
+        models._gguf_context_length(not_gguf)

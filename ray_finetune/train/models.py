@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,11 +150,52 @@ def _hf_cache_model_ids() -> list[str]:
     return sorted(repo.repo_id for repo in cache.repos if repo.repo_type == "model")
 
 
-def _gguf_context_length(gguf_file: Path) -> int:
-    from gguf import GGUFReader
+# GGUF metadata value types (the format's spec) of fixed size, as struct formats; 8 is a string, 9 an array.
+_GGUF_NUMBERS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_SIZES = {kind: struct.calcsize("<" + code) for kind, code in _GGUF_NUMBERS.items()}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
 
-    fields = GGUFReader(gguf_file).fields
-    return int(fields[f"{fields['general.architecture'].contents()}.context_length"].contents())
+
+def _gguf_context_length(gguf_file: Path) -> int:
+    """The `<architecture>.context_length` of a GGUF file's header. Read key by key until it is found, which
+    writers put before the tokenizer's arrays: gguf's GGUFReader parses the whole file first (10 s for Gemma 3's
+    262,144-token vocabulary)."""
+    with open(gguf_file, "rb") as file:
+        def number(kind: int) -> int | float:
+            return struct.unpack("<" + _GGUF_NUMBERS[kind], file.read(_GGUF_SIZES[kind]))[0]
+
+        def string() -> str:
+            return file.read(struct.unpack("<Q", file.read(8))[0]).decode("utf-8", "replace")
+
+        def skip(kind: int) -> None:
+            if kind == _GGUF_STRING:
+                file.seek(struct.unpack("<Q", file.read(8))[0], 1)
+            elif kind == _GGUF_ARRAY:
+                element, count = struct.unpack("<IQ", file.read(12))
+                if element in _GGUF_SIZES:
+                    file.seek(_GGUF_SIZES[element] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(element)
+            else:
+                file.seek(_GGUF_SIZES[kind], 1)
+
+        if file.read(4) != b"GGUF":
+            raise ValidationError("model", f"{gguf_file} is not a GGUF file", expected="a .gguf model file")
+        _version, _tensors, keys = struct.unpack("<IQQ", file.read(20))
+        architecture, lengths = None, {}
+        for _ in range(keys):
+            key, kind = string(), struct.unpack("<I", file.read(4))[0]
+            if key == "general.architecture" and kind == _GGUF_STRING:
+                architecture = string()
+            elif key.endswith(".context_length") and kind in _GGUF_SIZES:
+                lengths[key] = int(number(kind))
+            else:
+                skip(kind)
+            if architecture and f"{architecture}.context_length" in lengths:
+                return lengths[f"{architecture}.context_length"]
+    raise ValidationError("model", f"{gguf_file} names no context length in its header",
+                          expected="a GGUF model file with <architecture>.context_length")
 
 
 def _from_hf_cache(model_id: str) -> Path | None:
