@@ -17,7 +17,6 @@ from ray_finetune.errors import ValidationError
 from ray_finetune.train.distributed import name_deepspeed_accelerator
 
 
-
 @dataclass(frozen=True)
 class OfflinePackage:
     """A pip package that ships a model's GGUF file: inside itself, or in chunk packages that its `assemble()`
