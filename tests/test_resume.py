@@ -159,12 +159,17 @@ def test_a_run_that_keeps_dying_is_not_retried_forever(cluster, tiny_model, chat
     assert [e.type for e in fm.get_events(run.name)].count("REQUEUED") == 2
 
 
+def block(run, name: str) -> Path:
+    """A plain file where `run` will write the folder `name` of its save folder: every write there fails."""
+    blocked = Path(run.save_folder) / run.name / name
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("in the way")
+    return blocked
+
+
 def test_unwritable_checkpoint_storage_fails_the_run_with_a_clear_reason(cluster, tiny_model, chat_data):
     run = create(tiny_model, chat_data, training_duration="2ep", checkpoint_interval="1ep")
-    # Where the checkpoints would go, put a plain file: every write under it fails, as on a broken or full disk.
-    blocked = Path(run.save_folder) / run.name / "checkpoints"
-    blocked.parent.mkdir(parents=True, exist_ok=True)
-    blocked.write_text("not a folder")
+    block(run, "checkpoints")   # every checkpoint write fails, as on a broken or full disk
     finished = run.wait(timeout=300)
     assert finished.status == RunStatus.FAILED
     assert finished.details.startswith("CheckpointError: could not write checkpoint ep1-ba")
@@ -178,9 +183,7 @@ def test_a_run_whose_registration_failed_is_registered_by_resume_without_trainin
     or an unreachable registry stops it alike): the run ends FAILED saying why, and resuming it registers its final
     checkpoint without training a step again."""
     run = create(tiny_model, chat_data, training_duration="2ba", checkpoint_interval="1ep")
-    blocked = Path(run.save_folder) / run.name / "final_model.tmp"
-    blocked.parent.mkdir(parents=True, exist_ok=True)
-    blocked.write_text("in the way")
+    blocked = block(run, "final_model.tmp")
     failed = run.wait(timeout=300)
     assert failed.status == RunStatus.FAILED
     assert failed.details.startswith(f"RegistrationError: could not register the final model as "
