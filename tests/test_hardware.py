@@ -39,7 +39,8 @@ from ray_finetune.train.distributed import join_process_group
 join_process_group(0, 1)
 import deepspeed
 from ray_finetune.spec import Duration
-from ray_finetune.train.hardware import deepspeed_config
+import math
+from ray_finetune.train.hardware import deepspeed_config, engine_reports_gradient_norm
 from ray_finetune.train.plan import make_plan
 plan = make_plan(rows=40, tokens=4000, duration=Duration(value=1, unit="ep"), world_size=1, seed=0)
 for stage in (0, 1, 2):
@@ -48,9 +49,13 @@ for stage in (0, 1, 2):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                           config=deepspeed_config(plan, stage, precision))
-        inputs = torch.randn(2, 8, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-        engine.backward(engine(inputs).float().sum())
-        engine.step()
+        for _ in range(plan.gradient_accumulation_steps):   # one whole optimizer step
+            inputs = torch.randn(2, 8, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+            engine.backward(engine(inputs).float().sum())
+            engine.step()
+        # where the engine is said to keep the norm it clipped by, the training loop reads it after every step
+        norm = engine.get_global_grad_norm()
+        assert not engine_reports_gradient_norm(stage, precision) or math.isfinite(float(norm)), (stage, precision)
         print("stepped", stage, precision, flush=True)
 """
 
