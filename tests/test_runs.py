@@ -1,4 +1,5 @@
-"""Runs through the public API on a local Ray head: create → COMPLETED with a registered model; cancel of a
+"""Runs through the public API on a local Ray head: create → COMPLETED with a registered model (chats, tool calls,
+continued pretraining on a folder of text files); cancel of a
 queued run, of one being tokenized and of a running one; a run that fails in itself (bad data found late, weights
 that are not numbers) ends FAILED at once with the reason."""
 from __future__ import annotations
@@ -102,6 +103,37 @@ def test_a_run_goes_from_create_to_a_registered_model(cluster, tiny_model, chat_
     assert generator.model.generation_config.eos_token_id == generator.tokenizer.eos_token_id
     assert (Path(run.save_folder) / run.name / "final_model" / "chat_template.jinja").exists()
     assert run.name in [r.name for r in fm.list()]
+
+
+def test_continued_pretraining_on_a_folder_of_text_files_trains_and_registers(cluster, tiny_model, tmp_path):
+    """CONTINUED_PRETRAIN: the .txt files of a folder, found recursively (other files ignored), each a document
+    ending in EOS, cut into context_length rows (a longer document continues in the next row), the loss on every
+    token; the run trains and registers like any other, on what the dry run counted."""
+    import random
+
+    corpus = tmp_path / "corpus"
+    (corpus / "deep").mkdir(parents=True)
+    rng = random.Random(0)
+    words = "the cat sat on a mat and the dog ran far away from home".split()
+    for index in range(40):
+        folder = corpus / "deep" if index % 2 else corpus
+        (folder / f"doc{index}.txt").write_text(" ".join(rng.choice(words) for _ in range(rng.randint(20, 150))))
+    (corpus / "notes.md").write_text("not training data")
+    arguments = dict(model=str(tiny_model), train_data_path=str(corpus), register_to="main.tests",
+                     task_type="CONTINUED_PRETRAIN", context_length=64, training_duration="2ep", learning_rate=1e-3)
+    counted = fm.estimate(**arguments, probe=False)
+    assert counted.examples == 40 and counted.truncated_examples == 0 and counted.packing_efficiency > 0.98
+    assert 0 < counted.target_tokens < counted.tokens    # every token but the last of each piece is predicted
+
+    finished = fm.create(**arguments).wait(timeout=300)
+    assert finished.status == RunStatus.COMPLETED, finished.details
+    (validated,) = [e.payload for e in fm.get_events(finished.name) if e.type == "DATA_VALIDATED"]
+    assert {key: validated["train"][key] for key in ("examples", "tokens", "target_tokens", "rows")} == {
+        "examples": 40, "tokens": counted.tokens, "target_tokens": counted.target_tokens, "rows": counted.rows}
+    updates = [e.payload for e in fm.get_events(finished.name) if e.type == "TRAIN_UPDATED"]
+    assert len(updates) == counted.total_steps and updates[-1]["loss"] < updates[0]["loss"]
+    assert sum(u["target_tokens"] for u in updates) == 2 * counted.target_tokens   # two epochs, every target once each
+    assert [e.type for e in fm.get_events(finished.name)][-1] == "COMPLETED"
 
 
 def test_a_base_model_trained_on_chats_stops_at_the_end_of_its_turn_when_served(cluster, chat_data, tmp_path):
