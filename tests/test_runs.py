@@ -1,5 +1,5 @@
 """Runs through the public API on a local Ray head: create → COMPLETED with a registered model (chats, tool calls,
-continued pretraining on a folder of text files); cancel of a
+instruction pairs, continued pretraining on a folder of text files); cancel of a
 queued run, of one being tokenized and of a running one; a run that fails in itself (bad data found late, weights
 that are not numbers) ends FAILED at once with the reason."""
 from __future__ import annotations
@@ -134,6 +134,26 @@ def test_continued_pretraining_on_a_folder_of_text_files_trains_and_registers(cl
     assert len(updates) == counted.total_steps and updates[-1]["loss"] < updates[0]["loss"]
     assert sum(u["target_tokens"] for u in updates) == 2 * counted.target_tokens   # two epochs, every target once each
     assert [e.type for e in fm.get_events(finished.name)][-1] == "COMPLETED"
+
+
+def test_instruction_finetuning_learns_the_responses_only_and_registers(cluster, tiny_model, tmp_path):
+    """INSTRUCTION_FINETUNE: prompt/response pairs (`completion` accepted for `response`), no template; the loss is
+    on each response and the EOS appended to it, never on a prompt token; the run registers like any other."""
+    from transformers import AutoTokenizer
+
+    pairs = [(f"question {i}: what is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(30)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": prompt, "response" if i % 3 else "completion": response}) + "\n"
+                            for i, (prompt, response) in enumerate(pairs)))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    responses = sum(len(tokenizer(response, add_special_tokens=False)["input_ids"]) + 1 for _, response in pairs)
+
+    finished = create(tiny_model, (data,), task_type="INSTRUCTION_FINETUNE", training_duration="2ep").wait(timeout=300)
+    assert finished.status == RunStatus.COMPLETED, finished.details
+    (validated,) = [e.payload for e in fm.get_events(finished.name) if e.type == "DATA_VALIDATED"]
+    assert validated["train"]["examples"] == 30 and validated["train"]["target_tokens"] == responses
+    updates = [e.payload for e in fm.get_events(finished.name) if e.type == "TRAIN_UPDATED"]
+    assert sum(u["target_tokens"] for u in updates) == 2 * responses and updates[-1]["loss"] < updates[0]["loss"]
 
 
 def test_a_base_model_trained_on_chats_stops_at_the_end_of_its_turn_when_served(cluster, chat_data, tmp_path):
