@@ -205,16 +205,15 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
         if world > 1:
             sums = all_reduce(sums)
         # The same on every rank (all-reduced), so every rank stops here together.
-        grad_norm = float(grad_norm if clips_here else engine.get_global_grad_norm())
-        ensure_finite(step, plan.total_steps, float(sums[0] / sums[1]), grad_norm, last_checkpoint)
+        loss, grad_norm = float(sums[0] / sums[1]), float(grad_norm if clips_here else engine.get_global_grad_norm())
+        ensure_finite(step, plan.total_steps, loss, grad_norm, last_checkpoint)
         if rank == 0:
             elapsed = time.monotonic() - started
             step_seconds = time.monotonic() - step_started
             remaining = elapsed / (step + 1 - start_step) * (plan.total_steps - step - 1)
             reporter.step_finished(StepReport(
                 step=step + 1, total_steps=plan.total_steps, epoch=_epochs_done(plan, step),
-                loss=float(sums[0] / sums[1]), token_accuracy=float(sums[2] / sums[1]),
-                grad_norm=grad_norm,
+                loss=loss, token_accuracy=float(sums[2] / sums[1]), grad_norm=grad_norm,
                 learning_rate=float(schedule.get_last_lr()[0]) if step + 1 < plan.total_steps else 0.0,
                 tokens=int(sums[3]), target_tokens=int(sums[1]),
                 tokens_per_second=float(sums[3]) / max(step_seconds, 1e-9), step_seconds=step_seconds,
@@ -354,7 +353,7 @@ def cpu_memory_budget(limit_gb: float) -> tuple[float, str]:
 
 
 def _cpu_need(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, precision: str, checkpointing: str,
-              budget: float, budget_source: str) -> CpuMemoryNeed:
+               budget: float, budget_source: str) -> CpuMemoryNeed:
     """What a CPU trainer needs for this run (memory.fit_cpu_memory), from what the model keeps for the backward
     pass of two short probe rows made of the first row's tokens (one document each, every token a target)."""
     probe = CausalLMLoss(model)
