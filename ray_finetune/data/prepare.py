@@ -16,10 +16,10 @@ from ray_finetune.data import packing, sources
 from ray_finetune.data.tokenized import ExampleTable, TokenizeJob
 from ray_finetune.errors import ValidationError
 
-FORMAT_VERSION = 2   # bump when formatting or packing changes what rows contain
-# Bumped when only continued pretraining's rows change (version 2: a last row with nothing to learn is left out), so
-# that chat and instruction runs resumed across such a change still find their data the same.
-STREAM_VERSION = 2
+# What rows a task type's data becomes, by version: bump a task type's when its formatting or packing changes what
+# its rows contain (its cached rows are then prepared again, and a run resumed across the change refuses the new
+# data), and only that task type's. CONTINUED_PRETRAIN 3: a last row with nothing to learn is left out.
+FORMAT_VERSIONS = {"CHAT_COMPLETION": 2, "INSTRUCTION_FINETUNE": 2, "CONTINUED_PRETRAIN": 3}
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def tokenizer_fingerprint(model_path: str | Path) -> str:
 
 def cache_key(source: sources.DataSource, model_path: str, task_type: str, context_length: int) -> str:
     parts = [sources.fingerprint(source), tokenizer_fingerprint(model_path), task_type, str(context_length),
-             str(FORMAT_VERSION)] + ([f"stream{STREAM_VERSION}"] if task_type == "CONTINUED_PRETRAIN" else [])
+             str(FORMAT_VERSIONS[task_type])]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
