@@ -90,7 +90,9 @@ def test_a_model_shipped_in_chunk_packages_is_assembled_once_into_the_home(hf_ca
     writer.write_kv_data_to_file()
     writer.close()
     (package / "corrupt").touch()
-    with pytest.raises(ValueError, match="sha256"):
+    with pytest.raises(ValidationError, match=r"the offline package 'acme_chunked' could not assemble chunked.gguf: "
+                                              r"ValueError: Assembled file sha256 did not match .*; expected its "
+                                              r"packages reinstalled \(pip install acme-chunked==1.0 --force-reinstall\)"):
         fm.get_models()
     assert not list(assembled.parent.iterdir())           # no half-written file left to be taken for a whole one
 

