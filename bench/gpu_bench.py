@@ -11,6 +11,8 @@ process's resident), and the ratios.
     python bench/gpu_bench.py --scaling    # ours: step time and memory by context length 512..8192, two model sizes
                                            # (without a GPU: on CPU, the tiny and SmolLM2-135M shapes, one row a step)
     python bench/gpu_bench.py --tiny       # a small config, CPU is fine: checks that the script runs (a minute)
+    python bench/gpu_bench.py --session --deadline 540   # what one GPU lease runs: the comparison, then scaling
+                        # rows and variants by priority until the deadline (seconds), saving after each contender
 
 Each contender runs in its own process (its own peak memory, a clean GPU). With OUT=<folder> the results are also
 written to <folder>/gpu_bench.json (gpu_bench_scaling.json with --scaling). Needs torch, transformers, deepspeed, pydantic, numpy; not Ray.
@@ -218,8 +220,17 @@ VARIANTS = {"sdpa": {"RAY_FINETUNE_ATTENTION": "sdpa"}, "compiled": {"RAY_FINETU
             "zero3": {"RAY_FINETUNE_ZERO_STAGE": "3"}}                          # ZeRO-3's overhead on one GPU
 
 
+# When set (--deadline), the monotonic time by which every contender must have finished: a GPU lease is minutes
+# long, and what was measured before it ends must reach $OUT rather than die with a killed script.
+DEADLINE: float | None = None
+
+
 def launch(work: Path, who: str, model_name: str, context: int, examples: int, steps: int, warmup: int,
            batch: int = 8, mean_fraction: float = 0.12, timeout: float = 600, env: dict | None = None) -> dict:
+    if DEADLINE is not None:
+        timeout = min(timeout, DEADLINE - time.monotonic())
+        if timeout < 40:   # not enough for a process to load a model and take a few steps
+            return {"skipped": "the deadline came first"}
     command = [sys.executable, __file__, "--only", who, "--work", str(work), "--model-name", model_name,
                "--context", str(context), "--examples", str(examples), "--steps", str(steps), "--warmup",
                str(warmup), "--batch", str(batch), "--mean-fraction", str(mean_fraction)]
@@ -246,43 +257,76 @@ def environment() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def measure(args: argparse.Namespace, work: Path) -> dict:
-    summary: dict = {**environment(), "command": " ".join(["python", "bench/gpu_bench.py"] + sys.argv[1:])}
-    if args.scaling:
-        import torch
+def scaling_row(work: Path, model_name: str, context: int, on_gpu: bool) -> dict:
+    """Ours at one model shape and context. The documents' mean length is 0.12 x 1.38 of the context (lognormal,
+    sigma 0.8), and the plan takes ~1/8 of the rows a step: on a GPU about 64k tokens a step whatever the context;
+    on CPU one row."""
+    count = max(64, int(8 * 65536 / (context * 0.165))) if on_gpu else 48
+    steps, warmup = (5, 2) if on_gpu else (3, 1)
+    result = launch(work, "ours", model_name, context, count, steps=steps, warmup=warmup, mean_fraction=0.12,
+                    timeout=600 if on_gpu else 1200)
+    return {"model": model_name, "context": context, **result}
 
-        table = []
-        on_gpu = torch.cuda.is_available() and not args.tiny
+
+def compare(args: argparse.Namespace, work: Path, summary: dict, save) -> None:
+    """Ours against the HF Trainer with a padding collator, then ours in each asked-for variant."""
+    if args.tiny:   # the settings every later contender of this invocation reads too
+        args.model_name, args.steps, args.warmup, args.examples = "tiny", 6, 2, 400
+        args.context = min(args.context, 512)
+    model_name, steps, warmup, examples = args.model_name, args.steps, args.warmup, args.examples
+    summary.update({"model": model_name, "context": args.context})
+    ours = summary["ours"] = launch(work, "ours", model_name, args.context, examples, steps, warmup)
+    save()
+    # The HF Trainer takes `batch` examples a step; give it as many steps' worth of examples as it needs.
+    peer = summary["hf_trainer_padded"] = launch(work, "hf", model_name, args.context, examples, steps * 5,
+                                                 warmup * 5, batch=args.batch)
+    if "useful_tokens_per_s" in ours and "useful_tokens_per_s" in peer:
+        summary["ratio_ours_over_hf_trainer"] = round(ours["useful_tokens_per_s"] / peer["useful_tokens_per_s"], 2)
+        if ours.get("peak_memory_gb") and peer.get("peak_memory_gb"):
+            summary["memory_ours_over_hf_trainer"] = round(ours["peak_memory_gb"] / peer["peak_memory_gb"], 2)
+    save()
+    for variant in filter(None, args.variants.split(",")):
+        summary[f"ours_{variant}"] = launch(work, "ours", model_name, args.context, examples, steps, warmup,
+                                            env=VARIANTS[variant])
+        save()
+
+
+# What a GPU lease measures after the comparison, most wanted first, until the deadline: the scaling table's
+# long and short contexts for the 1B shape, compiled decoder layers, then the small shape and the rest.
+SESSION_EXTRAS = (("scaling", "llama-1b", 8192), ("scaling", "llama-1b", 512), ("variant", "compiled"),
+                  ("scaling", "smollm2-135m", 2048), ("scaling", "smollm2-135m", 8192),
+                  ("scaling", "llama-1b", 4096), ("variant", "sdpa"), ("scaling", "smollm2-135m", 512))
+
+
+def measure(args: argparse.Namespace, work: Path, summary: dict, save) -> None:
+    """Fills `summary`, calling `save` after each contender."""
+    import torch
+
+    on_gpu = torch.cuda.is_available() and not args.tiny
+    if args.session:
+        compare(args, work, summary, save)
+        extras = [("scaling", "tiny", 256), ("variant", "sdpa")] if args.tiny else list(SESSION_EXTRAS)
+        if "useful_tokens_per_s" not in summary["ours"]:   # learn at once whether FlexAttention is what failed
+            extras.insert(0, ("variant", "sdpa"))
+        table = summary["scaling"] = []
+        for kind, *what in extras:
+            if kind == "variant" and f"ours_{what[0]}" not in summary:
+                summary[f"ours_{what[0]}"] = launch(work, "ours", summary["model"], args.context, args.examples,
+                                                    args.steps, args.warmup, env=VARIANTS[what[0]])
+            elif kind == "scaling":
+                table.append(scaling_row(work, *what, on_gpu=on_gpu))
+            save()
+    elif args.scaling:
         sizes = ((("tiny", (256, 512)),) if args.tiny else
                  (("smollm2-135m", (512, 2048, 8192)), ("llama-1b", (512, 2048, 4096, 8192))) if on_gpu else
                  (("tiny", (512, 2048, 8192)), ("smollm2-135m", (512, 2048, 8192))))   # a 1B model: 16 GB of state
+        table = summary["scaling"] = []
         for model_name, contexts in sizes:
             for context in contexts:
-                # The documents' mean length is 0.12 x 1.38 of the context (lognormal, sigma 0.8), and the plan takes
-                # ~1/8 of the rows a step: on a GPU about 64k tokens a step whatever the context; on CPU one row.
-                count = max(64, int(8 * 65536 / (context * 0.165))) if on_gpu else 48
-                steps, warmup = (5, 2) if on_gpu else (3, 1)
-                result = launch(work, "ours", model_name, context, count, steps=steps, warmup=warmup,
-                                mean_fraction=0.12, timeout=600 if on_gpu else 1200)
-                table.append({"model": model_name, "context": context, **result})
-        summary["scaling"] = table
+                table.append(scaling_row(work, model_name, context, on_gpu))
+                save()
     else:
-        model_name, steps, warmup, examples = args.model_name, args.steps, args.warmup, args.examples
-        if args.tiny:
-            model_name, steps, warmup, examples = "tiny", 6, 2, 400
-            args.context = min(args.context, 512)
-        ours = launch(work, "ours", model_name, args.context, examples, steps, warmup)
-        # The HF Trainer takes `batch` examples a step; give it as many steps' worth of examples as it needs.
-        peer = launch(work, "hf", model_name, args.context, examples, steps * 5, warmup * 5, batch=args.batch)
-        summary.update({"model": model_name, "context": args.context, "ours": ours, "hf_trainer_padded": peer})
-        for variant in filter(None, args.variants.split(",")):
-            summary[f"ours_{variant}"] = launch(work, "ours", model_name, args.context, examples, steps, warmup,
-                                                env=VARIANTS[variant])
-        if "useful_tokens_per_s" in ours and "useful_tokens_per_s" in peer:
-            summary["ratio_ours_over_hf_trainer"] = round(ours["useful_tokens_per_s"] / peer["useful_tokens_per_s"], 2)
-            if ours.get("peak_memory_gb") and peer.get("peak_memory_gb"):
-                summary["memory_ours_over_hf_trainer"] = round(ours["peak_memory_gb"] / peer["peak_memory_gb"], 2)
-    return summary
+        compare(args, work, summary, save)
 
 
 def main() -> None:
@@ -299,16 +343,26 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="the HF Trainer's examples per step")
     parser.add_argument("--mean-fraction", type=float, default=0.12, help=argparse.SUPPRESS)
     parser.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--session", action="store_true",
+                        help="the comparison, then scaling rows and variants by priority until --deadline")
+    parser.add_argument("--deadline", type=float, help="seconds from now by which every contender must be done")
     args = parser.parse_args()
     if args.only:
         print("RESULT " + json.dumps(contender(args)), flush=True)
         return
+    global DEADLINE
+    if args.deadline:
+        DEADLINE = time.monotonic() + args.deadline
+    name = "gpu_bench_scaling.json" if args.scaling and not args.session else "gpu_bench.json"
+    summary: dict = {**environment(), "command": " ".join(["python", "bench/gpu_bench.py"] + sys.argv[1:])}
+
+    def save() -> None:   # after each contender: a lease that ends mid-way still returns what was measured
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], name).write_text(json.dumps(summary, indent=1))
+
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as work:   # models built here: GBs each
-        summary = measure(args, Path(work))
-    text = json.dumps(summary, indent=1)
-    print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_bench_scaling.json" if args.scaling else "gpu_bench.json").write_text(text)
+        measure(args, Path(work), summary, save)
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

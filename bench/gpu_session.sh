@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # What a GPU session runs on the device machine, in one call each (bench/gpu_wheels.sh first, here; carry .whl):
+#   bash bench/gpu_session.sh session   # everything one lease allows (9 min): the comparison below, then scaling
+#                                       # rows and variants by priority, each saved to $OUT as soon as measured
 #   bash bench/gpu_session.sh main      # ours vs the HF Trainer, Llama-1B shape, context 2048 (~4-5 min)
 #   bash bench/gpu_session.sh more      # ours with SDPA / compiled layers, then the scaling table (~6-8 min)
 #   bash bench/gpu_session.sh tiny      # rehearsal: the same steps with a small model, on any machine
@@ -22,10 +24,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'deepspeed', deepspeed.__version__)"
 case "${1:-main}" in
+    session) timeout 560 python3 bench/gpu_bench.py --session --deadline 530 2>&1 | tee "$OUT/session.log" ;;
     main) timeout 540 python3 bench/gpu_bench.py 2>&1 | tee "$OUT/main.log" ;;
     more) timeout 270 python3 bench/gpu_bench.py --variants sdpa,compiled 2>&1 | tee "$OUT/variants.log"
           mv "$OUT/gpu_bench.json" "$OUT/gpu_bench_variants.json" 2>/dev/null
           timeout 270 python3 bench/gpu_bench.py --scaling 2>&1 | tee "$OUT/scaling.log" ;;
     tiny) python3 bench/gpu_bench.py --tiny 2>&1 | tee "$OUT/tiny.log" ;;    # a rehearsal, on any machine
-    *) echo "usage: bench/gpu_session.sh main|more|tiny"; exit 2 ;;
+    *) echo "usage: bench/gpu_session.sh session|main|more|tiny"; exit 2 ;;
 esac
