@@ -23,7 +23,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.event_sink import EventSink
 from actors.messages import EvaluateRequest, EvaluationResult, StopRequest, TrainRequest, TrainResult
 from eventstore.schema import EventType, NewEvent
-from ray_finetune.train.distributed import free_port, import_deepspeed, join_process_group
+from ray_finetune.train.distributed import (free_port, import_deepspeed, join_process_group,
+                                             prefer_expandable_gpu_memory)
 from ray_finetune.train.plan import TrainingPlan
 
 if TYPE_CHECKING:
@@ -161,6 +162,7 @@ def train_reporting(train: Callable[[], Any], reporter: Any) -> Any:
 class TrainerWorker:
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
+        prefer_expandable_gpu_memory()   # before anything in this process touches CUDA
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         try:   # first thing in the process (transformers' model code would import it with MLflow), while placing
             import_deepspeed()
