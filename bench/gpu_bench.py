@@ -7,7 +7,8 @@ process's resident), and the ratios.
 
     python bench/gpu_bench.py              # ours vs the HF Trainer, context 2048 (about 4 minutes on an H200)
     python bench/gpu_bench.py --variants sdpa,compiled   # also ours with SDPA attention / compiled decoder layers
-                                    # (and: checkpointed = activations recomputed, zero3 = ZeRO-3 on one GPU)
+                                    # (and: checkpointed = activations recomputed, zero3 = ZeRO-3 on one GPU,
+                                    # micro16k = micro-batches of at most 16k tokens)
     python bench/gpu_bench.py --scaling    # ours: step time and memory by context length 512..8192, two model sizes
                                            # (without a GPU: on CPU, the tiny and SmolLM2-135M shapes, one row a step)
     python bench/gpu_bench.py --tiny       # a small config, CPU is fine: checks that the script runs (a minute)
@@ -217,7 +218,10 @@ def contender(args: argparse.Namespace) -> dict:
 # Variants of ours: the settings a trainer worker reads from its environment.
 VARIANTS = {"sdpa": {"RAY_FINETUNE_ATTENTION": "sdpa"}, "compiled": {"RAY_FINETUNE_COMPILE": "on"},
             "checkpointed": {"RAY_FINETUNE_ACTIVATION_CHECKPOINTING": "on"},   # what recomputation costs
-            "zero3": {"RAY_FINETUNE_ZERO_STAGE": "3"}}                          # ZeRO-3's overhead on one GPU
+            "zero3": {"RAY_FINETUNE_ZERO_STAGE": "3"},                          # ZeRO-3's overhead on one GPU
+            # Micro-batches of at most 16k tokens: the first lease's 32k (what the search settled on at every
+            # context) took 74-79 GB against the HF Trainer's 68; does half the memory for activations cost speed?
+            "micro16k": {"RAY_FINETUNE_MICRO_BATCH_TOKENS": "16384"}}
 
 
 # When set (--deadline), the monotonic time by which every contender must have finished: a GPU lease is minutes
@@ -293,9 +297,10 @@ def compare(args: argparse.Namespace, work: Path, summary: dict, save) -> None:
 
 # What a GPU lease measures after the comparison, most wanted first, until the deadline. The first lease
 # (2026-12-04, BENCHMARKS.md) measured the 1B shape at 512 and 8192 and the small one at 2048, and left unsettled
-# whether compiled decoder layers pay; so: that, then what it could not reach, then the rows it has.
-SESSION_EXTRAS = (("variant", "compiled"), ("variant", "sdpa"), ("scaling", "llama-1b", 4096),
-                  ("scaling", "smollm2-135m", 8192), ("scaling", "smollm2-135m", 512),
+# whether compiled decoder layers pay, and whether smaller micro-batches would cost speed; so: those, then what
+# it could not reach, then the rows it has.
+SESSION_EXTRAS = (("variant", "compiled"), ("variant", "micro16k"), ("variant", "sdpa"),
+                  ("scaling", "llama-1b", 4096), ("scaling", "smollm2-135m", 8192), ("scaling", "smollm2-135m", 512),
                   ("scaling", "llama-1b", 8192), ("scaling", "llama-1b", 512), ("scaling", "smollm2-135m", 2048))
 
 

@@ -37,6 +37,10 @@ class Settings:
     # trainers); 0: what the node has available when the run starts. A run that would need more recomputes
     # activations, or fails saying what it needs (train/memory.py), instead of being killed by the kernel.
     cpu_memory_gb: float = 0.0
+    # Tokens a GPU trainer puts through the model at once (rows per micro-batch x context length) at most; 0: the
+    # largest micro-batch that fits (train/memory.fit_micro_batch). Less leaves GPU memory to others, at a cost in
+    # speed only once micro-batches get small.
+    micro_batch_tokens: int = 0
 
     @property
     def event_log_path(self) -> Path:
@@ -67,6 +71,7 @@ class Settings:
             "RAY_FINETUNE_COMPILE": self.compile,
             "RAY_FINETUNE_PLACEMENT_TIMEOUT_S": str(self.placement_timeout_s),
             "RAY_FINETUNE_CPU_MEMORY_GB": str(self.cpu_memory_gb),
+            "RAY_FINETUNE_MICRO_BATCH_TOKENS": str(self.micro_batch_tokens),
         }
 
 
@@ -89,6 +94,7 @@ def load() -> Settings:
         compile=_one_of("RAY_FINETUNE_COMPILE", ("off", "on")),
         placement_timeout_s=_count("RAY_FINETUNE_PLACEMENT_TIMEOUT_S", default=3600, least=0),
         cpu_memory_gb=_amount("RAY_FINETUNE_CPU_MEMORY_GB"),
+        micro_batch_tokens=_count("RAY_FINETUNE_MICRO_BATCH_TOKENS", default=0, least=0),
     )
 
 

@@ -237,3 +237,52 @@ def test_a_cpu_run_that_would_not_fit_recomputes_activations_or_fails_before_tra
     assert tight["memory"]["activations_gb"] < kept and tight["memory"]["model_state_gb"] == state
     with pytest.raises(MemoryError, match="context_length=64.*more than the [0-9.]+ MiB it has \\(test budget\\)"):
         set_up(state / 2)
+
+
+def test_a_micro_batch_token_limit_caps_the_search_but_never_below_one_row(monkeypatch):
+    """RAY_FINETUNE_MICRO_BATCH_TOKENS: GPU memory left to others; the search starts at the limit, not above it."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 20, 16 << 20))
+    plan = make_plan(rows=512, tokens=51_200, duration=Duration(value=1, unit="ep"), world_size=1, seed=0)
+    assert plan.global_batch_rows == 64
+    assert micro_batch_candidates(12, most_rows=5) == [4, 3, 2, 1]
+    assert micro_batch_candidates(12, most_rows=0) == micro_batch_candidates(12)
+    tried = []
+    fitted, notes = fit_micro_batch(plan, 1000, torch.device("cpu"), tried.append, most_rows=16)
+    assert tried == [16] and fitted.micro_batch_rows == 16 and fitted.gradient_accumulation_steps == 4
+    assert notes["micro_batch_rows_limit"] == 16 and notes["out_of_memory_at"] == []
+    assert micro_batch_candidates(64, most_rows=1) == [1]
+
+
+def test_the_micro_batch_token_limit_is_a_setting_the_trainers_read(monkeypatch):
+    from ray_finetune import settings
+    from ray_finetune.errors import ConfigError
+
+    monkeypatch.setenv("RAY_FINETUNE_MICRO_BATCH_TOKENS", "32768")
+    chosen = settings.load()
+    assert chosen.micro_batch_tokens == 32768
+    assert chosen.as_env()["RAY_FINETUNE_MICRO_BATCH_TOKENS"] == "32768"
+    monkeypatch.setenv("RAY_FINETUNE_MICRO_BATCH_TOKENS", "32k")
+    with pytest.raises(ConfigError, match="RAY_FINETUNE_MICRO_BATCH_TOKENS"):
+        settings.load()
+
+
+def test_a_gpu_trainer_turns_the_token_limit_into_whole_rows(monkeypatch, tiny_model, tmp_path):
+    from ray_finetune.data.packing import PackedRows
+    from ray_finetune.train import loop
+    from ray_finetune.train.models import load_model
+    from trainer_helpers import packed_chat_run
+
+    rows = PackedRows.load(packed_chat_run(tiny_model, tmp_path)[0])
+    context = rows.input_ids.shape[1]
+    plan = make_plan(rows=len(rows), tokens=100, duration=Duration(value=1, unit="ep"), world_size=1, seed=0)
+    limits = []
+
+    def fit(plan, parameters, device, try_rows, fallback, precision, most_rows):   # the search itself: above
+        limits.append(most_rows)
+        return plan, {"activation_checkpointing": False}
+
+    monkeypatch.setattr(loop, "fit_micro_batch", fit)
+    model = load_model(tiny_model)
+    for tokens in (0, 3 * context + 5, context // 2):
+        loop._fit_memory(model, 1000, plan, rows, torch.device("cuda"), "bf16", 2, "off", None, tokens)
+    assert limits == [0, 3, 1]   # no limit; whole rows under it; never less than one row

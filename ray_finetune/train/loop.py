@@ -140,7 +140,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     stop_tokens = set_stop_tokens(model, tokenizer)
     sizing = _ready_model(model, rows, device, precision, stage, compile_layers=chosen.compile == "on")
     plan, fitted = _fit_memory(model, parameters, plan, rows, device, precision, stage,
-                                chosen.activation_checkpointing, cpu_budget)
+                                chosen.activation_checkpointing, cpu_budget, chosen.micro_batch_tokens)
     sizing.update(fitted)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=BETAS, weight_decay=0.0,
                                   fused=True)
@@ -297,10 +297,11 @@ def ready_attention(model: Any, rows: PackedRows, device: torch.device) -> dict[
 
 
 def _fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, device: torch.device,
-                precision: str, stage: int, checkpointing: str,
-                cpu_budget: tuple[float, str] | None = None) -> tuple[TrainingPlan, dict[str, Any]]:
+                precision: str, stage: int, checkpointing: str, cpu_budget: tuple[float, str] | None = None,
+                micro_batch_tokens: int = 0) -> tuple[TrainingPlan, dict[str, Any]]:
     """The micro-batch and activation checkpointing (`checkpointing`: auto, on or off). ZeRO-2 GPUs fit the largest
-    micro-batch and recompute activations only when not even one row fits without; under ZeRO-3 (a model that
+    micro-batch (of at most `micro_batch_tokens` tokens, 0: any; always at least one row) and recompute
+    activations only when not even one row fits without; under ZeRO-3 (a model that
     barely fits) one row at a time, recomputing activations; CPUs keep the plan's micro-batch and recompute
     activations when it would not fit `cpu_budget` (bytes, and where that figure comes from) otherwise."""
     recomputing = (checkpointing == "on" or (checkpointing == "auto" and device.type == "cuda" and stage == 3)) \
@@ -308,7 +309,9 @@ def _fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRow
     fitted: dict[str, Any] = {}
     if device.type == "cuda" and stage < 3:
         fallback = (lambda: checkpoint_activations(model)) if checkpointing == "auto" else None
-        plan, fitted = fit_micro_batch(plan, parameters, device, trial_step(model, rows, device), fallback, precision)
+        most_rows = max(1, micro_batch_tokens // rows.input_ids.shape[1]) if micro_batch_tokens else 0
+        plan, fitted = fit_micro_batch(plan, parameters, device, trial_step(model, rows, device), fallback, precision,
+                                       most_rows)
         recomputing = recomputing or fitted["activation_checkpointing"]
         if plan.world_size > 1:   # every rank must split its rows alike, or their gradient reductions would not meet
             plan = with_micro_batch(plan, int(all_reduce(torch.tensor([plan.micro_batch_rows]), "min")))

@@ -83,9 +83,11 @@ def checkpoint_activations(model: torch.nn.Module) -> bool:
     return True
 
 
-def micro_batch_candidates(rows_per_rank: int) -> list[int]:
-    """Divisors of the rows each rank trains per step, largest first (a micro-batch must divide them evenly)."""
-    return [size for size in range(rows_per_rank, 0, -1) if rows_per_rank % size == 0]
+def micro_batch_candidates(rows_per_rank: int, most_rows: int = 0) -> list[int]:
+    """Divisors of the rows each rank trains per step, largest first (a micro-batch must divide them evenly), none
+    above `most_rows` (0: no limit) but always 1."""
+    return [size for size in range(rows_per_rank, 0, -1)
+            if rows_per_rank % size == 0 and (not most_rows or size <= most_rows or size == 1)]
 
 
 def largest_fitting(candidates: list[int], try_size: Callable[[int], None]) -> tuple[int, list[int]]:
@@ -113,18 +115,18 @@ def with_micro_batch(plan: TrainingPlan, micro_batch_rows: int) -> TrainingPlan:
 
 def fit_micro_batch(plan: TrainingPlan, parameters: int, device: torch.device, try_rows: Callable[[int], None],
                     recompute_activations: Callable[[], bool] | None = None,
-                    precision: str = "bf16") -> tuple[TrainingPlan, dict]:
-    """The plan with the largest micro-batch that fits on `device`, and what was tried (for the run's events).
-    `try_rows(n)` runs forward + backward of n rows and frees what it made. When not even one row fits and
-    `recompute_activations` is given, it is called (activation checkpointing: only when memory requires it) and the
-    search runs again."""
+                    precision: str = "bf16", most_rows: int = 0) -> tuple[TrainingPlan, dict]:
+    """The plan with the largest micro-batch that fits on `device` (of at most `most_rows` rows, 0: any), and what
+    was tried (for the run's events). `try_rows(n)` runs forward + backward of n rows and frees what it made. When
+    not even one row fits and `recompute_activations` is given, it is called (activation checkpointing: only when
+    memory requires it) and the search runs again."""
     per_rank = plan.global_batch_rows // plan.world_size
     state_bytes = STATE_BYTES[precision]   # the weights are on the GPU already
     reserve_bytes = parameters * (state_bytes.per_gpu(2, plan.world_size) - state_bytes.weights)
     free, total = torch.cuda.mem_get_info(device)
     reserve_bytes += int(total * HEADROOM)
     reserved = torch.empty(int(min(reserve_bytes, free)), dtype=torch.uint8, device=device)
-    candidates = micro_batch_candidates(per_rank)
+    candidates = micro_batch_candidates(per_rank, most_rows)
     recomputing = False
     try:
         try:
@@ -138,7 +140,8 @@ def fit_micro_batch(plan: TrainingPlan, parameters: int, device: torch.device, t
     finally:
         del reserved
         torch.cuda.empty_cache()
-    return with_micro_batch(plan, size), {"micro_batch_rows": size, "out_of_memory_at": failed,
+    return with_micro_batch(plan, size), {"micro_batch_rows": size, "micro_batch_rows_limit": most_rows or None,
+                                          "out_of_memory_at": failed,
                                           "activation_checkpointing": recomputing,
                                           "reserved_for_optimizer_gb": round(reserve_bytes / 2**30, 2)}
 
