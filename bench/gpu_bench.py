@@ -119,10 +119,15 @@ def run_ours(model_path: Path, model_name: str, context: int, examples: list[dic
     plan = make_plan(rows=len(rows), tokens=stats.tokens, duration=Duration(value=steps + 1, unit="ba"),
                      world_size=1, seed=0)
     reports, initialized = [], {}
+    profiler = Profile(warmup) if os.environ.get("GPU_BENCH_PROFILE") == "1" else None
 
     class Collect:   # stops after `steps` steps (a plain stop writes no checkpoint)
         def model_initialized(self, info): initialized.update(info)
-        def step_finished(self, report): reports.append(report)
+
+        def step_finished(self, report):
+            reports.append(report)
+            if profiler:
+                profiler.step_finished(len(reports), report.step_seconds)
         def checkpoint_saved(self, path, epoch, step): ...
         def checkpoint_removed(self, path): ...
         def evaluated(self, step, epoch, result): ...
@@ -151,7 +156,53 @@ def run_ours(model_path: Path, model_name: str, context: int, examples: list[dic
             "zero_stage": initialized.get("zero_stage"),
             "activation_checkpointing": initialized.get("activation_checkpointing"),
             "memory_estimate": initialized.get("memory"),   # a CPU trainer's (loop.fit_cpu)
-            "wall_seconds": time.perf_counter() - started}
+            "wall_seconds": time.perf_counter() - started, **(profiler.summary() if profiler else {})}
+
+
+class Profile:
+    """torch.profiler over the PROFILED_STEPS steps after the warm-up: where a step's time goes on the device, and
+    how much of the step the device was busy at all (the rest: the host launching kernels or waiting on syncs).
+    Its steps run slower than unprofiled ones; the variant is for the breakdown, not the rate."""
+    PROFILED_STEPS = 2
+
+    def __init__(self, warmup: int) -> None:
+        import torch
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler = torch.profiler.profile(activities=activities)
+        self.warmup, self.seconds, self.done = warmup, 0.0, False
+
+    def step_finished(self, steps_done: int, step_seconds: float) -> None:
+        if steps_done == self.warmup:
+            self.profiler.start()
+        elif self.warmup < steps_done <= self.warmup + self.PROFILED_STEPS:
+            self.seconds += step_seconds
+            if steps_done == self.warmup + self.PROFILED_STEPS:
+                self.profiler.stop()
+                self.done = True
+
+    def summary(self) -> dict:
+        import torch
+
+        if not self.done:
+            return {"profile": "too few steps to profile"}
+        on_gpu = torch.cuda.is_available()
+
+        own_time = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+
+        def own(event) -> float:   # microseconds of its own (children excluded) on the device, else on the host
+            return getattr(event, own_time)
+
+        events = sorted(self.profiler.key_averages(), key=own, reverse=True)
+        table = self.profiler.key_averages().table(sort_by=own_time, row_limit=40)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "profile.txt").write_text(table)
+        busy = sum(own(event) for event in events) / 1e6
+        return {"profiled_seconds": round(self.seconds, 3),
+                "device_busy_share": round(busy / self.seconds, 3) if on_gpu and self.seconds else None,
+                "profile_top": [[event.key[:80], round(own(event) / 1e3, 1), event.count] for event in events[:25]]}
 
 
 def run_hf_trainer(model_path: Path, model_name: str, examples: list[dict], steps: int, warmup: int, batch: int,
@@ -221,7 +272,8 @@ VARIANTS = {"sdpa": {"RAY_FINETUNE_ATTENTION": "sdpa"}, "compiled": {"RAY_FINETU
             "zero3": {"RAY_FINETUNE_ZERO_STAGE": "3"},                          # ZeRO-3's overhead on one GPU
             # Micro-batches of at most 16k tokens: the first lease's 32k (what the search settled on at every
             # context) took 74-79 GB against the HF Trainer's 68; does half the memory for activations cost speed?
-            "micro16k": {"RAY_FINETUNE_MICRO_BATCH_TOKENS": "16384"}}
+            "micro16k": {"RAY_FINETUNE_MICRO_BATCH_TOKENS": "16384"},
+            "profiled": {"GPU_BENCH_PROFILE": "1"}}    # where the step's time goes (class Profile)
 
 
 # When set (--deadline), the monotonic time by which every contender must have finished: a GPU lease is minutes
@@ -297,9 +349,9 @@ def compare(args: argparse.Namespace, work: Path, summary: dict, save) -> None:
 
 # What a GPU lease measures after the comparison, most wanted first, until the deadline. The first lease
 # (2026-12-04, BENCHMARKS.md) measured the 1B shape at 512 and 8192 and the small one at 2048, and left unsettled
-# whether compiled decoder layers pay, and whether smaller micro-batches would cost speed; so: those, then what
-# it could not reach, then the rows it has.
-SESSION_EXTRAS = (("variant", "compiled"), ("variant", "micro16k"), ("variant", "sdpa"),
+# where the step's time goes (33% MFU against the 45% wanted), whether compiled decoder layers pay, and whether
+# smaller micro-batches would cost speed; so: those, then what it could not reach, then the rows it has.
+SESSION_EXTRAS = (("variant", "profiled"), ("variant", "compiled"), ("variant", "micro16k"), ("variant", "sdpa"),
                   ("scaling", "llama-1b", 4096), ("scaling", "smollm2-135m", 8192), ("scaling", "smollm2-135m", 512),
                   ("scaling", "llama-1b", 8192), ("scaling", "llama-1b", 512), ("scaling", "smollm2-135m", 2048))
 
@@ -311,7 +363,7 @@ def measure(args: argparse.Namespace, work: Path, summary: dict, save) -> None:
     on_gpu = torch.cuda.is_available() and not args.tiny
     if args.session:
         compare(args, work, summary, save)
-        extras = [("scaling", "tiny", 256), ("variant", "sdpa")] if args.tiny else list(SESSION_EXTRAS)
+        extras = [("scaling", "tiny", 256), ("variant", "profiled")] if args.tiny else list(SESSION_EXTRAS)
         if "useful_tokens_per_s" not in summary["ours"]:   # learn at once whether FlexAttention is what failed
             extras.insert(0, ("variant", "sdpa"))
         table = summary["scaling"] = []
