@@ -12,6 +12,7 @@ process's resident), and the ratios.
     python bench/gpu_bench.py --scaling    # ours: step time and memory by context length 512..8192, two model sizes
                                            # (without a GPU: on CPU, the tiny and SmolLM2-135M shapes, one row a step)
     python bench/gpu_bench.py --tiny       # a small config, CPU is fine: checks that the script runs (a minute)
+    python bench/gpu_bench.py --trl        # also TRL's SFTTrainer with packing (needs trl, datasets)
     python bench/gpu_bench.py --session --deadline 540   # what one GPU lease runs: the comparison, then scaling
                         # rows and variants by priority until the deadline (seconds), saving after each contender
 
@@ -205,52 +206,103 @@ class Profile:
                 "profile_top": [[event.key[:80], round(own(event) / 1e3, 1), event.count] for event in events[:25]]}
 
 
-def run_hf_trainer(model_path: Path, model_name: str, examples: list[dict], steps: int, warmup: int, batch: int,
-                   work: Path) -> dict:
-    """The common SFT recipe: Trainer, padding collator, bf16 autocast, fused AdamW, SDPA."""
+def step_timer(warmup: int, steps: int):
+    """A Trainer callback timing steps warmup+1..steps (the device synchronized at both marks)."""
     import torch
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback
 
-    on_gpu = torch.cuda.is_available()
-    rows = [{"input_ids": e["input_ids"], "labels": [-100] * e["prompt"] + e["input_ids"][e["prompt"]:]}
-            for e in examples]
-    counted: list[int] = []
-
-    from peers import padding_collator   # bench/, beside this script
-
-    pad_collator = padding_collator(2, counted)
-
-    class Timer(TrainerCallback):
+    class StepTimer(TrainerCallback):
         def __init__(self):
             self.marks = {}
 
+        def _mark(self, name: str) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.marks[name] = time.perf_counter()
+
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == warmup:
-                if on_gpu:
-                    torch.cuda.synchronize()
-                self.marks["start"] = time.perf_counter()
+                self._mark("start")
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == steps:
-                if on_gpu:
-                    torch.cuda.synchronize()
-                self.marks["end"] = time.perf_counter()
+                self._mark("end")
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32, attn_implementation="sdpa")
-    arguments = TrainingArguments(
-        output_dir=str(work / "hf"), per_device_train_batch_size=batch, max_steps=steps, learning_rate=LEARNING_RATE,
-        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, bf16=on_gpu, logging_steps=1,
-        save_strategy="no", report_to=[], dataloader_num_workers=0, remove_unused_columns=False, seed=0,
-        optim="adamw_torch_fused" if on_gpu else "adamw_torch", use_cpu=not on_gpu, disable_tqdm=True)
-    timer = Timer()
-    trainer = Trainer(model=model, args=arguments, train_dataset=rows, data_collator=pad_collator, callbacks=[timer])
-    result = trainer.train()
+    return StepTimer()
+
+
+def peer_arguments(cls, work: Path, steps: int, batch: int, **extra):
+    """The peers' TrainingArguments (or TRL's SFTConfig): our hyperparameters, bf16 autocast and fused AdamW on a
+    GPU, no checkpoints, no logging beyond the loss."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    return cls(output_dir=str(work), per_device_train_batch_size=batch, max_steps=steps, learning_rate=LEARNING_RATE,
+               adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, bf16=on_gpu, logging_steps=1,
+               save_strategy="no", report_to=[], dataloader_num_workers=0, seed=0,
+               optim="adamw_torch_fused" if on_gpu else "adamw_torch", use_cpu=not on_gpu, disable_tqdm=True,
+               **extra)
+
+
+def peer_result(model_name: str, result, timer, counted: list[int], steps: int, warmup: int, **extra) -> dict:
     seconds = timer.marks["end"] - timer.marks["start"]
     tokens = sum(counted[warmup:steps])
     rate = tokens / seconds
     return {"useful_tokens_per_s": rate, "mfu": 6 * matmul_parameters(model_name) * rate / PEAK_FLOPS,
             "step_seconds": seconds / (steps - warmup), "tokens_per_step": tokens / (steps - warmup),
-            "mean_loss": result.training_loss, "batch": batch, "peak_memory_gb": peak_memory_gb()}
+            "mean_loss": result.training_loss, "peak_memory_gb": peak_memory_gb(), **extra}
+
+
+def run_hf_trainer(model_path: Path, model_name: str, examples: list[dict], steps: int, warmup: int, batch: int,
+                   work: Path) -> dict:
+    """The common SFT recipe: Trainer, padding collator, bf16 autocast, fused AdamW, SDPA."""
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from peers import padding_collator   # bench/, beside this script
+
+    rows = [{"input_ids": e["input_ids"], "labels": [-100] * e["prompt"] + e["input_ids"][e["prompt"]:]}
+            for e in examples]
+    counted: list[int] = []
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32, attn_implementation="sdpa")
+    timer = step_timer(warmup, steps)
+    trainer = Trainer(model=model, args=peer_arguments(TrainingArguments, work / "hf", steps, batch,
+                                                       remove_unused_columns=False),
+                      train_dataset=rows, data_collator=padding_collator(2, counted), callbacks=[timer])
+    result = trainer.train()
+    return peer_result(model_name, result, timer, counted, steps, warmup, batch=batch)
+
+
+def run_trl(model_path: Path, model_name: str, context: int, examples: list[dict], steps: int, warmup: int,
+            rows: int, work: Path) -> dict:
+    """TRL's SFTTrainer with packing (its default best-fit packing, flattened batches without padding), prompts
+    masked, SDPA, `rows` packed rows of `context` tokens a step."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    data = datasets.Dataset.from_list([{"input_ids": e["input_ids"],
+                                        "completion_mask": [0] * e["prompt"] + [1] * (len(e["input_ids"]) - e["prompt"])}
+                                       for e in examples])
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32, attn_implementation="sdpa")
+    timer = step_timer(warmup, steps)
+    config = peer_arguments(SFTConfig, work / "trl", steps, rows, packing=True, max_length=context,
+                            completion_only_loss=True, dataset_num_proc=None)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data,
+                         processing_class=AutoTokenizer.from_pretrained(str(model_path)), callbacks=[timer])
+    counted: list[int] = []
+    collate = trainer.data_collator
+
+    def counting(features):   # the real tokens of each batch the trainer takes
+        batch = collate(features)
+        mask = batch.get("attention_mask")
+        counted.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counting
+    result = trainer.train()
+    return peer_result(model_name, result, timer, counted, steps, warmup, rows=rows)
 
 
 def contender(args: argparse.Namespace) -> dict:
@@ -262,6 +314,9 @@ def contender(args: argparse.Namespace) -> dict:
         if args.only == "ours":
             return run_ours(model_path, args.model_name, args.context, examples, args.steps, args.warmup,
                             Path(run_work))
+        if args.only == "trl":
+            return run_trl(model_path, args.model_name, args.context, examples, args.steps, args.warmup, args.batch,
+                           Path(run_work))
         return run_hf_trainer(model_path, args.model_name, examples, args.steps, args.warmup, args.batch,
                               Path(run_work))
 
@@ -341,17 +396,32 @@ def compare(args: argparse.Namespace, work: Path, summary: dict, save) -> None:
         if ours.get("peak_memory_gb") and peer.get("peak_memory_gb"):
             summary["memory_ours_over_hf_trainer"] = round(ours["peak_memory_gb"] / peer["peak_memory_gb"], 2)
     save()
+    if args.trl:
+        compare_with_trl(args, work, summary)
+        save()
     for variant in filter(None, args.variants.split(",")):
         summary[f"ours_{variant}"] = launch(work, "ours", model_name, args.context, examples, steps, warmup,
                                             env=VARIANTS[variant])
         save()
 
 
+def compare_with_trl(args: argparse.Namespace, work: Path, summary: dict) -> None:
+    """TRL's SFTTrainer with packing, 8 packed rows a step (needs trl and datasets; the GPU image has neither,
+    bench/gpu_wheels.sh fetches them)."""
+    peer = summary["trl_packed"] = launch(work, "trl", args.model_name, args.context, args.examples, args.steps * 2,
+                                          args.warmup * 2, batch=8)
+    ours = summary.get("ours", {})
+    if "useful_tokens_per_s" in ours and "useful_tokens_per_s" in peer:
+        summary["ratio_ours_over_trl_packed"] = round(ours["useful_tokens_per_s"] / peer["useful_tokens_per_s"], 2)
+
+
 # What a GPU lease measures after the comparison, most wanted first, until the deadline. The first lease
 # (2026-12-04, BENCHMARKS.md) measured the 1B shape at 512 and 8192 and the small one at 2048, and left unsettled
 # where the step's time goes (33% MFU against the 45% wanted), whether compiled decoder layers pay, and whether
-# smaller micro-batches would cost speed; so: those, then what it could not reach, then the rows it has.
-SESSION_EXTRAS = (("variant", "profiled"), ("variant", "compiled"), ("variant", "micro16k"), ("variant", "sdpa"),
+# smaller micro-batches would cost speed, and had no TRL peer; so: those, then what it could not reach, then the
+# rows it has.
+SESSION_EXTRAS = (("variant", "profiled"), ("peer", "trl"), ("variant", "compiled"), ("variant", "micro16k"),
+                  ("variant", "sdpa"),
                   ("scaling", "llama-1b", 4096), ("scaling", "smollm2-135m", 8192), ("scaling", "smollm2-135m", 512),
                   ("scaling", "llama-1b", 8192), ("scaling", "llama-1b", 512), ("scaling", "smollm2-135m", 2048))
 
@@ -371,6 +441,8 @@ def measure(args: argparse.Namespace, work: Path, summary: dict, save) -> None:
             if kind == "variant" and f"ours_{what[0]}" not in summary:
                 summary[f"ours_{what[0]}"] = launch(work, "ours", summary["model"], args.context, args.examples,
                                                     args.steps, args.warmup, env=VARIANTS[what[0]])
+            elif kind == "peer" and "trl_packed" not in summary:
+                compare_with_trl(args, work, summary)
             elif kind == "scaling":
                 table.append(scaling_row(work, *what, on_gpu=on_gpu))
             save()
@@ -391,7 +463,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="a small config that runs on CPU in about a minute")
     parser.add_argument("--scaling", action="store_true", help="ours only: step time and memory by context length")
-    parser.add_argument("--only", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["ours", "hf", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--model-name", default="llama-1b", choices=sorted(MODELS))
     parser.add_argument("--context", type=int, default=2048)
@@ -401,6 +473,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="the HF Trainer's examples per step")
     parser.add_argument("--mean-fraction", type=float, default=0.12, help=argparse.SUPPRESS)
     parser.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--trl", action="store_true", help="also TRL's SFTTrainer with packing (needs trl)")
     parser.add_argument("--session", action="store_true",
                         help="the comparison, then scaling rows and variants by priority until --deadline")
     parser.add_argument("--deadline", type=float, help="seconds from now by which every contender must be done")

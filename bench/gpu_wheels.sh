@@ -11,6 +11,7 @@ mkdir -p .whl && rm -f .whl/*.whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     "$(pin pydantic)" "$(pin pydantic_core)" "$(pin annotated-types)" "$(pin typing-inspection)" \
-    "$(pin typing_extensions)" "$(pin hjson)" "$(pin transformers)"
+    "$(pin typing_extensions)" "$(pin hjson)" "$(pin transformers)" \
+    "$(pin trl)" "$(pin datasets)" "$(pin dill)" "$(pin multiprocess)"   # the TRL peer (gpu_bench.py --trl)
 python3 -m pip wheel -q --no-deps -w .whl "$(pin deepspeed)"
 ls -1 .whl
