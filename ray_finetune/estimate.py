@@ -21,6 +21,9 @@ PIECES_IN_PROCESS = 8
 # this share of the probing device's free memory.
 PROBE_COPIES = 2
 PROBE_MEMORY_SHARE = 0.5
+# A probe sent to a GPU of the cluster that was free a moment ago: how long it may wait for it and run (loading a
+# large model included) before the dry run reports the time as unknown.
+GPU_PROBE_TIMEOUT_S = 900
 
 
 @dataclass(frozen=True)
@@ -123,13 +126,12 @@ def estimate(spec: RunSpec, *, probe: bool = True, progress: Callable[[str], Non
     evaluation = (prepare("eval_data_path", spec.eval_data_path, progress=tokenizing("eval_data_path"), **common)
                   if spec.eval_data_path else None)
     stats = train.stats
-    world, _ = trainer_group_size(_cluster_gpus(), config.trainer_device, config.trainer_workers,
-                                  config.max_concurrent_runs)
+    world, on_gpus = trainer_group_size(_cluster_gpus(), config.trainer_device, config.trainer_workers,
+                                        config.max_concurrent_runs)
     plan = make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=spec.duration, world_size=world,
                      seed=spec.seed)
-    if probe:
-        progress("probing a training step")
-    seconds, device, memory = (_probe_step_seconds(spec, train.rows_path, plan) if probe else (0.0, "not probed", None))
+    seconds, device, memory = (_probe_where_it_trains(spec, train.rows_path, plan, on_gpus, progress) if probe
+                               else (0.0, "not probed", None))
     return Estimate(
         examples=stats["examples"], tokens=stats["tokens"], target_tokens=stats["target_tokens"],
         truncated_examples=stats["truncated_examples"], dropped_examples=stats["dropped_examples"],
@@ -167,6 +169,31 @@ def _free_memory(device) -> int:
     return host_memory()[1]
 
 
+def _probe_where_it_trains(spec: RunSpec, rows_path: str, plan, on_gpus: bool,
+                           progress: Callable[[str], None]) -> tuple[float, str, dict[str, Any] | None]:
+    """The probe, on the kind of device the run will train on. A run for the cluster's GPUs planned from a machine
+    without one (a notebook, a laptop) is timed on a GPU of the cluster that is free now, as a Ray task: a CPU's
+    step time says nothing about a GPU's. With none free, the time is unknown and says why (a dry run does not wait
+    for training runs to end)."""
+    import ray
+    import torch
+
+    if not on_gpus or torch.cuda.is_available():
+        progress("probing a training step")
+        return _probe_step_seconds(spec, rows_path, plan)
+    if not ray.is_initialized() or ray.available_resources().get("GPU", 0) < 1:
+        return 0.0, ("not probed: the run trains on GPUs, this machine has none, and no GPU of the cluster is free "
+                     "now"), None
+    progress("probing a training step on a GPU of the cluster")
+    task = ray.remote(num_gpus=1, max_retries=0)(_probe_step_seconds).remote(spec, rows_path, plan)
+    ready, _ = ray.wait([task], timeout=GPU_PROBE_TIMEOUT_S)
+    if not ready:   # the GPU was taken between the look and the ask
+        ray.cancel(task, force=True)
+        return 0.0, f"not probed: no GPU of the cluster took the probe within {GPU_PROBE_TIMEOUT_S} s", None
+    seconds, device, memory = ray.get(task)
+    return seconds, (device if device.startswith("not probed") else f"{device}, a GPU node of the cluster"), memory
+
+
 def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str, dict[str, Any] | None]:
     """Time forward + backward of real packed rows; a step is gradient_accumulation_steps of them per rank. On a
     CPU the trainer's memory need comes first (and with it whether activations are recomputed, which the timing
@@ -177,7 +204,8 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
     from ray_finetune import settings
     from ray_finetune.train.hardware import (BF16, batch_width_multiple, choose_attention, choose_precision,
                                              training_device)
-    from ray_finetune.train.loop import cpu_memory_budget, fit_cpu, ready_attention
+    from ray_finetune.train.loop import cpu_memory_budget, fit_cpu, ready_attention, trial_step
+    from ray_finetune.train.memory import checkpoint_activations, fit_micro_batch, micro_batch_rows_limit
     from ray_finetune.train.models import load_model, parameter_count
     from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
 
@@ -205,6 +233,17 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
         except MemoryError as refused:
             return 0.0, "not probed: the run would not fit in this machine's memory", {"refused": str(refused)}
         memory = {**fitted["memory"], "activation_checkpointing": fitted["activation_checkpointing"]}
+    if device.type == "cuda":
+        # The micro-batch the trainer will find (and whether it recomputes activations), not the plan's one row: a
+        # GPU given one row at a time runs well below its speed.
+        if chosen.activation_checkpointing == "on":
+            checkpoint_activations(model)
+        recompute = (lambda: checkpoint_activations(model)) if chosen.activation_checkpointing == "auto" else None
+        try:
+            plan, _ = fit_micro_batch(plan, parameters, device, trial_step(model, rows, device), recompute, precision,
+                                      micro_batch_rows_limit(chosen.micro_batch_tokens, rows.input_ids.shape[1]))
+        except torch.OutOfMemoryError as refused:
+            return 0.0, "not probed: not even one row fits in this GPU's memory", {"refused": str(refused)}
     timings = []
     for index in range(PROBE_MICRO_BATCHES + 1):   # the first one warms up
         batch = make_batch(rows, np.arange(index, index + plan.micro_batch_rows) % len(rows),

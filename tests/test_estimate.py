@@ -177,3 +177,43 @@ def test_assistant_turns_with_weight_0_are_read_but_not_trained_on(tiny_model, t
     assert json.loads(shell.stdout[shell.stdout.index("{"):])["target_tokens"] == first_out.target_tokens
     refused = runner.invoke(app, ["data", "check", data("all-out", (0, 0))])
     assert refused.exit_code == 2 and "every assistant message has weight 0" in refused.stderr
+
+
+def test_a_dry_run_for_the_clusters_gpus_is_not_timed_on_this_machines_cpu(tiny_model, chat_data, monkeypatch):
+    """Planning a GPU cluster's run from a notebook without a GPU: a CPU's step time would be off by orders of
+    magnitude, so with no GPU of the cluster free the time is unknown, and says why."""
+    from ray_finetune import estimate as estimating
+
+    monkeypatch.setattr(estimating, "_cluster_gpus", lambda: 8)
+    result = fm.estimate(model=str(tiny_model), train_data_path=str(chat_data[0]), context_length=128)
+    assert result.world_size == 8 and result.examples == 24 and not result.probed
+    assert result.probe_device == ("not probed: the run trains on GPUs, this machine has none, and no GPU of the "
+                                   "cluster is free now")
+
+
+GPU_CLUSTER_ESTIMATE = """
+import sys, ray
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)   # a cluster with a (pretend) GPU
+from ray_finetune import foundation_model as fm
+told = []
+result = fm.estimate(model=sys.argv[1], train_data_path=sys.argv[2], context_length=128, progress=told.append)
+print(told[-1]); print(result.probe_device); print(result.seconds_per_step)
+"""
+
+
+def test_a_dry_run_from_a_machine_without_a_gpu_times_the_step_on_a_free_gpu_of_the_cluster(tiny_model, chat_data,
+                                                                                          tmp_path):
+    """The probe runs as a Ray task that takes a GPU. (The GPU here is Ray's resource only: the task finds no CUDA
+    and times the CPU of that node, which is this machine; on a real cluster it times the GPU.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_FINETUNE_HOME"] = str(tmp_path / "home")
+    done = subprocess.run([sys.executable, "-c", GPU_CLUSTER_ESTIMATE, str(tiny_model), str(chat_data[0])], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    told, device, seconds = done.stdout.strip().splitlines()[-3:]
+    assert told == "probing a training step on a GPU of the cluster"
+    assert device.endswith(", a GPU node of the cluster") and float(seconds) > 0

@@ -33,7 +33,8 @@ from ray_finetune.train.hardware import (BF16, GRADIENT_CLIPPING, batch_width_mu
 from ray_finetune.train.distributed import all_reduce, ranks_on_this_node
 from ray_finetune.train.evaluation import EvalResult, Evaluation
 from ray_finetune.train.memory import (CpuMemoryNeed, activation_bytes, checkpoint_activations, fit_cpu_memory,
-                                       fit_micro_batch, saved_for_backward, with_micro_batch)
+                                       fit_micro_batch, micro_batch_rows_limit, saved_for_backward,
+                                       with_micro_batch)
 from ray_finetune.train.models import load_initial_model, load_tokenizer, parameter_count, set_stop_tokens
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
 from ray_finetune.train.schedule import lr_factor
@@ -309,9 +310,8 @@ def _fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRow
     fitted: dict[str, Any] = {}
     if device.type == "cuda" and stage < 3:
         fallback = (lambda: checkpoint_activations(model)) if checkpointing == "auto" else None
-        most_rows = max(1, micro_batch_tokens // rows.input_ids.shape[1]) if micro_batch_tokens else 0
         plan, fitted = fit_micro_batch(plan, parameters, device, trial_step(model, rows, device), fallback, precision,
-                                       most_rows)
+                                       micro_batch_rows_limit(micro_batch_tokens, rows.input_ids.shape[1]))
         recomputing = recomputing or fitted["activation_checkpointing"]
         if plan.world_size > 1:   # every rank must split its rows alike, or their gradient reductions would not meet
             plan = with_micro_batch(plan, int(all_reduce(torch.tensor([plan.micro_batch_rows]), "min")))

@@ -90,6 +90,11 @@ def micro_batch_candidates(rows_per_rank: int, most_rows: int = 0) -> list[int]:
             if rows_per_rank % size == 0 and (not most_rows or size <= most_rows or size == 1)]
 
 
+def micro_batch_rows_limit(micro_batch_tokens: int, context_length: int) -> int:
+    """RAY_FINETUNE_MICRO_BATCH_TOKENS as whole rows of the context, at least one; 0 (no limit) stays 0."""
+    return max(1, micro_batch_tokens // context_length) if micro_batch_tokens else 0
+
+
 def largest_fitting(candidates: list[int], try_size: Callable[[int], None]) -> tuple[int, list[int]]:
     """The first candidate whose trial does not run out of memory; also the sizes that did."""
     failed: list[int] = []
