@@ -157,6 +157,8 @@ def run_ours(model_path: Path, model_name: str, context: int, examples: list[dic
             "zero_stage": initialized.get("zero_stage"),
             "activation_checkpointing": initialized.get("activation_checkpointing"),
             "memory_estimate": initialized.get("memory"),   # a CPU trainer's (loop.fit_cpu)
+            # what the trainer process set (distributed.prefer_expandable_gpu_memory) or found set
+            "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"),
             "wall_seconds": time.perf_counter() - started, **(profiler.summary() if profiler else {})}
 
 
