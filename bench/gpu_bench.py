@@ -419,10 +419,10 @@ def compare_with_trl(args: argparse.Namespace, work: Path, summary: dict) -> Non
 
 # What a GPU lease measures after the comparison, most wanted first, until the deadline. The first lease
 # (2026-12-04, BENCHMARKS.md) measured the 1B shape at 512 and 8192 and the small one at 2048, and left unsettled
-# where the step's time goes (33% MFU against the 45% wanted), whether compiled decoder layers pay, and whether
-# smaller micro-batches would cost speed, and had no TRL peer; so: those, then what it could not reach, then the
-# rows it has.
-SESSION_EXTRAS = (("variant", "profiled"), ("peer", "trl"), ("variant", "compiled"), ("variant", "micro16k"),
+# where the step's time goes (33% MFU against the 45% wanted), whether smaller micro-batches (less memory than the
+# HF Trainer's) would cost speed, whether compiled decoder layers pay, and had no TRL peer; so: those, then what it
+# could not reach, then the rows it has.
+SESSION_EXTRAS = (("variant", "profiled"), ("variant", "micro16k"), ("variant", "compiled"), ("peer", "trl"),
                   ("variant", "sdpa"),
                   ("scaling", "llama-1b", 4096), ("scaling", "smollm2-135m", 8192), ("scaling", "smollm2-135m", 512),
                   ("scaling", "llama-1b", 8192), ("scaling", "llama-1b", 512), ("scaling", "smollm2-135m", 2048))
