@@ -185,13 +185,22 @@ def _probe_where_it_trains(spec: RunSpec, rows_path: str, plan, on_gpus: bool,
         return 0.0, ("not probed: the run trains on GPUs, this machine has none, and no GPU of the cluster is free "
                      "now"), None
     progress("probing a training step on a GPU of the cluster")
-    task = ray.remote(num_gpus=1, max_retries=0)(_probe_step_seconds).remote(spec, rows_path, plan)
+    task = ray.remote(num_gpus=1, max_retries=0)(_probe_on_a_cluster_gpu).remote(spec, rows_path, plan)
     ready, _ = ray.wait([task], timeout=GPU_PROBE_TIMEOUT_S)
     if not ready:   # the GPU was taken between the look and the ask
         ray.cancel(task, force=True)
         return 0.0, f"not probed: no GPU of the cluster took the probe within {GPU_PROBE_TIMEOUT_S} s", None
     seconds, device, memory = ray.get(task)
     return seconds, (device if device.startswith("not probed") else f"{device}, a GPU node of the cluster"), memory
+
+
+def _probe_on_a_cluster_gpu(spec: RunSpec, rows_path: str, plan) -> tuple[float, str, dict[str, Any] | None]:
+    """The probe as a Ray task on a GPU node, its allocator set as a trainer's is: its trials of micro-batch sizes
+    fragment the default one as a trainer's do, and would slow the steps it times."""
+    from ray_finetune.train.distributed import prefer_expandable_gpu_memory
+
+    prefer_expandable_gpu_memory()
+    return _probe_step_seconds(spec, rows_path, plan)
 
 
 def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str, dict[str, Any] | None]:

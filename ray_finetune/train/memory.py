@@ -85,9 +85,9 @@ def checkpoint_activations(model: torch.nn.Module) -> bool:
 
 def micro_batch_candidates(rows_per_rank: int, most_rows: int = 0) -> list[int]:
     """Divisors of the rows each rank trains per step, largest first (a micro-batch must divide them evenly), none
-    above `most_rows` (0: no limit) but always 1."""
+    above `most_rows` (0: no limit; 1 always divides)."""
     return [size for size in range(rows_per_rank, 0, -1)
-            if rows_per_rank % size == 0 and (not most_rows or size <= most_rows or size == 1)]
+            if rows_per_rank % size == 0 and (not most_rows or size <= most_rows)]
 
 
 def micro_batch_rows_limit(micro_batch_tokens: int, context_length: int) -> int:
