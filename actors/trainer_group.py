@@ -83,7 +83,7 @@ class EventReporter:
                            if "needed_gb" in memory else ""), info)
         plan = TrainingPlan(**info["plan"])   # the micro-batch may have been fitted to the GPU
         self._sink.emit(EventType.TRAIN_STARTED, f"training for {plan.total_steps} steps of "
-                        f"{plan.global_batch_rows} rows ({plan.micro_batch_rows} at a time per worker)",
+                        f"{plan.global_batch_rows} rows ({micro_batch_note(plan.micro_batch_rows, info)})",
                         {"plan": plan.as_dict()})
 
     def step_finished(self, report: StepReport) -> None:
@@ -139,6 +139,16 @@ class SilentReporter:
         from ray_finetune.train import loop
 
         return loop.STOP_NONE
+
+
+def micro_batch_note(rows: int, info: dict[str, Any]) -> str:
+    """How many rows a worker runs at once, and why not more on a GPU (what memory.fit_micro_batch tried)."""
+    note = f"{rows} at a time per worker"
+    if info.get("micro_batch_rows_limit"):
+        note += f"; at most {info['micro_batch_rows_limit']} by RAY_FINETUNE_MICRO_BATCH_TOKENS"
+    if info.get("out_of_memory_at"):
+        note += f"; {', '.join(map(str, info['out_of_memory_at']))} did not fit in GPU memory"
+    return note
 
 
 def train_reporting(train: Callable[[], Any], reporter: Any) -> Any:

@@ -286,3 +286,14 @@ def test_a_gpu_trainer_turns_the_token_limit_into_whole_rows(monkeypatch, tiny_m
     for tokens in (0, 3 * context + 5, context // 2):
         loop._fit_memory(model, 1000, plan, rows, torch.device("cuda"), "bf16", 2, "off", None, tokens)
     assert limits == [0, 3, 1]   # no limit; whole rows under it; never less than one row
+
+
+def test_a_run_says_how_many_rows_a_worker_runs_at_once_and_why_not_more():
+    """TRAIN_STARTED's message, for the operator wondering why a GPU runs smaller micro-batches than the step."""
+    from actors.trainer_group import micro_batch_note
+
+    assert micro_batch_note(1, {}) == "1 at a time per worker"   # a CPU trainer: the plan's micro-batch
+    assert micro_batch_note(16, {"micro_batch_rows_limit": None, "out_of_memory_at": [64, 32]}) == (
+        "16 at a time per worker; 64, 32 did not fit in GPU memory")
+    assert micro_batch_note(8, {"micro_batch_rows_limit": 8, "out_of_memory_at": []}) == (
+        "8 at a time per worker; at most 8 by RAY_FINETUNE_MICRO_BATCH_TOKENS")
