@@ -190,7 +190,12 @@ def _probe_where_it_trains(spec: RunSpec, rows_path: str, plan, on_gpus: bool,
     if not ready:   # the GPU was taken between the look and the ask
         ray.cancel(task, force=True)
         return 0.0, f"not probed: no GPU of the cluster took the probe within {GPU_PROBE_TIMEOUT_S} s", None
-    seconds, device, memory = ray.get(task)
+    try:
+        seconds, device, memory = ray.get(task)
+    except ray.exceptions.RayError as error:   # e.g. a node that does not reach RAY_FINETUNE_STORAGE
+        cause = getattr(error, "cause", None) or error
+        return 0.0, f"not probed: the probe failed on a GPU node of the cluster ({type(cause).__name__}: " \
+                    f"{str(cause).strip().splitlines()[-1][:300] if str(cause).strip() else ''})", None
     return seconds, (device if device.startswith("not probed") else f"{device}, a GPU node of the cluster"), memory
 
 

@@ -198,6 +198,14 @@ from ray_finetune import foundation_model as fm
 told = []
 result = fm.estimate(model=sys.argv[1], train_data_path=sys.argv[2], context_length=128, progress=told.append)
 print(told[-1]); print(result.probe_device); print(result.seconds_per_step)
+from ray_finetune import estimate as estimating
+def unreachable(*arguments):   # as on a GPU node that does not mount the storage the data was packed to
+    raise FileNotFoundError("/mnt/storage/packed/rows: no such file or directory")
+estimating._probe_on_a_cluster_gpu = unreachable
+import time
+while ray.available_resources().get("GPU", 0) < 1:   # the first probe's GPU, released a moment after it ended
+    time.sleep(0.2)
+print(fm.estimate(model=sys.argv[1], train_data_path=sys.argv[2], context_length=128).probe_device)
 """
 
 
@@ -214,6 +222,9 @@ def test_a_dry_run_from_a_machine_without_a_gpu_times_the_step_on_a_free_gpu_of_
     done = subprocess.run([sys.executable, "-c", GPU_CLUSTER_ESTIMATE, str(tiny_model), str(chat_data[0])], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    told, device, seconds = done.stdout.strip().splitlines()[-3:]
+    told, device, seconds, failed = done.stdout.strip().splitlines()[-4:]
     assert told == "probing a training step on a GPU of the cluster"
     assert device.endswith(", a GPU node of the cluster") and float(seconds) > 0
+    # a probe that fails there leaves the time unknown, saying why, rather than failing the dry run
+    assert failed == ("not probed: the probe failed on a GPU node of the cluster (FileNotFoundError: "
+                      "/mnt/storage/packed/rows: no such file or directory)")
