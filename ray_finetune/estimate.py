@@ -209,17 +209,17 @@ def _probe_on_a_cluster_gpu(spec: RunSpec, rows_path: str, plan) -> tuple[float,
 
 
 def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str, dict[str, Any] | None]:
-    """Time forward + backward of real packed rows; a step is gradient_accumulation_steps of them per rank. On a
-    CPU the trainer's memory need comes first (and with it whether activations are recomputed, which the timing
-    then includes); a run that would not fit is not probed, and says why."""
+    """Time forward + backward of real packed rows; a step is gradient_accumulation_steps of them per rank. What
+    the trainer fits to memory comes first (loop.fit_memory: on a CPU its memory need and whether activations are
+    recomputed, which the timing then includes; on a GPU its micro-batch); a run that would not fit is not probed,
+    and says why."""
     import numpy as np
     import torch
 
     from ray_finetune import settings
     from ray_finetune.train.hardware import (BF16, batch_width_multiple, choose_attention, choose_precision,
-                                             training_device)
-    from ray_finetune.train.loop import cpu_memory_budget, fit_cpu, ready_attention, trial_step
-    from ray_finetune.train.memory import checkpoint_activations, fit_micro_batch, micro_batch_rows_limit
+                                             training_device, zero_stage)
+    from ray_finetune.train.loop import cpu_memory_budget, fit_memory, ready_attention
     from ray_finetune.train.models import load_model, parameter_count
     from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
 
@@ -235,29 +235,24 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
     if needed > PROBE_MEMORY_SHARE * free:
         return 0.0, (f"not probed: the model's weights and gradients ({needed / 2**30:.1f} GiB) would not fit in the "
                      f"free memory of this machine's {device.type.upper()} ({free / 2**30:.1f} GiB)"), None
-    budget = cpu_memory_budget(chosen.cpu_memory_gb) if device.type == "cpu" else None
     # The attention a CPU trains with; on a GPU plain SDPA (its compiled kernels would take the probe minutes).
     attention = choose_attention(device, chosen.attention) if device.type == "cpu" else "sdpa"
     model = load_model(spec.model_path, dtype=dtype, attention=attention).to(device)
     ready_attention(model, rows, device)
-    memory = None
-    if budget is not None:
-        try:
-            fitted = fit_cpu(model, parameters, plan, rows, precision, chosen.activation_checkpointing, budget)
-        except MemoryError as refused:
-            return 0.0, "not probed: the run would not fit in this machine's memory", {"refused": str(refused)}
-        memory = {**fitted["memory"], "activation_checkpointing": fitted["activation_checkpointing"]}
-    if device.type == "cuda":
-        # The micro-batch the trainer will find (and whether it recomputes activations), not the plan's one row: a
-        # GPU given one row at a time runs well below its speed.
-        if chosen.activation_checkpointing == "on":
-            checkpoint_activations(model)
-        recompute = (lambda: checkpoint_activations(model)) if chosen.activation_checkpointing == "auto" else None
-        try:
-            plan, _ = fit_micro_batch(plan, parameters, device, trial_step(model, rows, device), recompute, precision,
-                                      micro_batch_rows_limit(chosen.micro_batch_tokens, rows.input_ids.shape[1]))
-        except torch.OutOfMemoryError as refused:
-            return 0.0, "not probed: not even one row fits in this GPU's memory", {"refused": str(refused)}
+    # What the trainer works out before it trains, worked out the same way: on a CPU its memory need against the
+    # machine's (and whether it recomputes activations), on a GPU the micro-batch it finds (a GPU given the plan's
+    # one row at a time runs well below its speed).
+    try:
+        stage = zero_stage(device, precision, chosen.zero_stage, parameters, plan.world_size)
+        budget = cpu_memory_budget(chosen.cpu_memory_gb) if device.type == "cpu" and stage < 3 else None
+        plan, fitted = fit_memory(model, parameters, plan, rows, device, precision, stage,
+                                  chosen.activation_checkpointing, budget, chosen.micro_batch_tokens)
+    except MemoryError as refused:   # a CPU's need beyond the machine's memory
+        return 0.0, "not probed: the run would not fit in this machine's memory", {"refused": str(refused)}
+    except torch.OutOfMemoryError as refused:   # a GPU that takes not even one row, or not the model's state
+        return 0.0, "not probed: the run would not fit in this GPU's memory", {"refused": str(refused)}
+    memory = ({**fitted["memory"], "activation_checkpointing": fitted["activation_checkpointing"]}
+              if "memory" in fitted else None)
     timings = []
     for index in range(PROBE_MICRO_BATCHES + 1):   # the first one warms up
         batch = make_batch(rows, np.arange(index, index + plan.micro_batch_rows) % len(rows),

@@ -224,7 +224,7 @@ def test_a_cpu_run_that_would_not_fit_recomputes_activations_or_fails_before_tra
     def set_up(budget_gb: float):
         model = load_model(tiny_model)
         parameters = sum(p.numel() for p in model.parameters())
-        _, notes = loop._fit_memory(model, parameters, plan, rows, torch.device("cpu"), FP32, 0, "auto",
+        _, notes = loop.fit_memory(model, parameters, plan, rows, torch.device("cpu"), FP32, 0, "auto",
                                     (budget_gb * 2**30, "test budget"))
         assert model.is_gradient_checkpointing == notes["activation_checkpointing"]
         return notes
@@ -284,7 +284,7 @@ def test_a_gpu_trainer_turns_the_token_limit_into_whole_rows(monkeypatch, tiny_m
     monkeypatch.setattr(loop, "fit_micro_batch", fit)
     model = load_model(tiny_model)
     for tokens in (0, 3 * context + 5, context // 2):
-        loop._fit_memory(model, 1000, plan, rows, torch.device("cuda"), "bf16", 2, "off", None, tokens)
+        loop.fit_memory(model, 1000, plan, rows, torch.device("cuda"), "bf16", 2, "off", None, tokens)
     assert limits == [0, 3, 1]   # no limit; whole rows under it; never less than one row
 
 

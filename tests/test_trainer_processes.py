@@ -308,7 +308,7 @@ def test_cpu_trainers_on_one_node_share_its_memory(tiny_model, tmp_path):
     rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
     model = load_model(tiny_model)
     plan = make_plan(rows=stats.rows, tokens=stats.tokens, duration=Duration(value=2, unit="ep"), world_size=1, seed=0)
-    _, alone = loop._fit_memory(model, sum(p.numel() for p in model.parameters()), plan, PackedRows.load(rows_path),
+    _, alone = loop.fit_memory(model, sum(p.numel() for p in model.parameters()), plan, PackedRows.load(rows_path),
                                 torch.device("cpu"), FP32, 0, "auto", (2**40, "plenty"))
     budget_gb = 1.5 * alone["memory"]["needed_gb"]          # room for one trainer; two get 0.75 of it each
     out = tmp_path / "two.json"

@@ -129,7 +129,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     parameters = parameter_count(config.model_path)
     stage = zero_stage(device, precision, chosen.zero_stage, parameters, world)
     attention = choose_attention(device, chosen.attention, stage)
-    # ZeRO-3 keeps the plan's micro-batch (_fit_memory), so this is the config the engine will train with.
+    # ZeRO-3 keeps the plan's micro-batch (fit_memory), so this is the config the engine will train with.
     sharded_by = deepspeed_config(plan, stage, precision) if stage == 3 else None
     # What this machine has for the run, taken before the model is loaded (the need counts the model too).
     cpu_budget = cpu_memory_budget(chosen.cpu_memory_gb) if device.type == "cpu" and stage < 3 else None
@@ -140,7 +140,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
                                dtype=torch.bfloat16 if precision == BF16 else torch.float32)
     stop_tokens = set_stop_tokens(model, tokenizer)
     sizing = _ready_model(model, rows, device, precision, stage, compile_layers=chosen.compile == "on")
-    plan, fitted = _fit_memory(model, parameters, plan, rows, device, precision, stage,
+    plan, fitted = fit_memory(model, parameters, plan, rows, device, precision, stage,
                                 chosen.activation_checkpointing, cpu_budget, chosen.micro_batch_tokens)
     sizing.update(fitted)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=BETAS, weight_decay=0.0,
@@ -297,14 +297,15 @@ def ready_attention(model: Any, rows: PackedRows, device: torch.device) -> dict[
     return {}
 
 
-def _fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, device: torch.device,
-                precision: str, stage: int, checkpointing: str, cpu_budget: tuple[float, str] | None = None,
-                micro_batch_tokens: int = 0) -> tuple[TrainingPlan, dict[str, Any]]:
+def fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, device: torch.device,
+               precision: str, stage: int, checkpointing: str, cpu_budget: tuple[float, str] | None = None,
+               micro_batch_tokens: int = 0) -> tuple[TrainingPlan, dict[str, Any]]:
     """The micro-batch and activation checkpointing (`checkpointing`: auto, on or off). ZeRO-2 GPUs fit the largest
     micro-batch (of at most `micro_batch_tokens` tokens, 0: any; always at least one row) and recompute
     activations only when not even one row fits without; under ZeRO-3 (a model that
     barely fits) one row at a time, recomputing activations; CPUs keep the plan's micro-batch and recompute
-    activations when it would not fit `cpu_budget` (bytes, and where that figure comes from) otherwise."""
+    activations when it would not fit `cpu_budget` (bytes, and where that figure comes from) otherwise. What a
+    trainer and a dry run's probe (estimate.py, one process without a group) both work out."""
     recomputing = (checkpointing == "on" or (checkpointing == "auto" and device.type == "cuda" and stage == 3)) \
         and checkpoint_activations(model)
     fitted: dict[str, Any] = {}
@@ -313,7 +314,8 @@ def _fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRow
         plan, fitted = fit_micro_batch(plan, parameters, device, trial_step(model, rows, device), fallback, precision,
                                        micro_batch_rows_limit(micro_batch_tokens, rows.input_ids.shape[1]))
         recomputing = recomputing or fitted["activation_checkpointing"]
-        if plan.world_size > 1:   # every rank must split its rows alike, or their gradient reductions would not meet
+        # Every rank must split its rows alike, or their gradient reductions would not meet (a probe has no group).
+        if plan.world_size > 1 and dist.is_initialized():
             plan = with_micro_batch(plan, int(all_reduce(torch.tensor([plan.micro_batch_rows]), "min")))
     elif cpu_budget is not None:
         fitted = fit_cpu(model, parameters, plan, rows, precision, checkpointing, cpu_budget)
