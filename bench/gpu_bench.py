@@ -171,9 +171,9 @@ class Profile:
     def __init__(self, warmup: int) -> None:
         import torch
 
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if torch.cuda.is_available():
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.on_gpu = torch.cuda.is_available()
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                               if self.on_gpu else [])
         self.profiler = torch.profiler.profile(activities=activities)
         self.warmup, self.seconds, self.done = warmup, 0.0, False
 
@@ -187,24 +187,20 @@ class Profile:
                 self.done = True
 
     def summary(self) -> dict:
-        import torch
-
         if not self.done:
             return {"profile": "too few steps to profile"}
-        on_gpu = torch.cuda.is_available()
+        own_time = "self_device_time_total" if self.on_gpu else "self_cpu_time_total"
 
-        own_time = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-
-        def own(event) -> float:   # microseconds of its own (children excluded) on the device, else on the host
+        def own(event) -> float:   # microseconds of the op's own (children excluded) on the device, else the host
             return getattr(event, own_time)
 
-        events = sorted(self.profiler.key_averages(), key=own, reverse=True)
-        table = self.profiler.key_averages().table(sort_by=own_time, row_limit=40)
+        averages = self.profiler.key_averages()   # aggregated once: it walks every recorded event
+        events = sorted(averages, key=own, reverse=True)
         if os.environ.get("OUT"):
-            Path(os.environ["OUT"], "profile.txt").write_text(table)
+            Path(os.environ["OUT"], "profile.txt").write_text(averages.table(sort_by=own_time, row_limit=40))
         busy = sum(own(event) for event in events) / 1e6
         return {"profiled_seconds": round(self.seconds, 3),
-                "device_busy_share": round(busy / self.seconds, 3) if on_gpu and self.seconds else None,
+                "device_busy_share": round(busy / self.seconds, 3) if self.on_gpu and self.seconds else None,
                 "profile_top": [[event.key[:80], round(own(event) / 1e3, 1), event.count] for event in events[:25]]}
 
 
