@@ -7,6 +7,7 @@ keeps torch, transformers and the tokenizer code imported from one run to the ne
 paid those imports every time: 4.5-5.4 s of a small run's 16 s on the 2-core box (BENCHMARKS.md)."""
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable
 
@@ -25,10 +26,49 @@ ACTOR_NAME = "ray_finetune_data_packer"
 MAX_CONCURRENT_PACKS = 32
 # Tokenizing a large dataset takes minutes; a run that sits in STARTING says how far it has got this often.
 PROGRESS_EVERY_S = 10.0
+# Cancellations kept for requests that are not being packed (not started yet, or already finished).
+REMEMBERED_ABANDONMENTS = 256
 
 
 class PackingAbandoned(Exception):
     """The run was cancelled while its data was being prepared."""
+
+
+class Abandonments:
+    """Which of the requests being packed were abandoned. Ray may run a cancellation before the pack it cancels (the
+    packer's threads take calls in any order), so one for a request not seen yet is kept; one that arrives after its
+    request finished (the run was cancelled as its data came back) is kept too, so only the newest
+    REMEMBERED_ABANDONMENTS of those stay: the packer lives as long as the cluster."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()   # the packer's threads pack, finish and abandon requests at once
+        self._packing: set[str] = set()
+        self._abandoned: dict[str, None] = {}   # in the order they came
+
+    def started(self, request_id: str) -> None:
+        with self._lock:
+            self._packing.add(request_id)
+
+    def abandon(self, request_id: str) -> None:
+        with self._lock:
+            self._abandoned[request_id] = None
+            idle = [known for known in self._abandoned if known not in self._packing]
+            for oldest in idle[:max(0, len(idle) - REMEMBERED_ABANDONMENTS)]:
+                del self._abandoned[oldest]
+
+    def is_abandoned(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._abandoned
+
+    def finished(self, request_id: str) -> None:
+        with self._lock:
+            self._packing.discard(request_id)
+            self._abandoned.pop(request_id, None)
+
+    def __len__(self) -> int:
+        """Requests remembered (packing or abandoned)."""
+        with self._lock:
+            return len(self._packing | self._abandoned.keys())
 
 
 class ProgressEvents:
@@ -55,7 +95,7 @@ class ProgressEvents:
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=MAX_CONCURRENT_PACKS)
 class DataPacker:
     def __init__(self) -> None:
-        self._abandoned: set[str] = set()   # request ids
+        self._abandonments = Abandonments()
         # Imported now (the scheduler starts the packer when it starts) rather than during the first run: a
         # model's config class pulls in torch and most of what loading any tokenizer needs (3.4 s on the 2-core box).
         try:
@@ -67,17 +107,18 @@ class DataPacker:
 
     def abandon(self, request_id: str) -> None:
         """The request's run was cancelled: stop tokenizing for it at the next shard, and record nothing more."""
-        self._abandoned.add(request_id)
+        self._abandonments.abandon(request_id)
 
     def pack(self, request: PackRequest) -> PackedData | None:
         """The run's packed data; None for an abandoned request, whose run stopped waiting for the reply (raising
         there would only put an expected cancellation in the logs as an unhandled error)."""
+        self._abandonments.started(request.request_id)
         try:
-            return self._pack(request, lambda: request.request_id in self._abandoned)
+            return self._pack(request, lambda: self._abandonments.is_abandoned(request.request_id))
         except PackingAbandoned:
             return None
         finally:
-            self._abandoned.discard(request.request_id)
+            self._abandonments.finished(request.request_id)
 
     def _pack(self, request: PackRequest, abandoned: Callable[[], bool]) -> PackedData:
         run, spec = request.run, request.run.spec

@@ -233,6 +233,28 @@ def test_a_run_cancelled_while_its_data_is_tokenized_stops_there_and_the_packer_
     assert create(tiny_model, chat_data, training_duration="1ba").wait(timeout=300).status == RunStatus.COMPLETED
 
 
+def test_the_packer_stops_a_cancelled_request_and_keeps_few_cancellations_of_requests_it_is_not_packing():
+    """The packer lives as long as the cluster: runs cancelled just as their data came back must not pile up in it,
+    and a cancellation that overtakes its pack (Ray's threads take calls in any order) must still stop it."""
+    from actors.data_packer import REMEMBERED_ABANDONMENTS, Abandonments
+
+    requests = Abandonments()
+    requests.abandon("early")   # before its pack started
+    requests.started("early")
+    requests.started("running")
+    requests.abandon("running")
+    assert requests.is_abandoned("early") and requests.is_abandoned("running")
+    for request_id in ("early", "running"):
+        requests.finished(request_id)
+        assert not requests.is_abandoned(request_id)
+    assert len(requests) == 0
+    requests.started("long")
+    for late in range(3 * REMEMBERED_ABANDONMENTS):   # each after its pack returned
+        requests.abandon(f"late-{late}")
+    requests.abandon("long")
+    assert len(requests) == REMEMBERED_ABANDONMENTS + 1 and requests.is_abandoned("long")
+
+
 def test_a_failure_in_the_run_itself_ends_failed_at_once_with_the_reason(cluster, tiny_model, tmp_path):
     data = tmp_path / "late_error.jsonl"
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
