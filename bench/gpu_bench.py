@@ -94,6 +94,20 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
 
 
+def gpu_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def reset_peak_memory() -> None:
+    """From here on peak_memory_gb counts anew (on a GPU; a process's peak resident memory cannot be reset)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def matmul_parameters(model_name: str) -> int:
     shape = MODELS[model_name]
     hidden, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
@@ -123,7 +137,12 @@ def run_ours(model_path: Path, model_name: str, context: int, examples: list[dic
     profiler = Profile(warmup) if os.environ.get("GPU_BENCH_PROFILE") == "1" else None
 
     class Collect:   # stops after `steps` steps (a plain stop writes no checkpoint)
-        def model_initialized(self, info): initialized.update(info)
+        def model_initialized(self, info):
+            initialized.update(info)
+            # The set-up's own peak (the micro-batch search tries a size larger than the one it keeps) apart from
+            # training's: from here on the GPU holds what the steps need.
+            initialized["setup_peak_memory_gb"] = peak_memory_gb()
+            reset_peak_memory()
 
         def step_finished(self, report):
             reports.append(report)
@@ -149,10 +168,14 @@ def run_ours(model_path: Path, model_name: str, context: int, examples: list[dic
     return {"useful_tokens_per_s": rate, "mfu": 6 * matmul_parameters(model_name) * rate / PEAK_FLOPS,
             "step_seconds": seconds / len(timed), "tokens_per_step": tokens / len(timed),
             "mean_loss": sum(r.loss for r in timed) / len(timed), "steps_timed": len(timed),
-            "peak_memory_gb": peak_memory_gb(), "packing_efficiency": round(stats.packing_efficiency, 4),
+            "peak_memory_gb": max(peak_memory_gb(), initialized.get("setup_peak_memory_gb", 0.0)),
+            "training_peak_memory_gb": peak_memory_gb() if gpu_present() else None,
+            "setup_peak_memory_gb": initialized.get("setup_peak_memory_gb"),
+            "packing_efficiency": round(stats.packing_efficiency, 4),
             "precision": initialized.get("precision"), "attention": initialized.get("attention"),
             "micro_batch_rows": initialized.get("plan", {}).get("micro_batch_rows"),
             "out_of_memory_at": initialized.get("out_of_memory_at"),
+            "micro_batch_rows_per_second": initialized.get("rows_per_second"),   # the search's timed sizes
             "attention_fallback": initialized.get("attention_fallback"),
             "zero_stage": initialized.get("zero_stage"),
             "activation_checkpointing": initialized.get("activation_checkpointing"),
@@ -393,6 +416,9 @@ def compare(args: argparse.Namespace, work: Path, summary: dict, save) -> None:
         summary["ratio_ours_over_hf_trainer"] = round(ours["useful_tokens_per_s"] / peer["useful_tokens_per_s"], 2)
         if ours.get("peak_memory_gb") and peer.get("peak_memory_gb"):
             summary["memory_ours_over_hf_trainer"] = round(ours["peak_memory_gb"] / peer["peak_memory_gb"], 2)
+        if ours.get("training_peak_memory_gb") and peer.get("peak_memory_gb"):   # ours without its set-up's trials
+            summary["training_memory_ours_over_hf_trainer"] = round(
+                ours["training_peak_memory_gb"] / peer["peak_memory_gb"], 2)
     save()
     if args.trl:
         compare_with_trl(args, work, summary)

@@ -38,8 +38,8 @@ class Settings:
     # activations, or fails saying what it needs (train/memory.py), instead of being killed by the kernel.
     cpu_memory_gb: float = 0.0
     # Tokens a GPU trainer puts through the model at once (rows per micro-batch x context length) at most; 0: the
-    # largest micro-batch that fits (train/memory.fit_micro_batch). Less leaves GPU memory to others, at a cost in
-    # speed only once micro-batches get small.
+    # micro-batch that fits and still pays (train/memory.fit_micro_batch). Less leaves GPU memory to others, at a
+    # cost in speed only once micro-batches get small.
     micro_batch_tokens: int = 0
 
     @property

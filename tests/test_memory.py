@@ -1,12 +1,12 @@
-"""Micro-batch fitting: the largest size that runs is kept, out-of-memory backs off, the step stays the same."""
+"""Micro-batch fitting: sizes grow while they fit and pay, out-of-memory stops the growth, the step stays the same."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from ray_finetune.spec import Duration
-from ray_finetune.train.memory import (checkpoint_activations, fit_micro_batch, largest_fitting,
-                                       micro_batch_candidates, with_micro_batch)
+from ray_finetune.train.memory import (WORTH_DOUBLING, checkpoint_activations, fastest_fitting, fit_micro_batch,
+                                       growing_sizes, micro_batch_candidates, timed_trial, with_micro_batch)
 from ray_finetune.train.plan import make_plan
 
 
@@ -15,32 +15,62 @@ def test_candidates_divide_the_rows_of_a_rank_largest_first():
     assert micro_batch_candidates(1) == [1]
 
 
-def test_backs_off_until_a_size_fits():
+def test_sizes_tried_about_double_from_one_row_up_to_all_of_a_ranks_rows():
+    assert growing_sizes(micro_batch_candidates(64)) == [1, 2, 4, 8, 16, 32, 64]
+    assert growing_sizes(micro_batch_candidates(12)) == [1, 2, 4, 12]
+    assert growing_sizes(micro_batch_candidates(6)) == [1, 2, 6]
+    assert growing_sizes([1]) == [1]
+
+
+def test_grows_until_a_size_runs_out_of_memory():
     tried = []
 
-    def try_size(size: int) -> None:
+    def seconds_for(size: int) -> float:   # the GPU never busy: twice the rows, twice the rows per second
         tried.append(size)
         if size > 4:
             raise torch.OutOfMemoryError(f"{size} rows do not fit")
+        return 1.0
 
-    assert largest_fitting([16, 8, 4, 2, 1], try_size) == (4, [16, 8])
-    assert tried == [16, 8, 4]
+    assert fastest_fitting(micro_batch_candidates(16), seconds_for) == (4, [8], {1: 1.0, 2: 2.0, 4: 4.0})
+    assert tried == [1, 2, 4, 8]   # one trial ran out of memory, none after it
+
+
+def test_stops_growing_where_the_gpu_is_busy_unless_a_group_reduces_after_every_micro_batch():
+    """A pass takes at least 0.1 s (the GPU idle below 10 rows), then 0.01 s a row: 16 rows are 25% faster per row
+    than 8, 32 no faster than 16, so 16 is kept on one GPU; a group keeps growing while it fits."""
+    tried = []
+
+    def seconds_for(size: int) -> float:
+        tried.append(size)
+        return max(0.1, 0.01 * size)
+
+    size, failed, rates = fastest_fitting(micro_batch_candidates(256), seconds_for)
+    assert size == 16 and failed == [] and tried == [1, 2, 4, 8, 16, 32]
+    assert rates[32] < (1 + WORTH_DOUBLING) * rates[16] and rates[16] > (1 + WORTH_DOUBLING) * rates[8]
+    assert fastest_fitting(micro_batch_candidates(256), seconds_for, worth_doubling=-1.0)[0] == 256
 
 
 def test_says_what_to_do_when_nothing_fits():
-    def never(size: int) -> None:
+    def never(size: int) -> float:
         raise torch.OutOfMemoryError("no")
 
     with pytest.raises(torch.OutOfMemoryError, match="context_length"):
-        largest_fitting([2, 1], never)
+        fastest_fitting([2, 1], never)
 
 
 def test_other_errors_are_not_taken_for_out_of_memory():
-    def broken(size: int) -> None:
+    def broken(size: int) -> float:
         raise RuntimeError("a bug, not a size problem")
 
     with pytest.raises(RuntimeError, match="a bug"):
-        largest_fitting([2, 1], broken)
+        fastest_fitting([2, 1], broken)
+
+
+def test_a_size_is_timed_once_warm():
+    """The first pass of a size picks (and compiles) its kernels and grows the allocator: timed is the second."""
+    calls = []
+    seconds = timed_trial(calls.append, torch.device("cpu"))(3)
+    assert calls == [3, 3] and seconds >= 0
 
 
 def test_activations_are_recomputed_only_when_not_even_one_row_fits(monkeypatch):
@@ -49,9 +79,10 @@ def test_activations_are_recomputed_only_when_not_even_one_row_fits(monkeypatch)
     assert 2 in micro_batch_candidates(plan.global_batch_rows) and plan.global_batch_rows > 2
     recomputing = []
 
-    def try_rows(size: int) -> None:   # without recomputation nothing fits; with it, up to 2 rows
+    def try_rows(size: int) -> float:   # without recomputation nothing fits; with it, up to 2 rows
         if not recomputing or size > 2:
             raise torch.OutOfMemoryError(f"{size} rows")
+        return 1.0
 
     def recompute() -> bool:
         recomputing.append(True)
@@ -60,7 +91,7 @@ def test_activations_are_recomputed_only_when_not_even_one_row_fits(monkeypatch)
     fitted, notes = fit_micro_batch(plan, 1000, torch.device("cpu"), try_rows, recompute)
     assert recomputing == [True] and notes["activation_checkpointing"] is True
     assert fitted.micro_batch_rows == 2
-    assert notes["out_of_memory_at"] == [s for s in micro_batch_candidates(plan.global_batch_rows) if s > 2]
+    assert notes["out_of_memory_at"] == [4] and notes["rows_per_second"] == {"1": 1.0, "2": 2.0}
 
     recomputing.append(True)     # already recomputing: a size that fits needs no more
     fitted, notes = fit_micro_batch(plan, 1000, torch.device("cpu"), try_rows, recompute)
@@ -144,8 +175,9 @@ def test_set_up_falls_back_to_sdpa_and_fits_a_micro_batch(tiny_model, tmp_path, 
     model = load_model(tiny_model, attention="flex_attention")
     notes = loop._ready_model(model, rows, torch.device("cpu"), FP32, stage=2, compile_layers=False)
     assert model.config._attn_implementation == "sdpa" and "flex_attention failed" in notes["attention_fallback"]
+    try_rows = loop.trial_step(model, rows, torch.device("cpu"))
     fitted, notes = fit_micro_batch(plan, sum(p.numel() for p in model.parameters()), torch.device("cpu"),
-                                    loop.trial_step(model, rows, torch.device("cpu")))
+                                    lambda count: try_rows(count) or 1.0)   # a GPU never busy: grows while it fits
     assert model.config._attn_implementation == "sdpa"
     per_rank = plan.global_batch_rows
     assert fitted.micro_batch_rows == per_rank == notes["micro_batch_rows"]      # plenty of room: all rows at once
@@ -247,8 +279,9 @@ def test_a_micro_batch_token_limit_caps_the_search_but_never_below_one_row(monke
     assert micro_batch_candidates(12, most_rows=5) == [4, 3, 2, 1]
     assert micro_batch_candidates(12, most_rows=0) == micro_batch_candidates(12)
     tried = []
-    fitted, notes = fit_micro_batch(plan, 1000, torch.device("cpu"), tried.append, most_rows=16)
-    assert tried == [16] and fitted.micro_batch_rows == 16 and fitted.gradient_accumulation_steps == 4
+    fitted, notes = fit_micro_batch(plan, 1000, torch.device("cpu"), lambda count: tried.append(count) or 1.0,
+                                    most_rows=16)
+    assert tried == [1, 2, 4, 8, 16] and fitted.micro_batch_rows == 16 and fitted.gradient_accumulation_steps == 4
     assert notes["micro_batch_rows_limit"] == 16 and notes["out_of_memory_at"] == []
     assert micro_batch_candidates(64, most_rows=1) == [1]
 
@@ -297,3 +330,5 @@ def test_a_run_says_how_many_rows_a_worker_runs_at_once_and_why_not_more():
         "16 at a time per worker; 64, 32 did not fit in GPU memory")
     assert micro_batch_note(8, {"micro_batch_rows_limit": 8, "out_of_memory_at": []}) == (
         "8 at a time per worker; at most 8 by RAY_FINETUNE_MICRO_BATCH_TOKENS")
+    assert micro_batch_note(16, {"out_of_memory_at": [], "rows_per_second": {"8": 20.0, "16": 30.0, "32": 30.3}}) == (
+        "16 at a time per worker; 32 trained +1% rows/s, not worth twice the activation memory")

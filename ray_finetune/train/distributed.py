@@ -47,8 +47,8 @@ def join_process_group(rank: int, world_size: int, master: tuple[str, int] | Non
 
 def prefer_expandable_gpu_memory() -> None:
     """Let PyTorch's GPU allocator grow its segments in place (expandable_segments) unless the operator configured
-    it. A trainer first searches for the largest micro-batch that fits (memory.fit_micro_batch), and the trials that
-    run out of memory leave the default allocator's fixed-size segments split: every later step then hunts for
+    it. A trainer first searches for its micro-batch (memory.fit_micro_batch), and a trial that
+    runs out of memory leaves the default allocator's fixed-size segments split: every later step then hunts for
     blocks and frees and retries. Measured on an H200 (Llama-1B shape, context 2048, two failed trials): 32.7k
     useful tokens/s by default, 44.3k with this setting, the same peak memory (BENCHMARKS.md). PyTorch reads it
     when the process first uses CUDA, so this runs before that, first thing in a trainer process."""

@@ -34,6 +34,7 @@ from ray_finetune.train.distributed import all_reduce, ranks_on_this_node
 from ray_finetune.train.evaluation import EvalResult, Evaluation
 from ray_finetune.train.memory import (CpuMemoryNeed, activation_bytes, checkpoint_activations, fit_cpu_memory,
                                        fit_micro_batch, micro_batch_rows_limit, saved_for_backward,
+                                       timed_trial,
                                        with_micro_batch)
 from ray_finetune.train.models import load_initial_model, load_tokenizer, parameter_count, set_stop_tokens
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
@@ -300,9 +301,9 @@ def ready_attention(model: Any, rows: PackedRows, device: torch.device) -> dict[
 def fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, device: torch.device,
                precision: str, stage: int, checkpointing: str, cpu_budget: tuple[float, str] | None = None,
                micro_batch_tokens: int = 0) -> tuple[TrainingPlan, dict[str, Any]]:
-    """The micro-batch and activation checkpointing (`checkpointing`: auto, on or off). ZeRO-2 GPUs fit the largest
-    micro-batch (of at most `micro_batch_tokens` tokens, 0: any; always at least one row) and recompute
-    activations only when not even one row fits without; under ZeRO-3 (a model that
+    """The micro-batch and activation checkpointing (`checkpointing`: auto, on or off). ZeRO-2 GPUs grow the
+    micro-batch while it fits and pays (memory.fit_micro_batch; at most `micro_batch_tokens` tokens, 0: any; always
+    at least one row) and recompute activations only when not even one row fits without; under ZeRO-3 (a model that
     barely fits) one row at a time, recomputing activations; CPUs keep the plan's micro-batch and recompute
     activations when it would not fit `cpu_budget` (bytes, and where that figure comes from) otherwise. What a
     trainer and a dry run's probe (estimate.py, one process without a group) both work out."""
@@ -311,7 +312,8 @@ def fit_memory(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows
     fitted: dict[str, Any] = {}
     if device.type == "cuda" and stage < 3:
         fallback = (lambda: checkpoint_activations(model)) if checkpointing == "auto" else None
-        plan, fitted = fit_micro_batch(plan, parameters, device, trial_step(model, rows, device), fallback, precision,
+        plan, fitted = fit_micro_batch(plan, parameters, device, timed_trial(trial_step(model, rows, device), device),
+                                       fallback, precision,
                                        micro_batch_rows_limit(micro_batch_tokens, rows.input_ids.shape[1]))
         recomputing = recomputing or fitted["activation_checkpointing"]
         # Every rank must split its rows alike, or their gradient reductions would not meet (a probe has no group).

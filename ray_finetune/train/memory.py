@@ -3,13 +3,17 @@
 ZeRO-2 unless its model state would leave too little room for activations; then ZeRO-3, which shards the weights
 too (at the cost of gathering every layer's weights from all ranks whenever it runs).
 
-The micro-batch (packed rows a GPU trains at once) is found by trying and backing off on out-of-memory.
+The micro-batch (packed rows a GPU trains at once) is found by timing forward + backward passes of growing size,
+stopping where a larger one runs out of memory or is no longer worth its memory.
 
 The global batch (rows per optimizer step) is fixed by the plan; only its split into micro-batches x gradient
 accumulation changes, and the loss of a step does not depend on that split (loop.py sums token losses over the
-step). The search runs one forward + backward per candidate, largest first, on the rows the run will train on,
-while memory the optimizer will hold later (fp32 master weights, Adam moments, fp32 gradient accumulation, all
-sharded over the ranks by ZeRO-2) is already taken, so the size found still fits once training allocates them.
+step). The search times forward + backward passes on the rows the run will train on, smallest first, about
+doubling, while memory the optimizer will hold later (fp32 master weights, Adam moments, fp32 gradient
+accumulation, all sharded over the ranks by ZeRO-2) is already taken, so the size found still fits once training
+allocates them. Growing from small sizes rather than backing off from the largest keeps out-of-memory trials to at
+most one (each leaves the allocator's memory split: BENCHMARKS.md measured 26% of the throughput lost to two), and
+stops where the GPU is busy already: beyond that a larger micro-batch only raises the peak memory.
 
 A CPU has no out-of-memory error to back off from (the kernel kills the process, and the run would only say its
 trainer died), so there the need is worked out before training: the model state by its bytes per parameter, the
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -51,6 +56,11 @@ HEADROOM = 0.08
 # When ZeRO-2's state (weights and gradients whole, optimizer sharded) would take more than this share of a GPU,
 # too little is left for activations at a useful micro-batch, and ZeRO-3 pays off.
 ZERO2_STATE_SHARE = 0.6
+# A GPU's micro-batch doubles only while that brings at least this much more throughput: past that point the GPU is
+# busy already, and twice the activations would only raise the peak memory (other work on the GPU, a longer row
+# later, the allocator's own fragmentation all need it more). Not for a group of several GPUs: ZeRO-2 reduces the
+# gradients after every micro-batch, a cost no one-GPU trial times, so there fewer, larger micro-batches are kept.
+WORTH_DOUBLING = 0.03
 
 
 def gpu_zero_stage(parameters: int, world: int, gpu_memory: int, precision: str = "bf16") -> int:
@@ -95,21 +105,62 @@ def micro_batch_rows_limit(micro_batch_tokens: int, context_length: int) -> int:
     return max(1, micro_batch_tokens // context_length) if micro_batch_tokens else 0
 
 
-def largest_fitting(candidates: list[int], try_size: Callable[[int], None]) -> tuple[int, list[int]]:
-    """The first candidate whose trial does not run out of memory; also the sizes that did."""
+def growing_sizes(candidates: list[int]) -> list[int]:
+    """The candidates (micro_batch_candidates) to try, smallest first, each at least twice the one before; the
+    largest always (a plan's rows per rank can be any number, and every size tried costs a trial)."""
+    sizes: list[int] = []
+    for size in sorted(candidates):
+        if not sizes or size >= 2 * sizes[-1]:
+            sizes.append(size)
+    if sizes and sizes[-1] != max(candidates):
+        sizes.append(max(candidates))
+    return sizes
+
+
+def fastest_fitting(candidates: list[int], seconds_for: Callable[[int], float],
+                    worth_doubling: float = WORTH_DOUBLING) -> tuple[int, list[int], dict[int, float]]:
+    """Grow the micro-batch through growing_sizes(candidates) while the next size fits and trains at least
+    1 + `worth_doubling` times the rows per second of the one before; `seconds_for(n)` times forward + backward of n
+    rows. Returns the size, the size that ran out of memory (if one did) and the rows per second of those timed."""
+    rates: dict[int, float] = {}
     failed: list[int] = []
-    for size in candidates:
+    chosen = 0
+    for size in growing_sizes(candidates):
         try:
-            try_size(size)
-            return size, failed
+            rates[size] = size / max(seconds_for(size), 1e-9)
         except torch.OutOfMemoryError:
             failed.append(size)
         # Outside the handler: the error, and the activations its traceback still held, are gone by now.
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    raise torch.OutOfMemoryError(
-        f"not even one packed row of the context length fits in GPU memory (tried micro-batches of {failed} rows); "
-        "use a shorter context_length, more GPUs per run, or a GPU with more memory")
+        if failed:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            break
+        if chosen and rates[size] < (1 + worth_doubling) * rates[chosen]:
+            break
+        chosen = size
+    if not chosen:
+        raise torch.OutOfMemoryError(
+            f"not even one packed row of the context length fits in GPU memory (tried micro-batches of {failed} "
+            "rows); use a shorter context_length, more GPUs per run, or a GPU with more memory")
+    return chosen, failed, rates
+
+
+def timed_trial(try_rows: Callable[[int], None], device: torch.device) -> Callable[[int], float]:
+    """Seconds of `try_rows(n)` (forward + backward of n rows) once warm: the first run of a size picks and
+    compiles its kernels and grows the allocator, which training pays once, not per step."""
+    def finish() -> None:   # a GPU runs the trial's kernels after try_rows returns
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def seconds_for(count: int) -> float:
+        try_rows(count)
+        finish()
+        started = time.perf_counter()
+        try_rows(count)
+        finish()
+        return time.perf_counter() - started
+
+    return seconds_for
 
 
 def with_micro_batch(plan: TrainingPlan, micro_batch_rows: int) -> TrainingPlan:
@@ -118,13 +169,13 @@ def with_micro_batch(plan: TrainingPlan, micro_batch_rows: int) -> TrainingPlan:
                                gradient_accumulation_steps=per_rank // micro_batch_rows)
 
 
-def fit_micro_batch(plan: TrainingPlan, parameters: int, device: torch.device, try_rows: Callable[[int], None],
+def fit_micro_batch(plan: TrainingPlan, parameters: int, device: torch.device, seconds_for: Callable[[int], float],
                     recompute_activations: Callable[[], bool] | None = None,
                     precision: str = "bf16", most_rows: int = 0) -> tuple[TrainingPlan, dict]:
-    """The plan with the largest micro-batch that fits on `device` (of at most `most_rows` rows, 0: any), and what
-    was tried (for the run's events). `try_rows(n)` runs forward + backward of n rows and frees what it made. When
-    not even one row fits and `recompute_activations` is given, it is called (activation checkpointing: only when
-    memory requires it) and the search runs again."""
+    """The plan with the micro-batch fastest_fitting finds on `device` (of at most `most_rows` rows, 0: any), and
+    what was tried (for the run's events). `seconds_for(n)` times forward + backward of n rows (timed_trial) and
+    frees what it made. When not even one row fits and `recompute_activations` is given, it is called (activation
+    checkpointing: only when memory requires it) and the search runs again."""
     per_rank = plan.global_batch_rows // plan.world_size
     state_bytes = STATE_BYTES[precision]   # the weights are on the GPU already
     reserve_bytes = parameters * (state_bytes.per_gpu(2, plan.world_size) - state_bytes.weights)
@@ -132,21 +183,23 @@ def fit_micro_batch(plan: TrainingPlan, parameters: int, device: torch.device, t
     reserve_bytes += int(total * HEADROOM)
     reserved = torch.empty(int(min(reserve_bytes, free)), dtype=torch.uint8, device=device)
     candidates = micro_batch_candidates(per_rank, most_rows)
+    worth_doubling = WORTH_DOUBLING if plan.world_size == 1 else -1.0   # a group: grows while it fits
     recomputing = False
     try:
         try:
-            size, failed = largest_fitting(candidates, try_rows)
+            size, failed, rates = fastest_fitting(candidates, seconds_for, worth_doubling)
         except torch.OutOfMemoryError:
             if recompute_activations is None or not recompute_activations():
                 raise
             recomputing = True
         if recomputing:   # outside the handler, so the failed trials' memory is gone
-            size, failed = largest_fitting(candidates, try_rows)
+            size, failed, rates = fastest_fitting(candidates, seconds_for, worth_doubling)
     finally:
         del reserved
         torch.cuda.empty_cache()
     return with_micro_batch(plan, size), {"micro_batch_rows": size, "micro_batch_rows_limit": most_rows or None,
                                           "out_of_memory_at": failed,
+                                          "rows_per_second": {str(n): round(rate, 3) for n, rate in rates.items()},
                                           "activation_checkpointing": recomputing,
                                           "reserved_for_optimizer_gb": round(reserve_bytes / 2**30, 2)}
 
