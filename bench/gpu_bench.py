@@ -135,6 +135,10 @@ def run_ours(model_path: Path, model_name: str, context: int, examples: list[dic
                      world_size=1, seed=0)
     reports, initialized = [], {}
     profiler = Profile(warmup) if os.environ.get("GPU_BENCH_PROFILE") == "1" else None
+    if os.environ.get("GPU_BENCH_LARGEST_MICRO_BATCH") == "1":
+        from ray_finetune.train import memory
+
+        memory.WORTH_DOUBLING = -1.0   # grow while it fits, as a group of GPUs does
 
     class Collect:   # stops after `steps` steps (a plain stop writes no checkpoint)
         def model_initialized(self, info):
@@ -349,6 +353,12 @@ VARIANTS = {"sdpa": {"RAY_FINETUNE_ATTENTION": "sdpa"}, "compiled": {"RAY_FINETU
             # Micro-batches of at most 16k tokens: the first lease's 32k (what the search settled on at every
             # context) took 74-79 GB against the HF Trainer's 68; does half the memory for activations cost speed?
             "micro16k": {"RAY_FINETUNE_MICRO_BATCH_TOKENS": "16384"},
+            # The micro-batch as large as fits (the search before it stopped where a larger size no longer pays):
+            # what the smaller micro-batch, and so more of them a step, costs the whole step.
+            "largest": {"GPU_BENCH_LARGEST_MICRO_BATCH": "1"},
+            # DeepSpeed's BF16 optimizer (ZeRO-1) instead of ZeRO-2's, which on one GPU has nothing to shard but
+            # still moves every micro-batch's gradients through its buckets.
+            "zero1": {"RAY_FINETUNE_ZERO_STAGE": "1"},
             "profiled": {"GPU_BENCH_PROFILE": "1"}}    # where the step's time goes (class Profile)
 
 
@@ -444,8 +454,8 @@ def compare_with_trl(args: argparse.Namespace, work: Path, summary: dict) -> Non
 # where the step's time goes (33% MFU against the 45% wanted), whether smaller micro-batches (less memory than the
 # HF Trainer's) would cost speed, whether compiled decoder layers pay, and had no TRL peer; so: those, then what it
 # could not reach, then the rows it has.
-SESSION_EXTRAS = (("variant", "profiled"), ("variant", "micro16k"), ("variant", "compiled"), ("peer", "trl"),
-                  ("variant", "sdpa"),
+SESSION_EXTRAS = (("variant", "compiled"), ("variant", "largest"), ("variant", "profiled"), ("peer", "trl"),
+                  ("variant", "zero1"), ("variant", "micro16k"), ("variant", "sdpa"),
                   ("scaling", "llama-1b", 4096), ("scaling", "smollm2-135m", 8192), ("scaling", "smollm2-135m", 512),
                   ("scaling", "llama-1b", 8192), ("scaling", "llama-1b", 512), ("scaling", "smollm2-135m", 2048))
 
