@@ -24,6 +24,9 @@ PROBE_MEMORY_SHARE = 0.5
 # A probe sent to a GPU of the cluster that was free a moment ago: how long it may wait for it and run (loading a
 # large model included) before the dry run reports the time as unknown.
 GPU_PROBE_TIMEOUT_S = 900
+# Ray counts a GPU as taken for a moment after the task that held it ended (a dry run right after another): how long
+# a dry run keeps looking for a free one before it says that none is.
+FREE_GPU_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,7 @@ def _probe_where_it_trains(spec: RunSpec, rows_path: str, plan, on_gpus: bool,
     if not on_gpus or torch.cuda.is_available():
         progress("probing a training step")
         return _probe_step_seconds(spec, rows_path, plan)
-    if not ray.is_initialized() or ray.available_resources().get("GPU", 0) < 1:
+    if not ray.is_initialized() or not _a_gpu_free_within(FREE_GPU_GRACE_S):
         return 0.0, ("not probed: the run trains on GPUs, this machine has none, and no GPU of the cluster is free "
                      "now"), None
     progress("probing a training step on a GPU of the cluster")
@@ -197,6 +200,17 @@ def _probe_where_it_trains(spec: RunSpec, rows_path: str, plan, on_gpus: bool,
         return 0.0, f"not probed: the probe failed on a GPU node of the cluster ({type(cause).__name__}: " \
                     f"{str(cause).strip().splitlines()[-1][:300] if str(cause).strip() else ''})", None
     return seconds, (device if device.startswith("not probed") else f"{device}, a GPU node of the cluster"), memory
+
+
+def _a_gpu_free_within(seconds: float) -> bool:
+    import ray
+
+    deadline = time.monotonic() + seconds
+    while ray.available_resources().get("GPU", 0) < 1:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _probe_on_a_cluster_gpu(spec: RunSpec, rows_path: str, plan) -> tuple[float, str, dict[str, Any] | None]:
