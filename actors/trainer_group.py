@@ -148,12 +148,14 @@ def micro_batch_note(rows: int, info: dict[str, Any]) -> str:
         note += f"; at most {info['micro_batch_rows_limit']} by RAY_FINETUNE_MICRO_BATCH_TOKENS"
     if info.get("out_of_memory_at"):
         note += f"; {', '.join(map(str, info['out_of_memory_at']))} did not fit in GPU memory"
-    else:
-        rates = {int(size): rate for size, rate in (info.get("rows_per_second") or {}).items()}
-        larger = [size for size in rates if size > rows]
-        if larger and rows in rates:
-            gain = rates[min(larger)] / rates[rows] - 1
-            note += f"; {min(larger)} trained {gain:+.0%} rows/s, not worth twice the activation memory"
+    else:   # the next size tried, or predicted from the last two and not tried
+        timed = {int(size): rate for size, rate in (info.get("rows_per_second") or {}).items()}
+        predicted = {int(size): rate for size, rate in (info.get("predicted_rows_per_second") or {}).items()}
+        larger = sorted(size for size in {**timed, **predicted} if size > rows)
+        if larger and rows in timed:
+            gain = {**timed, **predicted}[larger[0]] / timed[rows] - 1
+            note += (f"; {larger[0]} {'would train' if larger[0] in predicted else 'trained'} {gain:+.0%} rows/s, "
+                     "not worth the activation memory")
     return note
 
 

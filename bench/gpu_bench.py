@@ -180,6 +180,7 @@ def run_ours(model_path: Path, model_name: str, context: int, examples: list[dic
             "micro_batch_rows": initialized.get("plan", {}).get("micro_batch_rows"),
             "out_of_memory_at": initialized.get("out_of_memory_at"),
             "micro_batch_rows_per_second": initialized.get("rows_per_second"),   # the search's timed sizes
+            "micro_batch_predicted_rows_per_second": initialized.get("predicted_rows_per_second"),   # not tried
             "attention_fallback": initialized.get("attention_fallback"),
             "zero_stage": initialized.get("zero_stage"),
             "activation_checkpointing": initialized.get("activation_checkpointing"),

@@ -31,7 +31,8 @@ def test_grows_until_a_size_runs_out_of_memory():
             raise torch.OutOfMemoryError(f"{size} rows do not fit")
         return 1.0
 
-    assert fastest_fitting(micro_batch_candidates(16), seconds_for) == (4, [8], {1: 1.0, 2: 2.0, 4: 4.0})
+    found = fastest_fitting(micro_batch_candidates(16), seconds_for)
+    assert (found.size, found.out_of_memory_at, found.rows_per_second) == (4, [8], {1: 1.0, 2: 2.0, 4: 4.0})
     assert tried == [1, 2, 4, 8]   # one trial ran out of memory, none after it
 
 
@@ -44,10 +45,26 @@ def test_stops_growing_where_the_gpu_is_busy_unless_a_group_reduces_after_every_
         tried.append(size)
         return max(0.1, 0.01 * size)
 
-    size, failed, rates = fastest_fitting(micro_batch_candidates(256), seconds_for)
-    assert size == 16 and failed == [] and tried == [1, 2, 4, 8, 16, 32]
+    found = fastest_fitting(micro_batch_candidates(256), seconds_for)
+    rates = found.rows_per_second
+    assert found.size == 16 and found.out_of_memory_at == [] and tried == [1, 2, 4, 8, 16, 32]
     assert rates[32] < (1 + WORTH_DOUBLING) * rates[16] and rates[16] > (1 + WORTH_DOUBLING) * rates[8]
-    assert fastest_fitting(micro_batch_candidates(256), seconds_for, worth_doubling=-1.0)[0] == 256
+    assert fastest_fitting(micro_batch_candidates(256), seconds_for, worth_doubling=-1.0).size == 256
+
+
+def test_a_size_predicted_not_to_pay_is_never_tried_so_its_memory_is_never_taken():
+    """Once a pass's time grows in step with its rows, twice the rows cannot be worth it: 1 ms fixed, 10 ms a row.
+    2 rows are 4.8% faster per row than 1; 4 would be 2.5% faster than 2 (the line through 1 and 2 says so)."""
+    tried = []
+
+    def seconds_for(size: int) -> float:
+        tried.append(size)
+        return 0.001 + 0.01 * size
+
+    found = fastest_fitting(micro_batch_candidates(64), seconds_for)
+    assert found.size == 2 and tried == [1, 2] and list(found.predicted_rows_per_second) == [4]
+    assert found.predicted_rows_per_second[4] == pytest.approx(4 / 0.041)   # exact for a line
+    assert fastest_fitting(micro_batch_candidates(64), seconds_for, worth_doubling=-1.0).size == 64
 
 
 def test_says_what_to_do_when_nothing_fits():
@@ -331,4 +348,7 @@ def test_a_run_says_how_many_rows_a_worker_runs_at_once_and_why_not_more():
     assert micro_batch_note(8, {"micro_batch_rows_limit": 8, "out_of_memory_at": []}) == (
         "8 at a time per worker; at most 8 by RAY_FINETUNE_MICRO_BATCH_TOKENS")
     assert micro_batch_note(16, {"out_of_memory_at": [], "rows_per_second": {"8": 20.0, "16": 30.0, "32": 30.3}}) == (
-        "16 at a time per worker; 32 trained +1% rows/s, not worth twice the activation memory")
+        "16 at a time per worker; 32 trained +1% rows/s, not worth the activation memory")
+    assert micro_batch_note(2, {"out_of_memory_at": [], "rows_per_second": {"1": 90.9, "2": 95.2},
+                                "predicted_rows_per_second": {"4": 97.6}}) == (
+        "2 at a time per worker; 4 would train +3% rows/s, not worth the activation memory")

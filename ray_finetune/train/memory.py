@@ -13,7 +13,8 @@ doubling, while memory the optimizer will hold later (fp32 master weights, Adam 
 accumulation, all sharded over the ranks by ZeRO-2) is already taken, so the size found still fits once training
 allocates them. Growing from small sizes rather than backing off from the largest keeps out-of-memory trials to at
 most one (each leaves the allocator's memory split: BENCHMARKS.md measured 26% of the throughput lost to two), and
-stops where the GPU is busy already: beyond that a larger micro-batch only raises the peak memory.
+stops where the GPU is busy already: beyond that a larger micro-batch only raises the peak memory. A size whose
+gain the last two timings already rule out is not even tried, so the search's own peak is the kept size's.
 
 A CPU has no out-of-memory error to back off from (the kernel kills the process, and the run would only say its
 trainer died), so there the need is worked out before training: the model state by its bytes per parameter, the
@@ -117,17 +118,44 @@ def growing_sizes(candidates: list[int]) -> list[int]:
     return sizes
 
 
+@dataclass(frozen=True)
+class MicroBatchSearch:
+    """What fastest_fitting found: the size, the size that ran out of memory (if one did), the rows per second of the
+    sizes timed, and of the next size when it was predicted not to pay and so never tried (its memory never taken)."""
+    size: int
+    out_of_memory_at: list[int]
+    rows_per_second: dict[int, float]
+    predicted_rows_per_second: dict[int, float]
+
+
+def predicted_rows_per_second(timed: dict[int, float], size: int) -> float:
+    """Rows per second of `size` rows, from the line through the last two (rows, seconds) timed: a pass's time is
+    a fixed part (launching, the loss's small kernels, a GPU not yet full) plus a part per row. Once the GPU is busy
+    the fixed part is ~0 and twice the rows predict twice the time: nothing to gain, so nothing is tried."""
+    (rows_a, seconds_a), (rows_b, seconds_b) = list(timed.items())[-2:]
+    per_row = (seconds_b - seconds_a) / (rows_b - rows_a)
+    seconds = seconds_b + per_row * (size - rows_b)
+    return size / seconds if seconds > 0 else math.inf
+
+
 def fastest_fitting(candidates: list[int], seconds_for: Callable[[int], float],
-                    worth_doubling: float = WORTH_DOUBLING) -> tuple[int, list[int], dict[int, float]]:
+                    worth_doubling: float = WORTH_DOUBLING) -> MicroBatchSearch:
     """Grow the micro-batch through growing_sizes(candidates) while the next size fits and trains at least
     1 + `worth_doubling` times the rows per second of the one before; `seconds_for(n)` times forward + backward of n
-    rows. Returns the size, the size that ran out of memory (if one did) and the rows per second of those timed."""
-    rates: dict[int, float] = {}
+    rows. A size predicted (predicted_rows_per_second) not to pay is not tried at all, so that the search's own
+    peak memory is that of the size it keeps."""
+    timed: dict[int, float] = {}   # rows -> seconds
     failed: list[int] = []
+    predicted: dict[int, float] = {}
     chosen = 0
     for size in growing_sizes(candidates):
+        if len(timed) >= 2:
+            expected = predicted_rows_per_second(timed, size)
+            if expected < (1 + worth_doubling) * chosen / timed[chosen]:
+                predicted[size] = expected
+                break
         try:
-            rates[size] = size / max(seconds_for(size), 1e-9)
+            timed[size] = max(seconds_for(size), 1e-9)
         except torch.OutOfMemoryError:
             failed.append(size)
         # Outside the handler: the error, and the activations its traceback still held, are gone by now.
@@ -135,14 +163,16 @@ def fastest_fitting(candidates: list[int], seconds_for: Callable[[int], float],
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             break
-        if chosen and rates[size] < (1 + worth_doubling) * rates[chosen]:
+        if chosen and size / timed[size] < (1 + worth_doubling) * chosen / timed[chosen]:
             break
         chosen = size
     if not chosen:
         raise torch.OutOfMemoryError(
             f"not even one packed row of the context length fits in GPU memory (tried micro-batches of {failed} "
             "rows); use a shorter context_length, more GPUs per run, or a GPU with more memory")
-    return chosen, failed, rates
+    return MicroBatchSearch(size=chosen, out_of_memory_at=failed,
+                            rows_per_second={rows: rows / seconds for rows, seconds in timed.items()},
+                            predicted_rows_per_second=predicted)
 
 
 def timed_trial(try_rows: Callable[[int], None], device: torch.device) -> Callable[[int], float]:
@@ -187,21 +217,22 @@ def fit_micro_batch(plan: TrainingPlan, parameters: int, device: torch.device, s
     recomputing = False
     try:
         try:
-            size, failed, rates = fastest_fitting(candidates, seconds_for, worth_doubling)
+            found = fastest_fitting(candidates, seconds_for, worth_doubling)
         except torch.OutOfMemoryError:
             if recompute_activations is None or not recompute_activations():
                 raise
             recomputing = True
         if recomputing:   # outside the handler, so the failed trials' memory is gone
-            size, failed, rates = fastest_fitting(candidates, seconds_for, worth_doubling)
+            found = fastest_fitting(candidates, seconds_for, worth_doubling)
     finally:
         del reserved
         torch.cuda.empty_cache()
-    return with_micro_batch(plan, size), {"micro_batch_rows": size, "micro_batch_rows_limit": most_rows or None,
-                                          "out_of_memory_at": failed,
-                                          "rows_per_second": {str(n): round(rate, 3) for n, rate in rates.items()},
-                                          "activation_checkpointing": recomputing,
-                                          "reserved_for_optimizer_gb": round(reserve_bytes / 2**30, 2)}
+    return with_micro_batch(plan, found.size), {
+        "micro_batch_rows": found.size, "micro_batch_rows_limit": most_rows or None,
+        "out_of_memory_at": found.out_of_memory_at,
+        "rows_per_second": {str(n): round(rate, 3) for n, rate in found.rows_per_second.items()},
+        "predicted_rows_per_second": {str(n): round(rate, 3) for n, rate in found.predicted_rows_per_second.items()},
+        "activation_checkpointing": recomputing, "reserved_for_optimizer_gb": round(reserve_bytes / 2**30, 2)}
 
 
 # --- CPU ---------------------------------------------------------------------------------------------------------
