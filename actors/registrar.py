@@ -7,25 +7,42 @@ from pathlib import Path
 
 import ray
 
-from actors.event_sink import EventSink
+from actors.event_sink import NAMESPACE, EventSink
 from actors.messages import RegisterRequest, Registration
+from eventstore.actor import ON_HEAD_NODE
 from eventstore.schema import EventType
 from ray_finetune import settings, tracking
 from ray_finetune.errors import RegistrationError
 from ray_finetune.train.checkpoint import weights_folder
 from ray_finetune.train.models import parameter_count
 
+ACTOR_NAME = "ray_finetune_registrar"
+# Registrations at once, a thread each (MLflow keeps the active run per thread). Each loads its model to log it.
+MAX_CONCURRENT_REGISTRATIONS = 8
 
-@ray.remote(num_cpus=0, max_restarts=0)
+
+# If its process dies, Ray starts it again; a registration it was running fails, and its run is requeued and
+# resumed, which registers the final checkpoint without training again, as for any other interruption.
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=MAX_CONCURRENT_REGISTRATIONS)
 class Registrar:
-    """Started together with the run's data packer: getting ready to register (MLflow's and the model's code
-    imported, the tracking store connected) takes seconds, paid while the run trains instead of after it."""
+    """One per cluster (named, detached, on the head node like the scheduler), started with the scheduler. Getting
+    ready to register (MLflow's code imported, the tracking store connected) takes seconds of CPU: a registrar per
+    run paid them while its run's trainers started, three fresh processes importing at once on a small machine
+    (BENCHMARKS.md); this one pays them once."""
 
-    def __init__(self, base_model: str) -> None:
+    def __init__(self) -> None:
         try:
             importlib.import_module("mlflow.transformers")   # what logging the model uses
-            parameter_count(base_model)   # builds the architecture on the meta device: imports its code, no weights
+        except Exception:  # noqa: BLE001 - only a head start: register() meets any real problem and reports it
+            pass
+
+    def prepare(self, base_model: str) -> None:
+        """Get ready for a run while it packs and trains: the tracking store connected (not when this actor starts:
+        a fresh store's schema is then being created by the scheduler's first run) and the code of the run's model
+        imported (its architecture built on the meta device: no weights). Cheap for a model seen before."""
+        try:
             tracking.open_store(settings.load())
+            parameter_count(base_model)
         except Exception:  # noqa: BLE001 - only a head start: register() meets any real problem and reports it
             pass
 
@@ -52,3 +69,8 @@ class Registrar:
         EventSink("registrar", run.run_name).emit(EventType.REGISTERED, f"registered {name} version {version}",
                                                   registration.model_dump())
         return registration
+
+
+def get_or_create() -> "ray.actor.ActorHandle":
+    return Registrar.options(name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+                             resources=ON_HEAD_NODE).remote()

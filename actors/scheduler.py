@@ -27,11 +27,10 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, NodeDiedError, OwnerDiedError, RayActorError, RayTaskError
 
-from actors import data_packer
+from actors import data_packer, registrar
 from actors.evaluator import Evaluator
 from actors.event_sink import NAMESPACE, EventSink, event_store
 from actors.messages import PackRequest, RegisterRequest, RunContext, StopRequest, TrainRequest
-from actors.registrar import Registrar
 from actors.trainer_group import TrainerGroup, remove_stale_placements
 from eventstore.actor import ON_HEAD_NODE
 from eventstore.schema import PENDING, QUEUED, RESUMABLE_STATUSES, EventType
@@ -105,7 +104,8 @@ class Scheduler:
         self.names: set[str] = set()
         self._mlflow = asyncio.Lock()           # MLflow's sqlite store takes one writer at a time
         self._admission = asyncio.Lock()        # CREATED order = queue order, however many drivers submit at once
-        data_packer.get_or_create()             # started now: it gets ready while the first run is submitted
+        data_packer.get_or_create()             # started now: they get ready while the first run is submitted
+        registrar.get_or_create()
         await self._recover()
 
     # -- the queue ---------------------------------------------------------------------------------------------
@@ -237,8 +237,8 @@ class Scheduler:
                 f" (attempt {attempt}, resuming from {resume_from.name})" if resume_from else
                 f" (attempt {attempt})" if attempt > 1 else ""), {"attempt": attempt,
                                                                    "resume_from": str(resume_from or "") or None})
-            registrar = Registrar.remote(context.spec.model_path)   # gets ready while the run packs and trains
-            actors.append(registrar)
+            registering = registrar.get_or_create()
+            registering.prepare.remote(context.spec.model_path)   # the model's code imported while the run trains
             packer, request = data_packer.get_or_create(), PackRequest(run=context)
             try:
                 data = await packer.pack.remote(request)
@@ -272,8 +272,8 @@ class Scheduler:
                 return
             await sink.emit_async(EventType.TRAIN_FINISHED, f"trained {result.steps} steps",
                                   {"final_checkpoint": result.final_checkpoint})
-            registration = await registrar.register.remote(RegisterRequest(run=context,
-                                                                           final_checkpoint=result.final_checkpoint))
+            registration = await registering.register.remote(RegisterRequest(
+                run=context, final_checkpoint=result.final_checkpoint))
             await sink.emit_async(EventType.COMPLETED,
                                   f"registered {registration.model_name} version {registration.model_version}",
                                   registration.model_dump())
