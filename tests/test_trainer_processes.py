@@ -44,11 +44,16 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
     grad_norms: dict[int, float] = {}
     initialized: dict = {}
     evaluations: dict[int, dict] = {}
+    saving: list[list] = []   # [step, the last step reported then, whether its checkpoint existed already]
+    checkpoints = checkpoint.checkpoints_dir(arguments["save_folder"], arguments["run_name"])
 
     class Collect:
         def model_initialized(self, info): initialized.update(info)
         def step_finished(self, report):
             losses[report.step], grad_norms[report.step] = report.loss, report.grad_norm
+        def saving_checkpoint(self, step):
+            saving.append([step, max(losses, default=0),
+                           any(folder.name.endswith(f"-ba{step}") for folder in checkpoints.glob("*"))])
         def checkpoint_saved(self, path, epoch, step): ...
         def checkpoint_removed(self, path): ...
         def evaluated(self, step, epoch, result):
@@ -64,7 +69,8 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
         dist.destroy_process_group()
         return
     if rank == 0:
-        Path(out).write_text(json.dumps({"losses": losses, "grad_norms": grad_norms, "initialized": initialized, "evaluations": evaluations}))
+        Path(out).write_text(json.dumps({"losses": losses, "grad_norms": grad_norms, "initialized": initialized,
+                                         "evaluations": evaluations, "saving": saving}))
     dist.destroy_process_group()
 
 
@@ -85,7 +91,7 @@ def train_ranks(world: int, out: Path, **arguments) -> dict:
     result = json.loads(out.read_text())
     return {"losses": {int(k): v for k, v in result["losses"].items()},
             "grad_norms": {int(k): v for k, v in result["grad_norms"].items()}, "initialized": result["initialized"],
-            "evaluations": {int(k): v for k, v in result["evaluations"].items()}}
+            "evaluations": {int(k): v for k, v in result["evaluations"].items()}, "saving": result["saving"]}
 
 
 @pytest.mark.parametrize("zero_stage", ["0", "2", "3"])
@@ -95,8 +101,12 @@ def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_s
                   stats=stats.as_dict(), zero_stage=zero_stage)
     two = train_ranks(2, tmp_path / "two.json", run_name="two", save_folder=str(tmp_path / "two"), **common)
     assert two["initialized"]["zero_stage"] == int(zero_stage) and two["initialized"]["world_size"] == 2
-
+    # Every step a checkpoint holds was reported (and so, by a trainer, sent to the log and acknowledged) before
+    # the checkpoint existed: a run interrupted right after writing one resumes after those steps.
     folder = checkpoint.checkpoints_dir(tmp_path / "two", "two")
+    saved_steps = sorted(checkpoint.parse_name(p.name)[1] for p in folder.iterdir() if checkpoint.is_complete(p))
+    assert [step for step, _, _ in two["saving"]][-len(saved_steps):] == saved_steps
+    assert all(reported == step and not existed for step, reported, existed in two["saving"])
     first_epoch = min((p for p in folder.iterdir() if checkpoint.is_complete(p)),
                       key=lambda p: checkpoint.parse_name(p.name)[1])
     resumed_at = checkpoint.parse_name(first_epoch.name)[1]

@@ -98,6 +98,8 @@ class Reporter(Protocol):
 
     def model_initialized(self, info: dict[str, Any]) -> None: ...
     def step_finished(self, report: StepReport) -> None: ...
+    # Before a checkpoint is written: the steps it will hold must be in the log first (see _checkpoint).
+    def saving_checkpoint(self, step: int) -> None: ...
     def checkpoint_saved(self, path: str, epoch: int, step: int) -> None: ...
     def checkpoint_removed(self, path: str) -> None: ...
     # After each checkpoint and, when asked, before the first step; only for a run with eval data or prompts.
@@ -427,6 +429,11 @@ def _agreed_stop(local: int, world: int) -> int:
 def _checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, reporter: Reporter, evaluation: Evaluation,
                 step: int) -> Path:
     epoch = _epochs_done(config.plan, step)
+    if config.rank == 0:
+        # The steps' events made durable before their checkpoint exists: a run interrupted after writing it (the
+        # head gone before the events of its last steps reached the log) resumes after those steps and would never
+        # report them again, leaving a hole in the loss curve.
+        reporter.saving_checkpoint(step + 1)
     path = save_checkpoint(engine, tokenizer, config, epoch=epoch, step=step + 1)
     if config.rank == 0:
         reporter.checkpoint_saved(str(path), epoch, step + 1)
