@@ -155,11 +155,11 @@ def micro_batch_note(rows: int, info: dict[str, Any]) -> str:
     else:   # the next size tried, or predicted from the last two and not tried
         timed = {int(size): rate for size, rate in (info.get("rows_per_second") or {}).items()}
         predicted = {int(size): rate for size, rate in (info.get("predicted_rows_per_second") or {}).items()}
-        larger = sorted(size for size in {**timed, **predicted} if size > rows)
-        if larger and rows in timed:
-            gain = {**timed, **predicted}[larger[0]] / timed[rows] - 1
-            note += (f"; {larger[0]} {'would train' if larger[0] in predicted else 'trained'} {gain:+.0%} rows/s, "
-                     "not worth the activation memory")
+        rates = {**timed, **predicted}
+        larger = min((size for size in rates if size > rows), default=None)
+        if larger is not None and rows in timed:
+            note += (f"; {larger} {'would train' if larger in predicted else 'trained'} "
+                     f"{rates[larger] / timed[rows] - 1:+.0%} rows/s, not worth the activation memory")
     return note
 
 

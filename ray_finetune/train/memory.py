@@ -158,14 +158,12 @@ def fastest_fitting(candidates: list[int], seconds_for: Callable[[int], float],
             timed[size] = max(seconds_for(size), 1e-9)
         except torch.OutOfMemoryError:
             failed.append(size)
-        # Outside the handler: the error, and the activations its traceback still held, are gone by now.
-        if failed:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
             break
         if chosen and size / timed[size] < (1 + worth_doubling) * chosen / timed[chosen]:
             break
         chosen = size
+    if failed and torch.cuda.is_available():   # outside the handler: the error's activations are gone by now
+        torch.cuda.empty_cache()
     if not chosen:
         raise torch.OutOfMemoryError(
             f"not even one packed row of the context length fits in GPU memory (tried micro-batches of {failed} "
