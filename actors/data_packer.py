@@ -13,9 +13,8 @@ from typing import Callable
 
 import ray
 
-from actors.event_sink import NAMESPACE, EventSink
+from actors.event_sink import EventSink, one_per_cluster
 from actors.messages import PackedData, PackRequest
-from eventstore.actor import ON_HEAD_NODE
 from eventstore.schema import EventType
 from ray_finetune import settings
 from ray_finetune.data.prepare import on_cluster, prepare
@@ -148,5 +147,4 @@ class DataPacker:
 
 
 def get_or_create() -> "ray.actor.ActorHandle":
-    return DataPacker.options(name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
-                              resources=ON_HEAD_NODE).remote()
+    return one_per_cluster(DataPacker, ACTOR_NAME)

@@ -4,21 +4,41 @@ eval prompts on their own devices: train/evaluation.py) as metrics, a table of g
 The trainer processes themselves never import MLflow (seconds of each one's start)."""
 from __future__ import annotations
 
+import importlib
+
 import ray
 
-from actors.event_sink import EventSink
+from actors.event_sink import EventSink, one_per_cluster
 from actors.messages import EvaluateRequest
 from eventstore.schema import EventType
 from ray_finetune import settings, tracking
 
+ACTOR_NAME = "ray_finetune_evaluator"
+# Calls at once, a thread each: every run's rank 0 sends its metrics every few seconds, and each call is a few
+# MLflow writes.
+MAX_CONCURRENT_RECORDS = 16
 
-@ray.remote(num_cpus=0, max_restarts=0)
+
+# If its process dies, Ray starts it again: the call it was running fails (the run is interrupted, requeued and
+# resumed from its last checkpoint, as for any other interruption) and later calls reach the new process.
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=MAX_CONCURRENT_RECORDS)
 class Evaluator:
+    """One per cluster (named, detached, on the head node), started with the scheduler. An evaluator per run
+    imported MLflow and connected to the tracking store in a fresh process while the run's trainer started, two
+    processes importing at once on the same cores (BENCHMARKS.md); this one pays it once."""
+
     def __init__(self) -> None:
-        # Connected while the trainers start, so the first metrics and evaluation do not wait for MLflow's imports.
+        try:
+            importlib.import_module("mlflow")
+        except Exception:  # noqa: BLE001 - only a head start: the first record meets any real problem and reports it
+            pass
+
+    def prepare(self) -> None:
+        """Connect to the tracking store while a run starts (not when this actor starts: a fresh store's schema is
+        then being created by the scheduler's first run), so its first metrics do not wait for it."""
         try:
             tracking.open_store(settings.load())
-        except Exception:  # noqa: BLE001 - only a head start: evaluate() meets any real problem and reports it
+        except Exception:  # noqa: BLE001 - only a head start, as above
             pass
 
     def record_training_metrics(self, mlflow_run_id: str, steps: list[tuple[int, dict[str, float]]]) -> None:
@@ -36,3 +56,7 @@ class Evaluator:
                                               f"{result.eval_perplexity:.2f}" if result.eval_loss is not None
                                               else "no eval data")
         EventSink("evaluator", request.run.run_name).emit(EventType.EVALUATED, summary, result.model_dump())
+
+
+def get_or_create() -> "ray.actor.ActorHandle":
+    return one_per_cluster(Evaluator, ACTOR_NAME)

@@ -7,7 +7,7 @@ from typing import Any
 
 import ray
 
-from eventstore.actor import ACTOR_NAME
+from eventstore.actor import ACTOR_NAME, ON_HEAD_NODE
 from eventstore.schema import Event, EventType, NewEvent
 
 NAMESPACE = "ray_finetune"
@@ -15,6 +15,12 @@ NAMESPACE = "ray_finetune"
 
 def event_store() -> "ray.actor.ActorHandle":
     return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
+
+
+def one_per_cluster(actor_class: Any, name: str) -> "ray.actor.ActorHandle":
+    """The cluster's one actor of this class (named, detached, on the head node), started if it is not running."""
+    return actor_class.options(name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+                               resources=ON_HEAD_NODE).remote()
 
 
 class EventSink:

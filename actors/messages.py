@@ -85,3 +85,4 @@ class Registration(Message):
     model_name: str
     model_version: str
     final_model_path: str
+    memory_wait_s: float = 0.0   # waiting for other registrations' models to leave the head's memory

@@ -27,12 +27,10 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, NodeDiedError, OwnerDiedError, RayActorError, RayTaskError
 
-from actors import data_packer, registrar
-from actors.evaluator import Evaluator
-from actors.event_sink import NAMESPACE, EventSink, event_store
+from actors import data_packer, evaluator, registrar
+from actors.event_sink import EventSink, event_store, one_per_cluster
 from actors.messages import PackRequest, RegisterRequest, RunContext, StopRequest, TrainRequest
 from actors.trainer_group import TrainerGroup, remove_stale_placements
-from eventstore.actor import ON_HEAD_NODE
 from eventstore.schema import PENDING, QUEUED, RESUMABLE_STATUSES, EventType
 from ray_finetune import settings, tracking
 from ray_finetune.data.packing import packed_data_id
@@ -105,6 +103,7 @@ class Scheduler:
         self._mlflow = asyncio.Lock()           # MLflow's sqlite store takes one writer at a time
         self._admission = asyncio.Lock()        # CREATED order = queue order, however many drivers submit at once
         data_packer.get_or_create()             # started now: they get ready while the first run is submitted
+        evaluator.get_or_create()
         registrar.get_or_create()
         await self._recover()
 
@@ -228,7 +227,6 @@ class Scheduler:
     async def _supervise(self, name: str) -> None:
         context = self.specs[name]
         sink = EventSink("scheduler", name)
-        actors: list[Any] = []
         try:
             state = await self.store.run_state.remote(name)
             attempt = state.attempts + 1
@@ -239,6 +237,8 @@ class Scheduler:
                                                                    "resume_from": str(resume_from or "") or None})
             registering = registrar.get_or_create()
             registering.prepare.remote(context.spec.model_path)   # the model's code imported while the run trains
+            evaluating = evaluator.get_or_create()   # records the run's metrics, and its evaluations if it has eval data
+            evaluating.prepare.remote()
             packer, request = data_packer.get_or_create(), PackRequest(run=context)
             try:
                 data = await packer.pack.remote(request)
@@ -252,8 +252,6 @@ class Scheduler:
                                                 self.settings.max_concurrent_runs)
             plan = make_plan(rows=int(data.train_stats["rows"]), tokens=int(data.train_stats["tokens"]),
                              duration=context.spec.duration, world_size=world, seed=context.spec.seed)
-            evaluator = Evaluator.remote()   # records the run's metrics, and its evaluations if it has eval data
-            actors.append(evaluator)
             init_weights = (str(checkpoint.initial_weights("custom_weights_path", context.spec.custom_weights_path))
                             if context.spec.custom_weights_path else None)
             group = TrainerGroup(world, gpus_per_worker=int(on_gpus), run_name=name,
@@ -265,8 +263,8 @@ class Scheduler:
                                                                  "plan": plan.as_dict()})
             result = await group.train(TrainRequest(run=context, data=data, plan=plan, init_weights_path=init_weights,
                                                     resume_from=str(resume_from) if resume_from else None,
-                                                    attempt=attempt), evaluator)
-            self._release(name, [])
+                                                    attempt=attempt), evaluating)
+            self._release(name)
             if result.stopped or name in self.cancelling:
                 await self._canceled(name, result.final_checkpoint if self.cancelling.get(name) else None)
                 return
@@ -279,10 +277,10 @@ class Scheduler:
                                   registration.model_dump())
             await self._end_mlflow_run(name, "FINISHED")
         except asyncio.CancelledError:
-            self._release(name, actors)
+            self._release(name)
             await self._canceled(name, None)
         except Exception as error:  # noqa: BLE001 - every failure of a run is recorded, never raised
-            self._release(name, actors)
+            self._release(name)
             if name in self.cancelling:
                 await self._canceled(name, None)
             elif is_interruption(error):
@@ -290,7 +288,7 @@ class Scheduler:
             else:
                 await self._fail(name, failure_reason(error), error)
         finally:
-            self._release(name, actors)
+            self._release(name)
             self.cancelling.pop(name, None)
             self.active.pop(name, None)
             self._dispatch()
@@ -356,14 +354,12 @@ class Scheduler:
                     "RAY_FINETUNE_TRAINER_WORKERS); RAY_FINETUNE_PLACEMENT_TIMEOUT_S=0 waits forever")
         return await group.ready()
 
-    def _release(self, name: str, actors: list[Any]) -> None:
+    def _release(self, name: str) -> None:
+        """The run's trainer group goes (the packer, evaluator and registrar serve the whole cluster)."""
         group = self.groups.pop(name, None)
         if group is not None:
             group.shutdown()
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
 
 
 def get_or_create() -> "ray.actor.ActorHandle":
-    return Scheduler.options(name=ACTOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
-                             resources=ON_HEAD_NODE).remote()
+    return one_per_cluster(Scheduler, ACTOR_NAME)

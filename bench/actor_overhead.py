@@ -47,7 +47,7 @@ class Timed:
 
 def per_step_overhead(model: str, data: Path, context: int, steps: int, work: Path, settings) -> dict:
 
-    from actors.evaluator import Evaluator
+    from actors import evaluator
     from actors.messages import PackedData, RunContext, TrainRequest
     from actors.trainer_group import EventReporter
     from ray_finetune import spec as spec_module
@@ -70,7 +70,7 @@ def per_step_overhead(model: str, data: Path, context: int, steps: int, work: Pa
     request = TrainRequest(run=RunContext(run_name="overhead-bench", spec=spec, mlflow_run_id=tracked.run_id,
                                           save_folder=str(work / "save")),
                            data=PackedData(train_rows_path=prepared.rows_path, train_stats=prepared.stats), plan=plan)
-    reporter = Timed(EventReporter(request, Evaluator.remote(), lambda: loop.STOP_NONE))
+    reporter = Timed(EventReporter(request, evaluator.get_or_create(), lambda: loop.STOP_NONE))
     config = loop.TrainConfig(run_name="overhead-bench", model_path=model, init_weights_path=None,
                               train_rows_path=prepared.rows_path, plan=plan, learning_rate=1e-4,
                               save_folder=str(work / "save"), rank=0, world_size=1, seed=0,

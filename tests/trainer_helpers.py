@@ -6,8 +6,7 @@ from pathlib import Path
 
 import ray
 
-from actors import scheduler
-from actors.evaluator import Evaluator
+from actors import evaluator, scheduler
 from actors.event_sink import event_store
 from actors.messages import PackedData, RunContext, TrainRequest
 from actors.trainer_group import TrainerGroup
@@ -48,7 +47,7 @@ def train_with(world_size: int, rows_path: str, stats, spec, cluster, tmp_path, 
         nodes = asyncio.run(group.ready())
         request = TrainRequest(run=context, data=PackedData(train_rows_path=rows_path, train_stats=stats.as_dict()),
                                plan=plan)
-        asyncio.run(group.train(request, Evaluator.remote()))
+        asyncio.run(group.train(request, evaluator.get_or_create()))
     finally:
         group.shutdown()
     events = ray.get(event_store().events.remote(run_name=name, types=["TRAIN_UPDATED"]))
