@@ -4,8 +4,6 @@ eval prompts on their own devices: train/evaluation.py) as metrics, a table of g
 The trainer processes themselves never import MLflow (seconds of each one's start)."""
 from __future__ import annotations
 
-import importlib
-
 import ray
 
 from actors.event_sink import EventSink, one_per_cluster
@@ -23,22 +21,17 @@ MAX_CONCURRENT_RECORDS = 16
 # resumed from its last checkpoint, as for any other interruption) and later calls reach the new process.
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=MAX_CONCURRENT_RECORDS)
 class Evaluator:
-    """One per cluster (named, detached, on the head node), started with the scheduler. An evaluator per run
+    """One per cluster (named, detached, on the head node), started by the first run. An evaluator per run
     imported MLflow and connected to the tracking store in a fresh process while the run's trainer started, two
     processes importing at once on the same cores (BENCHMARKS.md); this one pays it once."""
 
-    def __init__(self) -> None:
-        try:
-            importlib.import_module("mlflow")
-        except Exception:  # noqa: BLE001 - only a head start: the first record meets any real problem and reports it
-            pass
-
     def prepare(self) -> None:
-        """Connect to the tracking store while a run starts (not when this actor starts: a fresh store's schema is
-        then being created by the scheduler's first run), so its first metrics do not wait for it."""
+        """Connect to the tracking store while a run starts, so that its first metrics do not wait for MLflow's
+        imports (the first run's only). Started with the scheduler instead, this actor's imports made the head's
+        first create() return 2 s later (it imports MLflow too), and a fresh store's schema is created then."""
         try:
             tracking.open_store(settings.load())
-        except Exception:  # noqa: BLE001 - only a head start, as above
+        except Exception:  # noqa: BLE001 - only a head start: the first record meets any real problem and reports it
             pass
 
     def record_training_metrics(self, mlflow_run_id: str, steps: list[tuple[int, dict[str, float]]]) -> None:

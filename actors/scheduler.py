@@ -103,7 +103,6 @@ class Scheduler:
         self._mlflow = asyncio.Lock()           # MLflow's sqlite store takes one writer at a time
         self._admission = asyncio.Lock()        # CREATED order = queue order, however many drivers submit at once
         data_packer.get_or_create()             # started now: they get ready while the first run is submitted
-        evaluator.get_or_create()
         registrar.get_or_create()
         await self._recover()
 
