@@ -22,7 +22,7 @@ demo: setup
 	$(PY) -m ray_finetune.demo
 
 test: setup
-	$(PY) -m pytest -q tests; status=$$?; $(VENV)/bin/ray stop --force >/dev/null 2>&1; exit $$status
+	$(PY) -m pytest -q --durations=15 tests; status=$$?; $(VENV)/bin/ray stop --force >/dev/null 2>&1; exit $$status
 
 down: setup
 	$(VENV)/bin/ray-finetune down
