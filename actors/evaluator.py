@@ -17,9 +17,9 @@ ACTOR_NAME = "ray_finetune_evaluator"
 MAX_CONCURRENT_RECORDS = 16
 
 
-# If its process dies, Ray starts it again: the call it was running fails (the run is interrupted, requeued and
-# resumed from its last checkpoint, as for any other interruption) and later calls reach the new process.
-@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=MAX_CONCURRENT_RECORDS)
+# If its process dies, Ray starts it again and runs the calls it was running there: a run's trainers wait for
+# their metrics to be recorded, and a crash of the process that records them must not interrupt their training.
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3, max_concurrency=MAX_CONCURRENT_RECORDS)
 class Evaluator:
     """One per cluster (named, detached, on the head node), started by the first run. An evaluator per run
     imported MLflow and connected to the tracking store in a fresh process while the run's trainer started, two
@@ -48,7 +48,8 @@ class Evaluator:
         summary = f"step {result.step}: " + (f"eval loss {result.eval_loss:.4f}, perplexity "
                                               f"{result.eval_perplexity:.2f}" if result.eval_loss is not None
                                               else "no eval data")
-        EventSink("evaluator", request.run.run_name).emit(EventType.EVALUATED, summary, result.model_dump())
+        EventSink("evaluator", request.run.run_name).emit(EventType.EVALUATED, summary, result.model_dump(),
+                                                          key=request.request_id)
 
 
 def get_or_create() -> "ray.actor.ActorHandle":

@@ -74,6 +74,8 @@ class EvaluateRequest(Message):
     """An evaluation to record."""
     run: RunContext
     result: EvaluationResult
+    # The key of its EVALUATED event: a call that Ray retries on a restarted evaluator appends it once.
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class RegisterRequest(Message):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 from ray_finetune import events as event_log
 from ray_finetune import foundation_model as fm
+from ray_finetune import tracking
 from ray_finetune.cli import app
 from ray_finetune.entities import RunStatus
 from ray_finetune.errors import ValidationError
@@ -97,6 +99,32 @@ def test_a_resumed_run_equals_the_uninterrupted_one(cluster, tiny_model, chat_da
     assert losses_by_step(run.name) == losses_by_step(uninterrupted)   # exactly, step by step
     ours, theirs = final_weights(run.name), final_weights(uninterrupted)
     assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+
+
+def test_a_killed_evaluator_costs_a_run_nothing(cluster, tiny_model, chat_data, uninterrupted):
+    """One evaluator records every run's metrics, and rank 0 waits for them every few seconds. Killed mid-run, Ray
+    starts it again, and the calls it had (in flight or sent while it restarted) reach the new process: the run
+    trains on without a requeue, and MLflow holds every step's metrics."""
+    from actors import evaluator
+
+    def slow_call(actor) -> int:   # a call surely in flight when the kill lands
+        time.sleep(2)
+        return os.getpid()
+
+    run = create(tiny_model, chat_data)
+    wait_until(lambda: events_of(run.name, "CHECKPOINT_SAVED"), what="a checkpoint")
+    recording = evaluator.get_or_create()
+    first = ray.get(recording.__ray_call__.remote(lambda actor: os.getpid()))
+    in_flight = recording.__ray_call__.remote(slow_call)
+    time.sleep(0.5)
+    os.kill(first, signal.SIGKILL)
+    assert ray.get(in_flight, timeout=120) != first   # run again by the restarted process
+    finished = run.wait(timeout=300)
+    assert finished.status == RunStatus.COMPLETED, finished.details
+    assert "REQUEUED" not in [e.type for e in fm.get_events(run.name)]
+    assert losses_by_step(run.name) == losses_by_step(uninterrupted)
+    recorded = tracking.client(cluster).get_metric_history(finished.run_id, "train_loss")
+    assert {m.step for m in recorded} == set(range(1, STEPS + 1))
 
 
 def test_a_stopped_run_resumed_by_its_user_equals_the_uninterrupted_one(cluster, tiny_model, chat_data,
