@@ -1,4 +1,4 @@
-"""The command line: `ray-finetune create|runs|events|checkpoints|models|sql|down` (Typer + Rich)."""
+"""The command line: `ray-finetune create|runs|events|checkpoints|models|sql|status|down` (Typer + Rich)."""
 from __future__ import annotations
 
 import functools
@@ -325,6 +325,30 @@ def sql(query: str, as_json: bool = typer.Option(False, "--json")) -> None:
         _print_json(rows.to_dict(orient="records"))
         return
     _table(None, [str(c) for c in frame.columns], rows.values.tolist())
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Is the cluster up, does each of its service actors answer, what runs and what waits. Starts nothing; exit
+    code 1 when no cluster is running or an actor does not answer."""
+    from ray_finetune import cluster, health
+
+    if not cluster.join_if_running():
+        errors.print("no cluster is running: RAY_ADDRESS is not set and this home's local head is not up "
+                     "(the first create() starts one)", soft_wrap=True)
+        raise typer.Exit(1)
+    found = health.cluster_status()
+    if as_json:
+        _print_json({**asdict(found), "healthy": found.healthy})
+    else:
+        console.print(f"cluster {found.address}: {found.nodes_alive} node(s); CPU {found.available['CPU']:g} of "
+                      f"{found.total['CPU']:g} free, GPU {found.available['GPU']:g} of {found.total['GPU']:g} free")
+        _table(None, ["actor", "state", "pid", "node"],
+               [[a.role, a.state, a.pid, a.node_ip] for a in found.actors])
+        console.print(f"running ({len(found.running)}): {', '.join(found.running) or '-'}", soft_wrap=True)
+        console.print(f"queued ({len(found.queued)}), next first: {', '.join(found.queued) or '-'}", soft_wrap=True)
+    if not found.healthy:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -60,7 +60,7 @@ def test_shell_errors_are_one_line_with_an_exit_code(cluster, tiny_model, chat_d
 
 
 def test_looking_at_runs_from_a_fresh_process_imports_no_training_code(cluster):
-    """`ray-finetune runs list`, `events`, `sql` and `cancel` only talk to the scheduler and the event store: a new
+    """`ray-finetune runs list`, `events`, `sql`, `status` and `cancel` only talk to the scheduler and the event store: a new
     process doing them must not import torch or transformers (seconds of a small machine's time, every command;
     Ray loads the scheduler's class to hand out its handle, so the scheduler's module must not import them)."""
     import subprocess
@@ -69,9 +69,45 @@ def test_looking_at_runs_from_a_fresh_process_imports_no_training_code(cluster):
     probe = ("import sys, json\n"
              "from ray_finetune.cli import app\n"
              "from typer.testing import CliRunner\n"
-             "for command in (['runs', 'list', '--json'], ['sql', 'SELECT count(*) FROM events', '--json']):\n"
+             "for command in (['runs', 'list', '--json'], ['sql', 'SELECT count(*) FROM events', '--json'],\n"
+             "                ['status', '--json']):\n"
              "    assert CliRunner().invoke(app, command).exit_code == 0, command\n"
              "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'mlflow') if m in sys.modules)))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_status_says_which_actors_answer_what_runs_and_what_waits(cluster, tiny_model, chat_data):
+    from ray_finetune import foundation_model as fm
+    from waiting import wait_until
+
+    arguments = dict(model=str(tiny_model), train_data_path=str(chat_data[0]), register_to="main.cli",
+                     context_length=128, training_duration="5000ba")
+    first, second = fm.create(**arguments), fm.create(**arguments)   # this head runs one at a time
+    try:
+        wait_until(lambda: fm.get(first.name).status.value == "RUNNING", what="the first run training")
+        shown = invoke("status", "--json")
+        assert shown.exit_code == 0, shown.output
+        found = json.loads(shown.stdout)
+        assert found["healthy"] and found["nodes_alive"] >= 1 and found["total"]["CPU"] > 0
+        states = {actor["role"]: actor for actor in found["actors"]}
+        assert set(states) == {"scheduler", "event store", "data packer", "evaluator", "registrar"}
+        assert all(states[role]["state"] == "answering" and states[role]["pid"] for role in states)
+        assert found["running"] == [first.name] and found["queued"][-1] == second.name
+        table = invoke("status").stdout
+        assert "scheduler" in table and first.name in table and second.name in table
+    finally:
+        fm.cancel([first.name, second.name])
+
+
+def test_status_without_a_cluster_says_so_and_starts_none(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_FINETUNE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "ray_finetune.cli", "status"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and "no cluster is running" in done.stderr
+    assert not (tmp_path / "head.json").exists()
