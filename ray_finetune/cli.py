@@ -345,7 +345,8 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
                       f"{found.total['CPU']:g} free, GPU {found.available['GPU']:g} of {found.total['GPU']:g} free")
         _table(None, ["actor", "state", "pid", "node"],
                [[a.role, a.state, a.pid, a.node_ip] for a in found.actors])
-        console.print(f"running ({len(found.running)}): {', '.join(found.running) or '-'}", soft_wrap=True)
+        _table(f"running ({len(found.running)})", ["run", "status", "last event", "seconds ago"],
+               [[r.name, r.status, r.last_event, f"{r.last_event_s_ago:g}"] for r in found.running])
         console.print(f"queued ({len(found.queued)}), next first: {', '.join(found.queued) or '-'}", soft_wrap=True)
     if not found.healthy:
         raise typer.Exit(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import ray
@@ -23,13 +24,21 @@ class ServiceActor:
 
 
 @dataclass(frozen=True)
+class ActiveRun:
+    name: str
+    status: str                # STARTING, RUNNING or TERMINATING
+    last_event: str            # the newest event's type, and how long ago it came: a stalled run stands out
+    last_event_s_ago: float
+
+
+@dataclass(frozen=True)
 class ClusterStatus:
     address: str
     nodes_alive: int
     total: dict[str, float]        # CPU and GPU of the cluster
     available: dict[str, float]    # not taken by actors and tasks now
     actors: list[ServiceActor]
-    running: list[str] = field(default_factory=list)
+    running: list[ActiveRun] = field(default_factory=list)
     queued: list[str] = field(default_factory=list)   # in the order they will start
 
     @property
@@ -66,17 +75,33 @@ def _probe(role: str, name: str, namespace: str) -> tuple[ServiceActor, Any]:
     return ServiceActor(role, ANSWERING, pid, node_ip), handle
 
 
+def _active_runs(names: list[str], store: Any) -> list[ActiveRun]:
+    if not names:
+        return []
+    quoted = ", ".join("'" + name.replace("'", "''") + "'" for name in names)
+    _, rows = ray.get(store.sql.remote(
+        f"SELECT e.run_name, r.status, arg_max(e.type, e.seq), max(e.time) FROM events e JOIN runs r "
+        f"ON e.run_name = r.run_name WHERE e.run_name IN ({quoted}) GROUP BY e.run_name, r.status"),
+        timeout=ANSWER_WITHIN_S)
+    now = datetime.now(timezone.utc).replace(tzinfo=None)   # the log's times are UTC without a zone
+    found = {name: ActiveRun(name, status, kind, round((now - time).total_seconds(), 1))
+             for name, status, kind, time in rows}
+    return [found[name] for name in names if name in found]
+
+
 def cluster_status() -> ClusterStatus:
     """The status of the cluster this process is connected to (cluster.join_if_running first)."""
     from ray_finetune.cluster import NAMESPACE
 
     probed = {role: _probe(role, name, NAMESPACE) for role, name in _service_actors()}
-    running: list[str] = []
+    running: list[ActiveRun] = []
     queued: list[str] = []
-    scheduler = probed["scheduler"][1]
+    scheduler, store = probed["scheduler"][1], probed["event store"][1]
     if scheduler is not None:
-        running, queued = ray.get([scheduler.active_runs.remote(), scheduler.queued.remote()],
-                                  timeout=ANSWER_WITHIN_S)
+        active, queued = ray.get([scheduler.active_runs.remote(), scheduler.queued.remote()],
+                                 timeout=ANSWER_WITHIN_S)
+        if store is not None:
+            running = _active_runs(active, store)
     total, available = ray.cluster_resources(), ray.available_resources()
     return ClusterStatus(
         address=ray.get_runtime_context().gcs_address,

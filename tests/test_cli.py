@@ -94,7 +94,10 @@ def test_status_says_which_actors_answer_what_runs_and_what_waits(cluster, tiny_
         states = {actor["role"]: actor for actor in found["actors"]}
         assert set(states) == {"scheduler", "event store", "data packer", "evaluator", "registrar"}
         assert all(states[role]["state"] == "answering" and states[role]["pid"] for role in states)
-        assert found["running"] == [first.name] and found["queued"][-1] == second.name
+        assert [run["name"] for run in found["running"]] == [first.name] and found["queued"][-1] == second.name
+        training = found["running"][0]
+        assert training["status"] == "RUNNING" and training["last_event"] in ("TRAIN_UPDATED", "CHECKPOINT_SAVED")
+        assert 0 <= training["last_event_s_ago"] < 60
         table = invoke("status").stdout
         assert "scheduler" in table and first.name in table and second.name in table
     finally:
