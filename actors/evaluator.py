@@ -34,7 +34,8 @@ class Evaluator:
         except Exception:  # noqa: BLE001 - only a head start: the first record meets any real problem and reports it
             pass
 
-    def record_training_metrics(self, mlflow_run_id: str, steps: list[tuple[int, dict[str, float]]]) -> None:
+    def record_training_metrics(self, mlflow_run_id: str, steps: list[tuple[int, int, dict[str, float]]]) -> None:
+        """(step, time_ms, values) of each step: stamped by the trainer, so a call run again writes nothing twice."""
         tracking.log_metric_history(settings.load(), mlflow_run_id, steps)
 
     def evaluate(self, request: EvaluateRequest) -> None:
@@ -42,7 +43,8 @@ class Evaluator:
         if result.eval_loss is not None:
             tracking.log_metrics(config, request.run.mlflow_run_id,
                                  {"eval_loss": result.eval_loss, "eval_perplexity": result.eval_perplexity,
-                                  "eval_token_accuracy": result.token_accuracy}, step=result.step)
+                                  "eval_token_accuracy": result.token_accuracy}, step=result.step,
+                                 time_ms=request.time_ms)
         if result.generations:
             tracking.log_generations(config, request.run.mlflow_run_id, result.generations, step=result.step)
         summary = f"step {result.step}: " + (f"eval loss {result.eval_loss:.4f}, perplexity "

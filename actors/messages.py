@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from ray_finetune.spec import RunSpec
+from ray_finetune.tracking import now_ms
 from ray_finetune.train.plan import TrainingPlan
 
 
@@ -74,8 +75,10 @@ class EvaluateRequest(Message):
     """An evaluation to record."""
     run: RunContext
     result: EvaluationResult
-    # The key of its EVALUATED event: a call that Ray retries on a restarted evaluator appends it once.
+    # The key of its EVALUATED event and the time of its metrics: a call that Ray runs again on a restarted
+    # evaluator appends the event once and adds no metric twice.
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    time_ms: int = Field(default_factory=now_ms)
 
 
 class RegisterRequest(Message):

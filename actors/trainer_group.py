@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.event_sink import EventSink
 from actors.messages import EvaluateRequest, EvaluationResult, StopRequest, TrainRequest, TrainResult
 from eventstore.schema import EventType, NewEvent
+from ray_finetune.tracking import now_ms
 from ray_finetune.train.distributed import (free_port, import_deepspeed, join_process_group,
                                              prefer_expandable_gpu_memory)
 from ray_finetune.train.plan import TrainingPlan
@@ -49,7 +50,7 @@ class EventReporter:
         self._sink = EventSink("trainer_group", request.run.run_name)
         self._updates: list[NewEvent] = []   # TRAIN_UPDATED events not sent yet
         self._unacknowledged: list[Any] = []
-        self._metrics: list[tuple[int, dict[str, float]]] = []
+        self._metrics: list[tuple[int, int, dict[str, float]]] = []   # (step, time_ms, values)
         self._flushed_at = self._sent_at = time.monotonic()
 
     def _send_updates(self) -> None:
@@ -97,7 +98,7 @@ class EventReporter:
         self._updates.append(self._sink.event(
             EventType.TRAIN_UPDATED, f"step {report.step}/{report.total_steps} loss {report.loss:.4f} "
             f"grad norm {report.grad_norm:.3g} {report.tokens_per_second:,.0f} tok/s", payload))
-        self._metrics.append((report.step, {
+        self._metrics.append((report.step, now_ms(), {
             "train_loss": report.loss, "learning_rate": report.learning_rate,
             "tokens_per_second": report.tokens_per_second, "train_token_accuracy": report.token_accuracy,
             "grad_norm": report.grad_norm,

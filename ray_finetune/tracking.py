@@ -6,6 +6,7 @@ RAY_FINETUNE_STORAGE, and it is the run's save_folder: checkpoints are written s
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,21 +69,25 @@ def local_artifact_path(uri: str) -> str:
     return parsed.path if parsed.scheme in ("", "file") else uri
 
 
-def log_metrics(settings: Settings, run_id: str, metrics: dict[str, float], step: int) -> None:
-    log_metric_history(settings, run_id, [(step, metrics)])
+def now_ms() -> int:
+    """A metric's time as MLflow keeps it: milliseconds since the epoch."""
+    return int(time.time() * 1000)
+
+
+def log_metrics(settings: Settings, run_id: str, metrics: dict[str, float], step: int, time_ms: int) -> None:
+    log_metric_history(settings, run_id, [(step, time_ms, metrics)])
 
 
 MLFLOW_BATCH = 1000   # the most metrics MLflow takes in one log_batch
 
 
-def log_metric_history(settings: Settings, run_id: str, steps: list[tuple[int, dict[str, float]]]) -> None:
-    """Metrics of many steps in as few writes as MLflow allows."""
-    import time
-
+def log_metric_history(settings: Settings, run_id: str, steps: list[tuple[int, int, dict[str, float]]]) -> None:
+    """Metrics of many steps, each (step, time_ms, values), in as few writes as MLflow allows. Each step keeps the
+    time it was measured at (not the time of the write, which batches several seconds of steps), and writing the
+    same metrics again adds nothing: MLflow keeps one of each (key, time, step, value)."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, step) for step, values in steps for k, v in values.items()]
+    metrics = [Metric(k, float(v), time_ms, step) for step, time_ms, values in steps for k, v in values.items()]
     for start in range(0, len(metrics), MLFLOW_BATCH):
         client(settings).log_batch(run_id, metrics=metrics[start:start + MLFLOW_BATCH])
 

@@ -53,6 +53,20 @@ def assert_training_metrics_logged(cluster, run) -> None:
         assert mlflow_metrics(cluster, run, key) == pytest.approx({u["step"]: u[field] for u in updates}), key
 
 
+def test_metrics_written_twice_are_kept_once_at_the_time_of_their_step(cluster):
+    """What the evaluator writes when Ray runs a call again on its restarted process (tests/test_resume.py)."""
+    from mlflow import MlflowClient
+
+    from ray_finetune import tracking
+
+    tracked = tracking.start_run(cluster, experiment_path="/tests/metrics-twice", run_name="metrics-twice", params={})
+    steps = [(1, 1_000, {"train_loss": 2.5}), (2, 2_000, {"train_loss": 2.25})]   # (step, time_ms, values)
+    tracking.log_metric_history(cluster, tracked.run_id, steps)
+    tracking.log_metric_history(cluster, tracked.run_id, steps)
+    history = MlflowClient(tracking_uri=cluster.tracking_uri).get_metric_history(tracked.run_id, "train_loss")
+    assert sorted((m.step, m.timestamp, m.value) for m in history) == [(1, 1_000, 2.5), (2, 2_000, 2.25)]
+
+
 def test_a_run_goes_from_create_to_a_registered_model(cluster, tiny_model, chat_data):
     run = create(tiny_model, chat_data, eval_data_path=str(chat_data[1]),
                  eval_prompts=["what is the capital of france?"], training_duration="2ep")
