@@ -97,11 +97,14 @@ def cluster_status() -> ClusterStatus:
     running: list[ActiveRun] = []
     queued: list[str] = []
     scheduler, store = probed["scheduler"][1], probed["event store"][1]
-    if scheduler is not None:
-        active, queued = ray.get([scheduler.active_runs.remote(), scheduler.queued.remote()],
-                                 timeout=ANSWER_WITHIN_S)
-        if store is not None:
-            running = _active_runs(active, store)
+    try:   # an actor that answered a moment ago may still be too busy now: then the lists stay empty
+        if scheduler is not None:
+            active, queued = ray.get([scheduler.active_runs.remote(), scheduler.queued.remote()],
+                                     timeout=ANSWER_WITHIN_S)
+            if store is not None:
+                running = _active_runs(active, store)
+    except ray.exceptions.GetTimeoutError:
+        pass
     total, available = ray.cluster_resources(), ray.available_resources()
     return ClusterStatus(
         address=ray.get_runtime_context().gcs_address,
