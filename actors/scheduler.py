@@ -236,7 +236,7 @@ class Scheduler:
                                                                    "resume_from": str(resume_from or "") or None})
             registering = registrar.get_or_create()
             registering.prepare.remote(context.spec.model_path)   # the model's code imported while the run trains
-            evaluating = evaluator.get_or_create()   # records the run's metrics, and its evaluations if it has eval data
+            evaluating = evaluator.get_or_create()   # records the run's metrics, and its evaluations if any
             evaluating.prepare.remote()
             packer, request = data_packer.get_or_create(), PackRequest(run=context)
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import sys
 from dataclasses import asdict
 from datetime import datetime
@@ -334,8 +335,10 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     from ray_finetune import cluster, health
 
     if not cluster.join_if_running():
-        errors.print("no cluster is running: RAY_ADDRESS is not set and this home's local head is not up "
-                     "(the first create() starts one)", soft_wrap=True)
+        address = os.environ.get("RAY_ADDRESS")
+        errors.print(f"no cluster answers at RAY_ADDRESS={address}: is its head up, and the address right?"
+                     if address else "no cluster is running: RAY_ADDRESS is not set and this home's local head is "
+                     "not up (the first create() starts one)", soft_wrap=True)
         raise typer.Exit(1)
     found = health.cluster_status()
     if as_json:

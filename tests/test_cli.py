@@ -60,7 +60,7 @@ def test_shell_errors_are_one_line_with_an_exit_code(cluster, tiny_model, chat_d
 
 
 def test_looking_at_runs_from_a_fresh_process_imports_no_training_code(cluster):
-    """`ray-finetune runs list`, `events`, `sql`, `status` and `cancel` only talk to the scheduler and the event store: a new
+    """`ray-finetune runs list`, `events`, `sql`, `status` and `cancel` only talk to the cluster's actors: a new
     process doing them must not import torch or transformers (seconds of a small machine's time, every command;
     Ray loads the scheduler's class to hand out its handle, so the scheduler's module must not import them)."""
     import subprocess
@@ -79,8 +79,8 @@ def test_looking_at_runs_from_a_fresh_process_imports_no_training_code(cluster):
 
 
 def invoke_sql_types(run_name: str) -> list[str]:
-    rows = json.loads(invoke("sql", f"SELECT DISTINCT type FROM events WHERE run_name = '{run_name}'", "--json").stdout)
-    return [row["type"] for row in rows]
+    query = f"SELECT DISTINCT type FROM events WHERE run_name = '{run_name}'"
+    return [row["type"] for row in json.loads(invoke("sql", query, "--json").stdout)]
 
 
 def test_status_says_which_actors_answer_what_runs_and_what_waits(cluster, tiny_model, chat_data):
@@ -110,13 +110,17 @@ def test_status_says_which_actors_answer_what_runs_and_what_waits(cluster, tiny_
         fm.cancel([first.name, second.name])
 
 
-def test_status_without_a_cluster_says_so_and_starts_none(tmp_path):
+@pytest.mark.parametrize("address", [None, "127.0.0.1:9"])   # none set; set to a port where nothing listens
+def test_status_without_a_cluster_says_so_and_starts_none(tmp_path, address):
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_FINETUNE_HOME": str(tmp_path)}
+    if address:
+        env["RAY_ADDRESS"] = address
     done = subprocess.run([sys.executable, "-m", "ray_finetune.cli", "status"], env=env, capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 1 and "no cluster is running" in done.stderr
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert (f"no cluster answers at RAY_ADDRESS={address}" if address else "no cluster is running") in done.stderr
     assert not (tmp_path / "head.json").exists()
