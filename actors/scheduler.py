@@ -35,7 +35,7 @@ from eventstore.schema import PENDING, QUEUED, RESUMABLE_STATUSES, EventType
 from ray_finetune import settings, tracking
 from ray_finetune.data.packing import packed_data_id
 from ray_finetune.spec import RunSpec
-from ray_finetune.train import checkpoint
+from ray_finetune.train import allocator, checkpoint
 from ray_finetune.train.plan import make_plan, trainer_group_size
 
 ACTOR_NAME = "ray_finetune_scheduler"
@@ -254,7 +254,8 @@ class Scheduler:
             init_weights = (str(checkpoint.initial_weights("custom_weights_path", context.spec.custom_weights_path))
                             if context.spec.custom_weights_path else None)
             group = TrainerGroup(world, gpus_per_worker=int(on_gpus), run_name=name,
-                                 resources=self.settings.trainer_resources)
+                                 resources=self.settings.trainer_resources,
+                                 environment=allocator.trainer_environment(on_gpus, self.settings.allocator))
             self.groups[name] = group
             nodes = await self._placed(group, sink, self.settings.placement_timeout_s)
             await sink.emit_async(EventType.PLACED, f"trainer group of {world} worker(s) placed on "

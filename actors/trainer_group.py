@@ -255,7 +255,7 @@ class TrainerGroup:
     """Placement group + workers of one run. Lives in the scheduler; not an actor itself."""
 
     def __init__(self, world_size: int, cpus_per_worker: int = 1, gpus_per_worker: int = 0, run_name: str = "",
-                 resources: dict[str, float] | None = None) -> None:
+                 resources: dict[str, float] | None = None, environment: dict[str, str] | None = None) -> None:
         self.world_size = world_size
         resources = resources or {}
         # What each worker takes.
@@ -267,6 +267,8 @@ class TrainerGroup:
         self.workers = [
             TrainerWorker.options(
                 num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, resources=resources,
+                # merged into the job's environment variables; read when the process starts (train/allocator.py)
+                runtime_env={"env_vars": environment} if environment else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, placement_group_bundle_index=i),
             ).remote(i, world_size)
             for i in range(world_size)

@@ -12,6 +12,12 @@ same hyperparameters. Prints useful (non-padding) tokens/s, peak RSS, mean train
                                         # document instead of per-document attention
     python bench/throughput_cpu.py --model smollm2 --rounds 3   # every contender three times, alternating; the
                                         # median of the rounds' ratios (this box's speed drifts by the minute)
+    python bench/throughput_cpu.py --model smollm2 --variants system_allocator   # also ours with the allocator
+                                        # its process starts with (the others: train/allocator.py)
+    python bench/throughput_cpu.py --model smollm2 --peers-allocator ours   # the peers with that allocator too
+
+ours runs with the allocator ray_finetune gives its CPU trainer processes (TCMalloc when installed); the peers, as
+their users run them, with the one they start with.
 
 TRL's packing on CPU (no FlashAttention) lets packed examples attend to each other; ray_finetune's does not.
 """
@@ -31,6 +37,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from ray_finetune.train.allocator import in_use, trainer_environment  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -147,7 +155,9 @@ def run_trl(model_path: Path, data: list[dict], context: int, batch_rows: int, w
 VARIANTS = {"checkpointed": {"RAY_FINETUNE_ACTIVATION_CHECKPOINTING": "on"}, "zero3": {"RAY_FINETUNE_ZERO_STAGE": "3"},
             # one forward pass per document, as CPUs trained before per-document attention (and still do for a
             # model it cannot run)
-            "passes": {"RAY_FINETUNE_ATTENTION": "sdpa"}}
+            "passes": {"RAY_FINETUNE_ATTENTION": "sdpa"},
+            # the allocator the trainer process starts with, as it is (train/allocator.py)
+            "system_allocator": {"RAY_FINETUNE_ALLOCATOR": "system"}}
 
 
 def run_contender(args: argparse.Namespace, count: int, work: Path) -> dict:
@@ -185,6 +195,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["ours", "hf", "trl"], default=None, help="run one contender (internal)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--peers-allocator", choices=["system", "ours"], default="system",
+                        help="run the peers with the allocator they start with (as users run them), or with the "
+                        "one ray_finetune's CPU trainers get")
     parser.add_argument("--rounds", type=int, default=1, help="run every contender this many times, alternating; "
                         "ratios are the median of the rounds' own ratios")
     args = parser.parse_args()
@@ -195,12 +208,17 @@ def main() -> None:
     count = args.examples or (800 if args.model == "tiny" else 48)
     if args.only:   # one contender per process, so peak memory is its own
         with tempfile.TemporaryDirectory(prefix="throughput-") as work:   # its rows and checkpoint: GBs each
-            print("RESULT " + json.dumps(run_contender(args, count, Path(work))))
+            print("RESULT " + json.dumps({**run_contender(args, count, Path(work)), "allocator": in_use()}))
         return
     import subprocess
 
-    runs = [(contender, contender, {}) for contender in ("ours", "hf", "trl")]
-    runs += [(f"ours_{variant}", "ours", VARIANTS[variant]) for variant in filter(None, args.variants.split(","))]
+    def allocator_for(variant: dict[str, str]) -> dict[str, str]:   # what the scheduler gives a CPU trainer
+        return trainer_environment(on_gpus=False, choice=variant.get("RAY_FINETUNE_ALLOCATOR", "auto"))
+
+    peers = allocator_for({}) if args.peers_allocator == "ours" else {}
+    runs = [("ours", "ours", allocator_for({})), ("hf", "hf", peers), ("trl", "trl", peers)]
+    runs += [(f"ours_{variant}", "ours", {**VARIANTS[variant], **allocator_for(VARIANTS[variant])})
+             for variant in filter(None, args.variants.split(","))]
     rounds = []
     for _ in range(args.rounds):   # contenders alternate, so a drift of the machine's speed reaches all of them
         results = {}

@@ -41,6 +41,9 @@ class Settings:
     # micro-batch that fits and still pays (train/memory.fit_micro_batch). Less leaves GPU memory to others, at a
     # cost in speed only once micro-batches get small.
     micro_batch_tokens: int = 0
+    # "auto" (trainers on CPUs preload TCMalloc when their node has it, else keep glibc from returning freed memory:
+    # train/allocator.py) or "system" (trainer processes keep the allocator they start with).
+    allocator: str = "auto"
 
     @property
     def event_log_path(self) -> Path:
@@ -72,6 +75,7 @@ class Settings:
             "RAY_FINETUNE_PLACEMENT_TIMEOUT_S": str(self.placement_timeout_s),
             "RAY_FINETUNE_CPU_MEMORY_GB": str(self.cpu_memory_gb),
             "RAY_FINETUNE_MICRO_BATCH_TOKENS": str(self.micro_batch_tokens),
+            "RAY_FINETUNE_ALLOCATOR": self.allocator,
         }
 
 
@@ -95,6 +99,7 @@ def load() -> Settings:
         placement_timeout_s=_count("RAY_FINETUNE_PLACEMENT_TIMEOUT_S", default=3600, least=0),
         cpu_memory_gb=_amount("RAY_FINETUNE_CPU_MEMORY_GB"),
         micro_batch_tokens=_count("RAY_FINETUNE_MICRO_BATCH_TOKENS", default=0, least=0),
+        allocator=_one_of("RAY_FINETUNE_ALLOCATOR", ("auto", "system")),
     )
 
 

@@ -14,6 +14,7 @@ from ray_finetune import events as event_log
 from ray_finetune import foundation_model as fm
 from ray_finetune.entities import RunStatus
 from ray_finetune.errors import ValidationError
+from ray_finetune.train import allocator
 from waiting import wait_until
 
 pytestmark = pytest.mark.cluster
@@ -80,6 +81,9 @@ def test_a_run_goes_from_create_to_a_registered_model(cluster, tiny_model, chat_
                   "CHECKPOINT_SAVED", "TRAIN_FINISHED", "COMPLETED"]
     assert [types.index(m) for m in milestones] == sorted(types.index(m) for m in milestones)
     assert types[-1] == "COMPLETED" and "QUEUED" not in types  # internal events stay internal
+    initialized = next(e.payload for e in fm.get_events(run.name) if e.type == "MODEL_INITIALIZED")
+    assert initialized["host_allocator"] == ("tcmalloc" if allocator.tcmalloc_installed()
+                                             else "glibc, freed memory kept")   # the CPU trainer's (allocator.py)
 
     updates = [e.payload for e in fm.get_events(run.name) if e.type == "TRAIN_UPDATED"]
     assert [u["step"] for u in updates] == list(range(1, updates[0]["total_steps"] + 1))

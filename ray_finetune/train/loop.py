@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ray_finetune.data.packing import PackedRows, packed_data_id
 from ray_finetune import settings
-from ray_finetune.train import checkpoint
+from ray_finetune.train import allocator, checkpoint
 from ray_finetune.errors import CheckpointError, TrainingDivergedError
 from ray_finetune.spec import Duration
 from ray_finetune.train.attention import DOCUMENT_SDPA, check_documents_apart, plain_attention
@@ -176,7 +176,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
             "plan": plan.as_dict(), **sizing, "chunked_loss": wrapped.split is not None,
             "stop_tokens": tokenizer.convert_ids_to_tokens(stop_tokens),
             "weights_from": config.resume_from or config.init_weights_path or config.model_path,
-            "resumed_at_step": start_step, "pid": os.getpid(),
+            "resumed_at_step": start_step, "pid": os.getpid(), "host_allocator": allocator.in_use(),
         })
     evaluation = Evaluation(engine, eval_rows, list(config.eval_prompts), tokenizer, config.task_type, plan, rank,
                             world, device, sharded=stage == 3)
