@@ -29,7 +29,7 @@ CHUNK_LOGIT_ELEMENTS = 1 << 28
 class LossSums:
     loss_sum: torch.Tensor       # differentiable sum of token losses
     target_tokens: int
-    correct_tokens: int
+    correct_tokens: int          # targets whose logit is the largest (a tie counts: no argmax pass for it)
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,8 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> LossSums:
     loss_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     targets = flat_labels != IGNORE_INDEX
     with torch.no_grad():
-        correct = int((flat_logits.argmax(-1)[targets] == flat_labels[targets]).sum())
+        scored = flat_logits[targets]
+        correct = int((scored.gather(1, flat_labels[targets][:, None]).squeeze(1) >= scored.amax(-1)).sum())
     return LossSums(loss_sum=loss_sum, target_tokens=int(targets.sum()), correct_tokens=correct)
 
 
@@ -107,10 +108,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             part, part_labels = hidden[start:start + chunk], labels[start:start + chunk]
             logits = (part @ weight.T).float()
-            correct += (logits.argmax(-1) == part_labels).sum()
             target_logits = logits.gather(1, part_labels[:, None]).squeeze(1)
             # The softmax in the logits' own memory (a chunk's logits are a gigabyte: no second copy of them)
             largest = logits.amax(dim=-1, keepdim=True)
+            correct += (target_logits >= largest.squeeze(1)).sum()   # the maximum the softmax needs anyway
             exponentials = logits.sub_(largest).exp_()
             normalizer = exponentials.sum(dim=-1)
             loss += (normalizer.log() + largest.squeeze(1) - target_logits).sum()
