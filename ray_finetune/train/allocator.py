@@ -24,9 +24,9 @@ TCMALLOC = "libtcmalloc_minimal.so.4"
 # gperftools prints a stack trace for every allocation above 1 GiB by default; a model's embedding can be one.
 _QUIET_TCMALLOC = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 50)}
 # glibc: serve every block from its heap (a freed block is then reused, not unmapped), never give back the heap's
-# top (what a step frees at its end, the next step takes again), and grow it 64 MiB at a time.
+# top (what a step frees at its end, the next step takes again), and grow it 256 MiB at a time.
 GLIBC_KEEPS_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 62),
-                            "MALLOC_TOP_PAD_": str(64 << 20)}
+                            "MALLOC_TOP_PAD_": str(256 << 20)}
 
 
 @functools.lru_cache(maxsize=1)
