@@ -7,7 +7,7 @@ the memory again and the kernel faults in and zeroes every 4 KB page of it: 100,
 for SmolLM2-135M on a 2-core CPU. TCMalloc keeps freed memory for the next allocation: with it that model trains
 13% more tokens/s in 14% less peak memory (BENCHMARKS.md). So trainer processes on CPUs preload TCMalloc when the
 node has it (Debian/Ubuntu: `apt install libtcmalloc-minimal4`; it is also what PyTorch's own CPU launcher
-prefers), and otherwise tell glibc to keep what is freed (5% more tokens/s).
+prefers), and otherwise tell glibc to keep what is freed (7% more tokens/s).
 
 Only the environment a process starts with can choose its allocator, so the scheduler puts these variables into
 the trainer workers' runtime environment, and each trainer reports the allocator it got (`in_use`) in
