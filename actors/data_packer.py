@@ -17,7 +17,7 @@ from actors.event_sink import EventSink, one_per_cluster
 from actors.messages import PackedData, PackRequest
 from eventstore.schema import EventType
 from ray_finetune import settings
-from ray_finetune.data.prepare import on_cluster, prepare
+from ray_finetune.data.prepare import PreparationStopped, on_cluster, prepare
 from ray_finetune.train.models import load_tokenizer
 
 ACTOR_NAME = "ray_finetune_data_packer"
@@ -27,10 +27,6 @@ MAX_CONCURRENT_PACKS = 32
 PROGRESS_EVERY_S = 10.0
 # Cancellations kept for requests that are not being packed (not started yet, or already finished).
 REMEMBERED_ABANDONMENTS = 256
-
-
-class PackingAbandoned(Exception):
-    """The run was cancelled while its data was being prepared."""
 
 
 class Abandonments:
@@ -72,16 +68,12 @@ class Abandonments:
 
 class ProgressEvents:
     """DATA_PROGRESS events for one dataset of a run, at most one per PROGRESS_EVERY_S (none for data that
-    tokenizes quicker than that: DATA_VALIDATED follows at once). Between shards it also stops a preparation
-    whose run was cancelled (`abandoned`)."""
+    tokenizes quicker than that: DATA_VALIDATED follows at once)."""
 
-    def __init__(self, sink: EventSink, parameter: str, abandoned: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, sink: EventSink, parameter: str) -> None:
         self._sink, self._parameter, self._told_at = sink, parameter, time.monotonic()
-        self._abandoned = abandoned
 
     def __call__(self, done: int, total: int) -> None:
-        if self._abandoned():
-            raise PackingAbandoned(f"{self._sink.run_name} was cancelled while its {self._parameter} was tokenized")
         if done < total and time.monotonic() - self._told_at >= PROGRESS_EVERY_S:
             self._told_at = time.monotonic()
             self._sink.emit(EventType.DATA_PROGRESS, f"tokenized {done} of {total} shards of {self._parameter}",
@@ -105,7 +97,7 @@ class DataPacker:
             pass
 
     def abandon(self, request_id: str) -> None:
-        """The request's run was cancelled: stop tokenizing for it at the next shard, and record nothing more."""
+        """The request's run was cancelled: stop tokenizing for it within a second, and record nothing more."""
         self._abandonments.abandon(request_id)
 
     def pack(self, request: PackRequest) -> PackedData | None:
@@ -114,7 +106,7 @@ class DataPacker:
         self._abandonments.started(request.request_id)
         try:
             return self._pack(request, lambda: self._abandonments.is_abandoned(request.request_id))
-        except PackingAbandoned:
+        except PreparationStopped:
             return None
         finally:
             self._abandonments.finished(request.request_id)
@@ -125,14 +117,14 @@ class DataPacker:
         tokenizer = load_tokenizer(spec.model_path)
         common = dict(task_type=spec.task_type, model_path=spec.model_path, tokenizer=tokenizer,
                       context_length=spec.context_length, cache_dir=settings.load().packed_data_dir,
-                      data_prep_cluster_id=spec.data_prep_cluster_id, **on_cluster())
+                      data_prep_cluster_id=spec.data_prep_cluster_id, stop_requested=abandoned, **on_cluster())
         train = prepare("train_data_path", spec.train_data_path,
-                        progress=ProgressEvents(sink, "train_data_path", abandoned), **common)
+                        progress=ProgressEvents(sink, "train_data_path"), **common)
         evaluation = (prepare("eval_data_path", spec.eval_data_path,
-                              progress=ProgressEvents(sink, "eval_data_path", abandoned), **common)
+                              progress=ProgressEvents(sink, "eval_data_path"), **common)
                       if spec.eval_data_path else None)
         if abandoned():   # the rows are in the cache for a later run; this one has ended
-            raise PackingAbandoned(f"{run.run_name} was cancelled while its data was prepared")
+            raise PreparationStopped(f"{run.run_name} was cancelled while its data was prepared")
         stats = train.stats
         sink.emit(
             EventType.DATA_VALIDATED,

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +20,7 @@ from ray_finetune.data.packing import PackedRows, pack_examples, pack_stream
 from ray_finetune.data.prepare import prepare
 from ray_finetune.data.tokenized import ExampleTable, to_arrays
 from ray_finetune.train.models import load_tokenizer
+from waiting import wait_until
 
 record = st.fixed_dictionaries({"prompt": st.text(max_size=30), "response": st.text(min_size=1, max_size=30)})
 
@@ -80,8 +83,6 @@ def test_unchecked_data_fails_preparation_naming_the_malformed_record(tmp_path, 
     """create(validate_inputs=False) queues data nobody has checked: the data packer still refuses a record of the
     wrong shape (here a tool call without its function's name, which formatting would index) with the file and
     line -- also from a shard that starts mid-file -- and packs nothing."""
-    import pytest
-
     from ray_finetune.errors import ValidationError
 
     records = conversations(40)
@@ -213,3 +214,62 @@ def test_a_run_tokenizing_a_large_dataset_says_how_far_it_has_got(monkeypatch):
         ("DATA_PROGRESS", "tokenized 4 of 5 shards of train_data_path",
          {"parameter": "train_data_path", "shards_done": 4, "shards": 5}),
     ]
+
+
+
+def test_a_preparation_waiting_for_cpus_stops_when_asked_and_leaves_nothing_behind(cluster, tmp_path, tiny_model):
+    """A run cancelled while its tokenize tasks wait for CPUs that trainers hold: its preparation stops at once
+    (it used to wait for a shard to finish first, keeping its work folder until then), cancels its tasks and
+    removes its work folder; none of its tasks runs later."""
+    import threading
+
+    import ray
+
+    from ray_finetune.data.prepare import PreparationStopped, map_over_cluster
+
+    @ray.remote(num_cpus=int(ray.cluster_resources()["CPU"]))
+    class EveryCpu:   # what a trainer group holding the whole machine looks like to Ray's scheduler
+        def ready(self) -> bool:
+            return True
+
+    holder = EveryCpu.remote()
+    ray.get(holder.ready.remote())
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in conversations(2_000)))
+    cache, cancelled, outcome = tmp_path / "cache", threading.Event(), []
+
+    def preparation() -> None:
+        try:
+            prepare("train_data_path", str(data), task_type="CHAT_COMPLETION", model_path=str(tiny_model),
+                    tokenizer=load_tokenizer(tiny_model), context_length=128, cache_dir=cache,
+                    map_shards=map_over_cluster, shard_bytes=50_000, stop_requested=cancelled.is_set)
+        except BaseException as error:   # noqa: BLE001 - handed to the test's thread
+            outcome.append(error)
+
+    thread = threading.Thread(target=preparation)
+    thread.start()
+    try:
+        wait_until(lambda: list(cache.glob("*/work-*")), 60, "the preparation to start")
+        cancelled.set()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "the preparation went on waiting for CPUs after it was asked to stop"
+        assert len(outcome) == 1 and isinstance(outcome[0], PreparationStopped)
+        assert not list(cache.glob("*/work-*"))
+    finally:
+        ray.kill(holder)
+    time.sleep(3)   # the CPUs are free: a task that had not been cancelled would tokenize its shard now
+    assert not list(cache.rglob("*.npy")) and not list(cache.glob("*/work-*"))
+
+
+def test_a_shard_finishing_after_its_preparation_ended_does_not_bring_its_folder_back(tmp_path, tiny_model):
+    from ray_finetune.data.tokenized import TokenizeJob
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in conversations(10)))
+    source = sources.locate("train_data_path", str(data))
+    (shard,) = sources.plan_shards(source, sources.SHARD_BYTES)
+    removed = tmp_path / "work-removed" / "tokens"
+    job = TokenizeJob(source, shard, "CHAT_COMPLETION", str(tiny_model), 128, str(removed))
+    with pytest.raises(FileNotFoundError):
+        job.run(load_tokenizer(tiny_model))
+    assert not (tmp_path / "work-removed").exists()

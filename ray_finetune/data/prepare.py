@@ -32,10 +32,22 @@ class Prepared:
 
 # Told, as tokenizing goes on, how many of a source's shards are done and how many there are.
 ShardProgress = Callable[[int, int], None]
-# Runs tokenize jobs and returns their shard prefixes in job order, telling its ShardProgress as each is done: in
-# this process by default; on_cluster() gives one that spreads them over the cluster as Ray tasks. A source of one
-# shard is always tokenized in this process: a task would only add a worker's start-up to a small run's wait.
-MapShards = Callable[[list[TokenizeJob], ShardProgress], list[str]]
+# Asked, as tokenizing goes on, whether the caller wants the preparation stopped (its run was cancelled).
+StopRequested = Callable[[], bool]
+# Runs tokenize jobs and returns their shard prefixes in job order, telling its ShardProgress as each is done and
+# raising PreparationStopped once StopRequested says so: in this process by default; on_cluster() gives one that
+# spreads them over the cluster as Ray tasks. A source of one shard is always tokenized in this process: a task would
+# only add a worker's start-up to a small run's wait.
+MapShards = Callable[[list[TokenizeJob], ShardProgress, StopRequested], list[str]]
+# How often a preparation spread over the cluster asks whether to stop while no shard finishes: its tasks may wait for
+# CPUs that trainers hold, and a cancelled run's preparation must not wait with them.
+STOP_CHECK_S = 1.0
+# How long a preparation that stops waits for its cancelled tokenize tasks to end before it removes their folder.
+CANCELLED_TASKS_WAIT_S = 30.0
+
+
+class PreparationStopped(Exception):
+    """The caller asked the preparation to stop; nothing of it was published."""
 
 
 @ray.remote(num_cpus=1, max_retries=2)
@@ -43,27 +55,41 @@ def _tokenize_shard_task(job: TokenizeJob) -> str:
     return job.run()
 
 
-def map_over_cluster(jobs: list[TokenizeJob], progress: ShardProgress) -> list[str]:
+def map_over_cluster(jobs: list[TokenizeJob], progress: ShardProgress, stop_requested: StopRequested) -> list[str]:
     """Ray runs as many tokenize tasks at once as the cluster has free CPUs; the rest queue."""
     tasks = [_tokenize_shard_task.remote(job) for job in jobs]
     pending = tasks
     try:
         while pending:
-            _, pending = ray.wait(pending, num_returns=1)
-            progress(len(tasks) - len(pending), len(tasks))
+            if stop_requested():
+                raise PreparationStopped(f"stopped with {len(tasks) - len(pending)} of {len(tasks)} shards tokenized")
+            finished, pending = ray.wait(pending, num_returns=1, timeout=STOP_CHECK_S)
+            if finished:
+                progress(len(tasks) - len(pending), len(tasks))
         return ray.get(tasks)
     except BaseException:
-        for task in pending:   # the caller stopped waiting (progress raised: its run was cancelled)
+        for task in pending:
             ray.cancel(task)
+        # Tasks in the middle of a shard end when they next run Python code; the caller removes the folder they
+        # write into once this returns, so give them a moment to stop first (a later one fails writing: see
+        # tokenized.tokenize_shard).
+        ray.wait(pending, num_returns=len(pending), timeout=CANCELLED_TASKS_WAIT_S)
         raise
 
 
-def _map_here(jobs: list[TokenizeJob], progress: ShardProgress, tokenizer: Any) -> list[str]:
+def _map_here(jobs: list[TokenizeJob], progress: ShardProgress, stop_requested: StopRequested,
+              tokenizer: Any) -> list[str]:
     prefixes = []
     for job in jobs:
+        if stop_requested():
+            raise PreparationStopped(f"stopped with {len(prefixes)} of {len(jobs)} shards tokenized")
         prefixes.append(job.run(tokenizer))
         progress(len(prefixes), len(jobs))
     return prefixes
+
+
+def _never() -> bool:
+    return False
 
 
 def _no_progress(done: int, total: int) -> None:
@@ -104,13 +130,14 @@ def cache_key(source: sources.DataSource, model_path: str, task_type: str, conte
 def prepare(parameter: str, path: str, *, task_type: str, model_path: str, tokenizer: Any, context_length: int,
             cache_dir: Path, data_prep_cluster_id: str | None = None, map_shards: MapShards | None = None,
             shard_bytes: int = sources.SHARD_BYTES, parallelism: int = 1,
-            progress: ShardProgress = _no_progress) -> Prepared:
+            progress: ShardProgress = _no_progress, stop_requested: StopRequested = _never) -> Prepared:
     """Packed rows for one dataset, from the cache when the same data was packed the same way before.
 
     tokenize (shards, in parallel where map_shards allows) → pack (streaming, from memory-mapped shards) →
     publish. Work happens in a folder private to this call; the finished rows are renamed into place and the
     stats file, written last, marks the entry complete, so concurrent or interrupted preparations never leave
-    a half-written entry that a run would use.
+    a half-written entry that a run would use. Raises PreparationStopped, its folder removed, once `stop_requested`
+    says so while it tokenizes.
     """
     source = sources.locate(parameter, path, data_prep_cluster_id)
     folder = cache_dir / cache_key(source, model_path, task_type, context_length)
@@ -121,11 +148,13 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
         return Prepared(str(rows_dir), cached, cached=True)
     work = folder / f"work-{uuid.uuid4().hex}"
     try:
+        (work / "tokens").mkdir(parents=True)
         jobs = [TokenizeJob(source, shard, task_type, model_path, context_length, str(work / "tokens"))
                 for shard in sources.plan_shards(source, shard_bytes, parallelism)]
         progress(0, len(jobs))
         spread = map_shards is not None and len(jobs) > 1
-        prefixes = map_shards(jobs, progress) if spread else _map_here(jobs, progress, tokenizer)
+        prefixes = (map_shards(jobs, progress, stop_requested) if spread
+                    else _map_here(jobs, progress, stop_requested, tokenizer))
         pack = packing.pack_stream if task_type == "CONTINUED_PRETRAIN" else packing.pack_examples
         _, stats = pack(ExampleTable.open(prefixes), context_length, tokenizer.pad_token_id, folder=work / "rows")
         _require_rows(parameter, source, stats.as_dict(), context_length)

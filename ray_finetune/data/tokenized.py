@@ -56,10 +56,11 @@ def to_arrays(examples: Iterable[TokenizedExample], context_length: int) -> dict
 
 def tokenize_shard(source: sources.DataSource, shard: sources.Shard, task_type: str, tokenizer: Any,
                    context_length: int, folder: Path) -> str:
-    """Tokenize one shard into `folder`; returns the shard's file prefix. Memory: one shard's tokens."""
+    """Tokenize one shard into `folder`, which the preparation that asked for it created; returns the shard's file
+    prefix. Memory: one shard's tokens. A shard that finishes after its preparation ended (cancelled; its folder
+    removed) fails writing rather than create the folder again: nothing else would ever remove it."""
     arrays = to_arrays(shard_examples(source, shard, task_type, tokenizer), context_length)
     prefix = str(Path(folder) / f"shard-{shard.index:05d}")
-    Path(folder).mkdir(parents=True, exist_ok=True)
     for name, array in arrays.items():   # each file complete or absent: written aside, then renamed
         temporary = f"{prefix}.{name}.{os.getpid()}.tmp.npy"
         np.save(temporary, array)
