@@ -4,6 +4,7 @@ the tokens of the dataset."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 import tracemalloc
@@ -273,3 +274,30 @@ def test_a_shard_finishing_after_its_preparation_ended_does_not_bring_its_folder
     with pytest.raises(FileNotFoundError):
         job.run(load_tokenizer(tiny_model))
     assert not (tmp_path / "work-removed").exists()
+
+
+def test_work_folders_of_preparations_whose_process_died_are_removed_by_the_next(tmp_path, tiny_model):
+    """A data packer or a dry run killed while it tokenizes leaves its work folder (its clean-up never ran); the
+    next preparation on the same host removes those of dead processes, and only those."""
+    import socket
+    import subprocess
+
+    from ray_finetune.data.prepare import remove_orphaned_work
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()   # its pid now names no process
+    host, cache = socket.gethostname(), tmp_path / "cache"
+    dead = cache / "a" / f"work-{host}-{finished.pid}-0123abcd"
+    living = cache / "a" / f"work-{host}-{os.getpid()}-4567abcd"                   # a preparation under way here
+    elsewhere = cache / "b" / f"work-another-host-{finished.pid}-89abcdef"         # cannot be checked from here
+    older = cache / "b" / "work-0123456789abcdef0123456789abcdef"                  # named by an earlier version
+    for work in (dead, living, elsewhere, older):
+        (work / "tokens").mkdir(parents=True)
+        (work / "tokens" / "shard-00000.ids.npy").write_bytes(b"x" * 1000)
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in conversations(10)))
+    prepare("train_data_path", str(data), task_type="CHAT_COMPLETION", model_path=str(tiny_model),
+            tokenizer=load_tokenizer(tiny_model), context_length=96, cache_dir=cache)
+    assert not dead.exists() and living.exists() and elsewhere.exists() and older.exists()
+    assert remove_orphaned_work(cache) == []
