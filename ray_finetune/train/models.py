@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,8 +245,8 @@ def _converted(gguf: Path, name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         staging.rename(target)
-    except OSError:  # another process converted it first
-        pass
+    except OSError:  # another process converted it first: its copy is whole, and this one must not stay behind
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
