@@ -11,7 +11,9 @@ prefers), and otherwise tell glibc to keep what is freed (7% more tokens/s).
 
 Only the environment a process starts with can choose its allocator, so the scheduler puts these variables into
 the trainer workers' runtime environment, and each trainer reports the allocator it got (`in_use`) in
-MODEL_INITIALIZED. Trainers on GPUs are left as they are: their tensors live in PyTorch's caching GPU allocator.
+MODEL_INITIALIZED. The scheduler looks for TCMalloc on the head node; cluster.yaml installs it on every node, and
+a node without it ignores the preload (the dynamic linker says so on the trainer's stderr) and runs the tuned
+glibc. Trainers on GPUs are left as they are: their tensors live in PyTorch's caching GPU allocator.
 """
 from __future__ import annotations
 
