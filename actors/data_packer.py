@@ -17,6 +17,7 @@ from actors.event_sink import EventSink, one_per_cluster
 from actors.messages import PackedData, PackRequest
 from eventstore.schema import EventType
 from ray_finetune import settings
+from ray_finetune.data.packing import packed_data_id
 from ray_finetune.data.prepare import PreparationStopped, on_cluster, prepare
 from ray_finetune.train.models import load_tokenizer
 
@@ -131,7 +132,10 @@ class DataPacker:
             f"{stats['examples']} training examples → {stats['rows']} rows of {spec.context_length} tokens "
             f"({stats['packing_efficiency']:.1%} full, {stats['truncated_examples']} truncated)"
             + (" [cached]" if train.cached else ""),
-            {"train": stats, "eval": evaluation.stats if evaluation else None, "cached": train.cached},
+            # The cache entries this run reads: `ray-finetune data cache --clear` keeps them while it is under way.
+            {"train": stats, "eval": evaluation.stats if evaluation else None, "cached": train.cached,
+             "packed_data": packed_data_id(train.rows_path),
+             "packed_eval_data": packed_data_id(evaluation.rows_path) if evaluation else None},
         )
         return PackedData(train_rows_path=train.rows_path, train_stats=stats,
                           eval_rows_path=evaluation.rows_path if evaluation else None,

@@ -1,4 +1,5 @@
-"""The command line: `ray-finetune create|runs|events|checkpoints|models|sql|status|down` (Typer + Rich)."""
+"""The command line: `ray-finetune create|estimate|runs|data|events|checkpoints|models|sql|status|down`
+(Typer + Rich)."""
 from __future__ import annotations
 
 import functools
@@ -164,7 +165,8 @@ def _as_dry_run(command: Callable[..., None]) -> Callable[..., None]:
 app.command("estimate", help="Dry run: tokens, packing, steps and an estimated time; queues nothing.")(
     _as_dry_run(create))
 
-data_app = typer.Typer(help="Check training data before a run.", no_args_is_help=True)
+data_app = typer.Typer(help="Check training data before a run; see and clear the packed-data cache.",
+                       no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -180,6 +182,47 @@ def data_check(
     count = _guarded(lambda: check_data("path", path, task_type, data_prep_cluster_id))
     console.print(f"{path}: {count:,} {'files' if task_type == 'CONTINUED_PRETRAIN' else 'records'}, all valid "
                   f"for {task_type}")
+
+
+@data_app.command("cache")
+def data_cache(
+    clear: bool = typer.Option(False, "--clear", help="remove the entries no run under way reads"),
+    unused_days: float = typer.Option(0.0, "--unused-days", min=0.0,
+                                      help="with --clear: only entries no run has asked for in this many days"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Packed data cached on RAY_FINETUNE_STORAGE (16 bytes a token): each entry's size, when a run last asked
+    for it and which runs under way read it; --clear removes the others (a run that needs one again packs it
+    again)."""
+    from ray_finetune import settings
+    from ray_finetune.data import cache
+
+    cache_dir = settings.load().packed_data_dir
+    found = cache.entries(cache_dir)
+    users = _guarded(cache.in_use_by_runs) if found else {}
+    removed = cache.removable(found, set(users), unused_days * 86400.0) if clear else []
+    for entry in removed:
+        cache.remove(cache_dir, entry)
+    if as_json:
+        _print_json({"entries": [{**asdict(e), "in_use_by": users.get(e.key, []), "removed": e in removed}
+                                 for e in found]})
+        return
+    _table(f"packed data in {cache_dir}", ["entry", "examples", "tokens", "size", "last used", "read by"],
+           [[e.key, f"{e.examples:,}", f"{e.tokens:,}", _size(e.bytes), e.last_used.astimezone(),
+             "removed" if e in removed else ", ".join(users.get(e.key, []))] for e in found])
+    total = sum(e.bytes for e in found)
+    freed = sum(e.bytes for e in removed)
+    console.print(f"{len(found)} entries, {_size(total)}" + (f"; removed {len(removed)}, {_size(freed)} freed"
+                                                             if clear else ""))
+
+
+def _size(count: float) -> str:
+    unit = "B"
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            break
+        count /= 1000
+    return f"{count:,.0f} B" if unit == "B" else f"{count:,.1f} {unit}"
 
 
 def _step_status(update: dict) -> str:

@@ -124,3 +124,47 @@ def test_status_without_a_cluster_says_so_and_starts_none(tmp_path, address):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert (f"no cluster answers at RAY_ADDRESS={address}" if address else "no cluster is running") in done.stderr
     assert not (tmp_path / "head.json").exists()
+
+
+def test_the_packed_data_cache_is_listed_and_cleared_keeping_what_runs_under_way_read(cluster, tiny_model, tmp_path):
+    """`data cache` lists each packed dataset with its size and the runs under way that read it; `--clear` removes
+    the entries no run under way reads (here: only those unused for half a day), and a run on removed data packs it
+    again."""
+    import os
+    import time
+
+    from ray_finetune import foundation_model as fm
+    from ray_finetune.entities import RunStatus
+    from tiny_model import write_chat_jsonl
+    from waiting import wait_until
+
+    def run_on(data, duration):
+        return fm.create(model=str(tiny_model), train_data_path=str(data), register_to="main.cache",
+                         training_duration=duration, context_length=128)
+
+    def validated(name):
+        return [e.payload for e in fm.get_events(name) if e.type == "DATA_VALIDATED"]
+
+    finished = run_on(write_chat_jsonl(tmp_path / "finished.jsonl", 30), "1ba").wait(timeout=300)
+    assert finished.status == RunStatus.COMPLETED
+    running = run_on(write_chat_jsonl(tmp_path / "running.jsonl", 31), "5000ba")
+    wait_until(lambda: [e for e in fm.get_events(running.name) if e.type == "TRAIN_UPDATED"], 120, "a step")
+    finished_entry = validated(finished.name)[0]["packed_data"]
+    running_entry = validated(running.name)[0]["packed_data"]
+    try:
+        listed = {e["key"]: e for e in json.loads(invoke("data", "cache", "--json").stdout)["entries"]}
+        assert listed[running_entry]["in_use_by"] == [running.name] and listed[finished_entry]["in_use_by"] == []
+        assert listed[finished_entry]["examples"] == 30 and listed[finished_entry]["bytes"] > 0
+        day_ago = time.time() - 86400
+        for entry in (finished_entry, running_entry):   # as if no run had asked for either since yesterday
+            os.utime(cluster.packed_data_dir / entry / "stats.json", (day_ago, day_ago))
+
+        table = invoke("data", "cache", "--clear", "--unused-days", "0.5")
+        assert table.exit_code == 0 and "removed 1," in table.stdout, table.output
+        assert not (cluster.packed_data_dir / finished_entry).exists()
+        assert (cluster.packed_data_dir / running_entry / "stats.json").exists()   # read by a run under way
+    finally:
+        fm.cancel([running.name])
+    again = run_on(tmp_path / "finished.jsonl", "1ba").wait(timeout=300)
+    assert again.status == RunStatus.COMPLETED
+    assert validated(again.name)[0]["packed_data"] == finished_entry and not validated(again.name)[0]["cached"]

@@ -301,3 +301,50 @@ def test_work_folders_of_preparations_whose_process_died_are_removed_by_the_next
             tokenizer=load_tokenizer(tiny_model), context_length=96, cache_dir=cache)
     assert not dead.exists() and living.exists() and elsewhere.exists() and older.exists()
     assert remove_orphaned_work(cache) == []
+
+
+def test_reusing_a_cache_entry_marks_it_used_and_only_idle_entries_not_in_use_are_removable(tmp_path, tiny_model):
+    from ray_finetune.data import cache
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in conversations(10)))
+    arguments = dict(task_type="CHAT_COMPLETION", model_path=str(tiny_model), tokenizer=load_tokenizer(tiny_model),
+                     cache_dir=tmp_path / "cache")
+    first = prepare("train_data_path", str(data), context_length=96, **arguments)
+    other = prepare("train_data_path", str(data), context_length=64, **arguments)
+    day_ago = time.time() - 86400
+    for prepared in (first, other):
+        os.utime(Path(prepared.rows_path).parent / "stats.json", (day_ago, day_ago))
+    again = prepare("train_data_path", str(data), context_length=96, **arguments)
+    assert again.cached and again.rows_path == first.rows_path
+
+    found = {e.key: e for e in cache.entries(tmp_path / "cache")}
+    first_key, other_key = Path(first.rows_path).parent.name, Path(other.rows_path).parent.name
+    assert set(found) == {first_key, other_key} and found[first_key].examples == 10
+    assert time.time() - found[first_key].last_used.timestamp() < 60          # reused just now
+    assert time.time() - found[other_key].last_used.timestamp() > 86000
+    entries = list(found.values())
+    assert cache.removable(entries, in_use=set()) == [found[other_key]]       # the one reused now stays
+    assert cache.removable(entries, in_use={other_key}) == []
+    assert cache.removable(entries, in_use=set(), unused_for_s=2 * 86400) == []
+    cache.remove(tmp_path / "cache", found[other_key])
+    assert [e.key for e in cache.entries(tmp_path / "cache")] == [first_key]
+    assert prepare("train_data_path", str(data), context_length=64, **arguments).cached is False   # packed again
+
+
+def test_a_malformed_record_found_by_a_task_on_the_cluster_fails_preparation_with_its_line(cluster, tmp_path,
+                                                                                         tiny_model):
+    """The same refusal as in one process, from a tokenize task: its error reaches the caller as it was raised."""
+    from ray_finetune.data.prepare import map_over_cluster
+    from ray_finetune.errors import ValidationError
+
+    records = conversations(40)
+    records[29]["messages"][1] = {"role": "assistant", "tool_calls": [{"type": "function", "function": {}}]}
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValidationError) as caught:
+        prepare("train_data_path", str(data), task_type="CHAT_COMPLETION", model_path=str(tiny_model),
+                tokenizer=load_tokenizer(tiny_model), context_length=96, cache_dir=tmp_path / "cache",
+                map_shards=map_over_cluster, shard_bytes=500)
+    assert (caught.value.parameter, caught.value.file, caught.value.line) == ("train_data_path", str(data), 30)
+    assert not list((tmp_path / "cache").glob("*/work-*"))

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import ray
 
-from ray_finetune.data import packing, sources
+from ray_finetune.data import cache, packing, sources
 from ray_finetune.data.tokenized import ExampleTable, TokenizeJob
 from ray_finetune.errors import ValidationError
 
@@ -75,7 +75,8 @@ def map_over_cluster(jobs: list[TokenizeJob], progress: ShardProgress, stop_requ
         # Tasks in the middle of a shard end when they next run Python code; the caller removes the folder they
         # write into once this returns, so give them a moment to stop first (a later one fails writing: see
         # tokenized.tokenize_shard).
-        ray.wait(pending, num_returns=len(pending), timeout=CANCELLED_TASKS_WAIT_S)
+        if pending:
+            ray.wait(pending, num_returns=len(pending), timeout=CANCELLED_TASKS_WAIT_S)
         raise
 
 
@@ -147,6 +148,7 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
     if rows_dir.is_dir() and stats_file.exists():
         cached = json.loads(stats_file.read_text())
         _require_rows(parameter, source, cached, context_length)   # earlier versions published empty entries
+        cache.mark_used(rows_dir)
         return Prepared(str(rows_dir), cached, cached=True)
     remove_orphaned_work(cache_dir)
     work = folder / f"work-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"   # see remove_orphaned_work
