@@ -90,6 +90,8 @@ def test_hugging_face_datasets_saved_locally(tmp_path):
     assert sources.locate("train_data_path", path).kind == "hf_dataset"
     assert validation.check_data("train_data_path", path, "INSTRUCTION_FINETUNE") == 7   # the id column is ignored
     assert validation.check_data("eval_data_path", f"{tmp_path}/acme-instructions/test", "INSTRUCTION_FINETUNE") == 1
+    with pytest.raises(ValidationError, match="7 of 7 records are malformed .*pass task_type='INSTRUCTION_FINETUNE'"):
+        validation.check_data("train_data_path", path, "CHAT_COMPLETION")   # the task type left at its default
     with pytest.raises(ValidationError, match="could not load Hugging Face dataset"):
         validation.check_data("train_data_path", f"{tmp_path}/acme-instructions/validation", "INSTRUCTION_FINETUNE")
     with pytest.raises(ValidationError, match="could not load Hugging Face dataset 'nobody/nothing'"):
@@ -112,6 +114,8 @@ def chat_table(tmp_path, monkeypatch):
 def test_delta_tables_read_with_deltalake(chat_table, tmp_path, tiny_model):
     assert sources.locate("train_data_path", chat_table).kind == "delta_table"
     assert validation.check_data("train_data_path", chat_table, "CHAT_COMPLETION") == len(CHAT)
+    with pytest.raises(ValidationError, match="every malformed record is well-formed CHAT_COMPLETION data"):
+        validation.check_data("train_data_path", chat_table, "INSTRUCTION_FINETUNE")
     with pytest.raises(ValidationError, match="no Delta table 'main.default.missing'"):
         validation.check_data("train_data_path", "main.default.missing", "CHAT_COMPLETION")
     prepared = prepare("train_data_path", chat_table, task_type="CHAT_COMPLETION", model_path=str(tiny_model),

@@ -71,6 +71,14 @@ CORPUS = [
     ("tools-on-a-template-without-them", chat_file(GOOD_CHAT, line({"messages": [U, {"role": "assistant",
                                                                                     "tool_calls": [CALL]}]})),
      "model", "the model's chat template leaves out the tools list and tool calls, which this data uses", 2),
+    ("instruction-data-as-chat", chat_file(line({"prompt": "p", "response": "r"}), line({"prompt": "p",
+                                                                                        "completion": "c"})),
+     "train_data_path", "has no 'messages' list); expected one CHAT_COMPLETION record per line, in UTF-8 JSON: "
+                        '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]} '
+                        "(every malformed record is well-formed INSTRUCTION_FINETUNE data: pass "
+                        "task_type='INSTRUCTION_FINETUNE')", 1),
+    ("chat-data-as-instruction", {**chat_file(GOOD_CHAT), "task_type": "INSTRUCTION_FINETUNE"}, "train_data_path",
+     "(every malformed record is well-formed CHAT_COMPLETION data: pass task_type='CHAT_COMPLETION')", 1),
     ("record-extra-key", chat_file(line({"messages": [U, A], "meta": 1})), "train_data_path", "unknown keys ['meta']",
      1),
     ("empty-file", chat_file(""), "train_data_path", "has no records", None),
@@ -94,9 +102,14 @@ CORPUS = [
      "train_data_path", "not UTF-8", None),
     ("pretrain-file-not-folder", {"file": ("a.txt", "text"), "task_type": "CONTINUED_PRETRAIN"}, "train_data_path",
      "is not a folder", None),
+    ("pretrain-jsonl-file", {**chat_file(GOOD_CHAT), "task_type": "CONTINUED_PRETRAIN"}, "train_data_path",
+     "a folder of .txt files for CONTINUED_PRETRAIN (the records of a .jsonl file, a dataset or a table train with "
+     "task_type='CHAT_COMPLETION' or 'INSTRUCTION_FINETUNE')", None),
     ("missing-path", {"train_data_path": "/no/such/train.jsonl"}, "train_data_path", "does not exist", None),
     ("csv-file", {"file": ("train.csv", "a,b\n")}, "train_data_path", "is not a .jsonl file", None),
-    ("folder-for-chat", {"folder": {"a.jsonl": GOOD_CHAT}}, "train_data_path", "is a folder", None),
+    ("folder-for-chat", {"folder": {"a.txt": "text"}}, "train_data_path",
+     "is a folder; expected a .jsonl file, a Hugging Face dataset or a Delta table for CHAT_COMPLETION (a folder of "
+     ".txt files trains with task_type='CONTINUED_PRETRAIN')", None),
     ("unknown-protocol", {"train_data_path": "hdfx://cluster/train.jsonl"}, "train_data_path",
      "fsspec implementation for hdfx://", None),
     ("bad-eval-file", {"eval": ("eval.jsonl", "[1, 2]\n")}, "eval_data_path", "has no 'messages' list", 1),

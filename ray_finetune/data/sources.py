@@ -381,7 +381,9 @@ def text_files(source: DataSource) -> list[str]:
     """Every .txt file under a folder, recursively, in a stable order (fsspec paths)."""
     if source.kind != "folder":
         raise ValidationError(source.parameter, f"{source.given!r} is not a folder", file=source.where,
-                              expected="a folder of .txt files for CONTINUED_PRETRAIN")
+                              expected="a folder of .txt files for CONTINUED_PRETRAIN (the records of a .jsonl file, "
+                                       "a dataset or a table train with task_type='CHAT_COMPLETION' or "
+                                       "'INSTRUCTION_FINETUNE')")
     fs, inner = _filesystem(source.parameter, source.url)
     files = sorted(p for p in fs.find(inner) if p.endswith(".txt"))
     if not files:

@@ -166,6 +166,7 @@ SHAPES = {
 }
 COLUMNS = {"CHAT_COMPLETION": frozenset({"messages", "tools", "parallel_tool_calls"}),
            "INSTRUCTION_FINETUNE": frozenset({"prompt", "response", "completion"})}
+EVERY_TASKS_COLUMNS = frozenset().union(*COLUMNS.values())
 
 
 def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: str | None = None,
@@ -180,14 +181,24 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
         return len(files)
     if source.kind == "folder":
         raise ValidationError(parameter, f"{path!r} is a folder", file=source.where,
-                              expected=f"a .jsonl file, a Hugging Face dataset or a Delta table for {task_type}")
+                              expected=f"a .jsonl file, a Hugging Face dataset or a Delta table for {task_type} (a "
+                                       f"folder of .txt files trains with task_type='CONTINUED_PRETRAIN')")
     problem_of, expected = SHAPES[task_type]
     bad: list[tuple[str, str]] = []
     bad_count = records = 0
     first_tool_use: str | None = None
-    for location, record in sources.read_records(source, COLUMNS[task_type], unreadable_lines=True):
+    # Malformed records that are well-formed records of another task type: task_type left at its default
+    # (CHAT_COMPLETION) with prompt/response data is the commonest mistake of all.
+    other_task_types: set[str | None] = set()
+    for location, record in sources.read_records(source, EVERY_TASKS_COLUMNS, unreadable_lines=True):
         records += 1
-        problem = record.problem if isinstance(record, sources.UnreadableLine) else problem_of(record)
+        if isinstance(record, sources.UnreadableLine):
+            problem = record.problem
+            other_task_types.add(None)
+        else:
+            problem = problem_of(_as_record_of(task_type, record, source))
+            if problem:
+                other_task_types.add(_task_type_it_fits(record, source))
         if problem:
             bad_count += 1
             if len(bad) < MAX_REPORTED_LINES:
@@ -196,6 +207,10 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
             first_tool_use = location
     if bad:
         listing = "; ".join(f"{where}: {problem}" for where, problem in bad)
+        other_task_type = next(iter(other_task_types)) if len(other_task_types) == 1 else None
+        if other_task_type:
+            expected += (f" (every malformed record is well-formed {other_task_type} data: pass "
+                         f"task_type='{other_task_type}')")
         raise ValidationError(parameter, f"{bad_count} of {records} records are malformed ({listing})",
                               file=source.where, line=_line_number(bad[0][0]),
                               expected=expected)
@@ -211,6 +226,19 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
                                   file=source.where, line=_line_number(first_tool_use),
                                   expected=TOOL_TEMPLATE_EXPECTED)
     return records
+
+
+def _as_record_of(task_type: str, record: Any, source: sources.DataSource) -> Any:
+    """A record as the task type reads it: a JSONL line whole (an unknown key there is a mistake to report), a
+    dataset's or table's row by the task's own columns only (rows often carry ids and metadata)."""
+    if source.kind == "file" or not isinstance(record, dict):
+        return record
+    return {key: value for key, value in record.items() if key in COLUMNS[task_type]}
+
+
+def _task_type_it_fits(record: Any, source: sources.DataSource) -> str | None:
+    return next((task_type for task_type, shape in SHAPES.items()
+                 if shape.problem_of(_as_record_of(task_type, record, source)) is None), None)
 
 
 def _line_number(location: str) -> int | None:
