@@ -65,17 +65,40 @@ def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(_jsonable(value), indent=2) + "\n")
 
 
-def _table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
-    table = Table(title=title)
+SHORT_VALUE = len("2026-12-06 04:59:24")   # a status, a time, a count: read wrong when cut ("COMPLE…")
+NARROWEST_TEXT = 24                         # what a column of longer text needs to wrap into readable lines
+
+
+def _table(title: str | None, columns: list[str], rows: list[list[Any]], *, droppable: tuple[str, ...] = ()) -> None:
+    """A table that stays readable at any terminal width: the first column (names that get copied into the next
+    command) and short values are never cut, longer text wraps (a word too long for its column folded), and when
+    even that does not fit, the `droppable` columns go, in that order, with a line saying which."""
     cells = [["" if v is None else (v.strftime("%Y-%m-%d %H:%M:%S") if isinstance(v, datetime)
                                     else str(getattr(v, "value", v))) for v in row] for row in rows]
-    # The first column names things (a run, a model, a field) that get copied into the next command: never cut.
-    table.add_column(columns[0], no_wrap=True, min_width=max([len(columns[0])] + [len(row[0]) for row in cells]))
-    for column in columns[1:]:
-        table.add_column(column)
+    widths = {column: max([len(column)] + [len(row[index]) for row in cells]) for index, column in enumerate(columns)}
+    uncut = {column for index, column in enumerate(columns) if index == 0 or widths[column] <= SHORT_VALUE}
+
+    def narrowest(shown: list[str]) -> int:   # borders and padding: 3 a column and 1
+        return sum(widths[c] if c in uncut else min(widths[c], NARROWEST_TEXT) for c in shown) + 3 * len(shown) + 1
+
+    shown = list(columns)
+    for column in droppable:
+        if narrowest(shown) <= console.width:
+            break
+        shown.remove(column)
+    table = Table(title=title)
+    for column in shown:
+        if column in uncut:
+            table.add_column(column, no_wrap=True, min_width=widths[column])
+        else:
+            table.add_column(column, overflow="fold")
     for row in cells:
-        table.add_row(*row)
+        table.add_row(*(value for column, value in zip(columns, row) if column in shown))
     console.print(table)
+    left_out = [column for column in columns if column not in shown]
+    if left_out:
+        console.print(f"[dim]{', '.join(left_out)} left out at this width ({console.width} columns); --json shows "
+                      f"every field[/dim]", soft_wrap=True)
 
 
 @app.command()
@@ -271,7 +294,8 @@ def runs_list(
         _print_json([_run_dict(r) for r in runs])
         return
     _table(None, ["name", "status", "model", "created_by", "created_at", "details"],
-           [[r.name, r.status, r.model, r.created_by, r.created_at, r.details] for r in runs])
+           [[r.name, r.status, r.model, r.created_by, r.created_at, r.details] for r in runs],
+           droppable=("created_by", "model", "created_at"))
 
 
 @runs_app.command("get")

@@ -6,6 +6,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from ray_finetune import cli
 from ray_finetune.cli import app
 
 pytestmark = pytest.mark.cluster
@@ -16,7 +17,7 @@ def invoke(*arguments: str):
     return runner.invoke(app, list(arguments), catch_exceptions=False)
 
 
-def test_create_wait_then_inspect_from_the_shell(cluster, tiny_model, chat_data):
+def test_create_wait_then_inspect_from_the_shell(cluster, tiny_model, chat_data, monkeypatch):
     result = invoke("create", "--model", str(tiny_model), "--train-data-path", str(chat_data[0]),
                     "--register-to", "main.cli", "--training-duration", "3ba", "--context-length", "128",
                     "--learning-rate", "1e-3", "--wait", "--json")
@@ -47,6 +48,17 @@ def test_create_wait_then_inspect_from_the_shell(cluster, tiny_model, chat_data)
     assert "COMPLETED" in invoke("events", name, "--follow").stdout
     refused = invoke("runs", "resume", name)
     assert refused.exit_code == 2 and "cannot be resumed: it is COMPLETED" in refused.stderr
+    # On a terminal of 80 columns the list keeps every run's whole name and status, and says what it left out.
+    monkeypatch.setattr(cli.console, "width", 80)
+    listing = invoke("runs", "list").stdout
+    row = next(line for line in listing.splitlines() if name in line)
+    assert "│ COMPLETED │" in row and "…" not in listing, listing
+    # Which columns go depends on the other runs listed (a failed run's details need room): never these two.
+    left_out = next(line for line in listing.splitlines() if "left out at this width (80 columns)" in line)
+    assert left_out.startswith("model, created_by") and left_out.endswith("--json shows every field"), listing
+    monkeypatch.setattr(cli.console, "width", 200)
+    listing = invoke("runs", "list").stdout
+    assert "left out" not in listing and str(tiny_model) in listing, listing
 
 
 def test_shell_errors_are_one_line_with_an_exit_code(cluster, tiny_model, chat_data):
