@@ -81,7 +81,7 @@ class Settings:
 
 def load() -> Settings:
     home = Path(os.environ.get("RAY_FINETUNE_HOME", "~/.ray_finetune")).expanduser().resolve()
-    storage = Path(os.environ.get("RAY_FINETUNE_STORAGE", str(home / "storage"))).expanduser().resolve()
+    storage = _storage_path(os.environ.get("RAY_FINETUNE_STORAGE", "").strip() or str(home / "storage"))
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
     return Settings(
         home=home,
@@ -107,6 +107,23 @@ PRECISIONS = ("auto", "bf16", "fp32")
 # "per_document" is train/attention.DOCUMENT_SDPA (named here without importing transformers)
 ATTENTIONS = ("auto", "per_document", "flash_attention_2", "flex_attention", "sdpa", "eager")
 ZERO_STAGES = ("auto", "0", "1", "2", "3")
+
+
+def _storage_path(text: str) -> Path:
+    """RAY_FINETUNE_STORAGE as a folder. Checkpoints (DeepSpeed writes each rank's shards as files), packed data
+    (read memory-mapped) and MLflow artifacts are files, so a URL cannot be it: taken as a path, 's3://bucket'
+    would quietly become a folder named 's3:' on each node's own disk, and a run resumed on another node would
+    find none of its checkpoints."""
+    from ray_finetune.errors import ConfigError
+
+    scheme, separator, rest = text.partition("://")
+    if separator and scheme == "file":
+        text = rest
+    elif separator:
+        raise ConfigError(f"RAY_FINETUNE_STORAGE={text!r} is a URL; checkpoints, packed data and artifacts are "
+                          "written as files, so it must be a folder that every node mounts at the same path (EFS, "
+                          "NFS, Lustre, or the bucket mounted with mountpoint-s3 or s3fs)")
+    return Path(text).expanduser().resolve()
 
 
 def _count(variable: str, default: int, least: int) -> int:

@@ -2,6 +2,8 @@
 settings that are not understood are refused with the variable, the value and what is allowed."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -166,6 +168,17 @@ def test_a_memory_limit_that_is_not_an_amount_is_refused(monkeypatch, value):
     monkeypatch.setenv("RAY_FINETUNE_CPU_MEMORY_GB", value)
     with pytest.raises(ConfigError, match=f"RAY_FINETUNE_CPU_MEMORY_GB='{value}' is not a number of GiB"):
         settings.load()
+
+
+def test_storage_must_be_a_folder_not_a_url(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_FINETUNE_STORAGE", "s3://team-bucket/ray_finetune")
+    with pytest.raises(ConfigError, match="RAY_FINETUNE_STORAGE='s3://team-bucket/ray_finetune' is a URL; .* a "
+                                          "folder that every node mounts at the same path"):
+        settings.load()
+    monkeypatch.setenv("RAY_FINETUNE_STORAGE", f"file://{tmp_path}/shared")
+    assert settings.load().storage == tmp_path / "shared"
+    monkeypatch.setenv("RAY_FINETUNE_STORAGE", "~/shared")
+    assert settings.load().storage == Path.home() / "shared"
 
 
 def test_settings_travel_to_the_actors(monkeypatch):
