@@ -99,6 +99,47 @@ def test_hugging_face_datasets_saved_locally(tmp_path):
 
 
 @pytest.fixture()
+def hub_at(monkeypatch):
+    """Points the Hugging Face hub endpoint somewhere else for one test, and forgets what was probed before."""
+    from huggingface_hub import constants
+
+    from ray_finetune.data import hub
+
+    def point(url: str) -> None:
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        monkeypatch.setattr(hub, "_last_probe", None)
+    return point
+
+
+def test_with_the_hub_unreachable_a_dataset_not_cached_fails_at_once_saying_so(hub_at):
+    """`datasets` alone retries an unreachable hub for ~25 s on every load; offline mode reads the cache only."""
+    import datasets
+
+    from ray_finetune.data import hub
+
+    hub_at("http://127.0.0.1:9")   # nothing listens there
+    assert not hub.reachable()
+    with pytest.raises(ValidationError, match=r"could not load Hugging Face dataset 'acme/chats' split 'train' \(not "
+                                              r"in the local HF cache, and the hub \(http://127.0.0.1:9\) does not "
+                                              r"answer from here\)"):
+        validation.check_data("train_data_path", "acme/chats/train", "CHAT_COMPLETION")
+    assert datasets.config.HF_HUB_OFFLINE is False   # offline only for that load
+
+
+def test_the_hub_counts_as_reachable_when_its_host_takes_a_connection(hub_at):
+    import socket
+
+    from ray_finetune.data import hub
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        hub_at(f"http://127.0.0.1:{port}")
+        assert hub.reachable()
+    hub_at(f"http://127.0.0.1:{port}")   # the same port, closed now
+    assert not hub.reachable()
+
+
+@pytest.fixture()
 def chat_table(tmp_path, monkeypatch):
     import pyarrow as pa
     from deltalake import write_deltalake

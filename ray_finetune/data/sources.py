@@ -12,6 +12,7 @@ tokenization spreads over a cluster without any worker holding the whole source.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -249,15 +250,22 @@ def _dataset_records(source: DataSource) -> Iterator[tuple[str, Any]]:
 def _load_dataset(source: DataSource, name: str, split: str) -> Any:
     import datasets
 
+    from ray_finetune.data import hub
+
+    folder = Path(name).expanduser()
+    saved = is_saved_dataset(folder)
+    offline = not saved and not hub.reachable()
     try:
-        folder = Path(name).expanduser()
-        if is_saved_dataset(folder):
+        if saved:
             loaded = datasets.load_from_disk(str(folder))   # written by save_to_disk
             return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         # Arrow files memory-mapped from the local cache: bounded memory without streaming from a hub.
-        return datasets.load_dataset(name, split=split)
+        with hub.offline() if offline else contextlib.nullcontext():
+            return datasets.load_dataset(name, split=split)
     except Exception as error:  # noqa: BLE001 - datasets raises many kinds; all mean "not available here"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if offline and isinstance(error, ConnectionError):   # what offline mode raises for a dataset not cached
+            reason = f"not in the local HF cache, and the hub ({hub.endpoint()}) does not answer from here"
         raise ValidationError(source.parameter, f"could not load Hugging Face dataset {name!r} split {split!r} "
                               f"({reason})", expected="a dataset in the local HF cache (or reachable hub) with "
                                                      "that split, written '[org/]name/split'") from None
