@@ -83,8 +83,9 @@ class EventReporter:
                         + (f", needs ~{memory['needed_gb']:g} of {memory['budget_gb']:g} GiB per worker"
                            if "needed_gb" in memory else ""), info)
         plan = TrainingPlan(**info["plan"])   # the micro-batch may have been fitted to the GPU
-        self._sink.emit(EventType.TRAIN_STARTED, f"training for {plan.total_steps} steps of "
-                        f"{plan.global_batch_rows} rows ({micro_batch_note(plan.micro_batch_rows, info)})",
+        self._sink.emit(EventType.TRAIN_STARTED, f"training for {_counted(plan.total_steps, 'step')} of "
+                        f"{_counted(plan.global_batch_rows, 'row')} "
+                        f"({micro_batch_note(plan.micro_batch_rows, info)})",
                         {"plan": plan.as_dict()})
 
     def step_finished(self, report: StepReport) -> None:
@@ -128,6 +129,10 @@ class EventReporter:
         """The evaluator records what the trainers evaluated (metrics, generations, an EVALUATED event)."""
         ray.get(self._evaluator.evaluate.remote(EvaluateRequest(run=self._request.run, result=EvaluationResult(
             step=step, eval_loss=result.loss, token_accuracy=result.token_accuracy, generations=result.generations))))
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class SilentReporter:
