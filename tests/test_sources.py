@@ -297,3 +297,34 @@ def test_a_delta_table_of_tool_calls_reads_with_its_nulls(tmp_path, monkeypatch)
     prepared = prepare("train_data_path", "main.default.calls", task_type="CHAT_COMPLETION", model_path=str(model),
                        tokenizer=tokenizer, context_length=256, cache_dir=tmp_path / "cache")
     assert prepared.stats["examples"] == 3 and prepared.stats["dropped_examples"] == 0
+
+
+def test_offline_loads_in_several_threads_leave_the_flags_as_they_found_them(hub_at):
+    """The data packer loads in several threads at once. Each thread setting the flags back to what it saw on
+    entry would leave offline mode on for good when the first one in leaves first (the second saw its flags)."""
+    import socket
+    import threading
+
+    import datasets
+    from huggingface_hub import constants
+
+    from ray_finetune.data import hub
+
+    second_inside, first_left = threading.Event(), threading.Event()
+
+    def second() -> None:
+        with hub.offline():
+            second_inside.set()
+            first_left.wait(10)
+
+    with hub.offline():
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert second_inside.wait(10)
+    first_left.set()
+    thread.join(10)
+    assert datasets.config.HF_HUB_OFFLINE is False and constants.HF_HUB_OFFLINE is False
+    with socket.create_server(("127.0.0.1", 0)) as server, hub.offline():
+        # Inside another load's offline(), the user's own setting (online) counts, not the flag set for it.
+        hub_at(f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub.reachable()

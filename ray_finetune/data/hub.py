@@ -20,6 +20,9 @@ PROBE_TIMEOUT_S = 3.0
 PROBE_AGAIN_S = 300.0
 
 _last_probe: tuple[float, bool] | None = None
+_offline_lock = threading.Lock()
+_offline_depth = 0
+_saved_flags: tuple[bool, bool] = (False, False)
 
 
 def endpoint() -> str:
@@ -34,7 +37,9 @@ def reachable() -> bool:
     global _last_probe
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
+    with _offline_lock:   # inside another thread's offline() the flag is ours, not the user's
+        user_offline = _saved_flags[1] if _offline_depth else constants.HF_HUB_OFFLINE
+    if user_offline:
         return False
     if _last_probe is None or time.monotonic() - _last_probe[0] > PROBE_AGAIN_S:
         _last_probe = (time.monotonic(), _connects(endpoint()))
@@ -62,13 +67,21 @@ def _connects(url: str) -> bool:
 @contextlib.contextmanager
 def offline() -> Iterator[None]:
     """`datasets` and `huggingface_hub` read their offline flags at call time from these module attributes (the
-    environment variables are read once, at import); they are set back afterwards."""
+    environment variables are read once, at import). Set while any thread is inside (the data packer loads in
+    several threads at once), and set back when the last one leaves."""
+    global _offline_depth, _saved_flags
     import datasets
     from huggingface_hub import constants
 
-    before = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    with _offline_lock:
+        if _offline_depth == 0:
+            _saved_flags = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
+            datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+        _offline_depth += 1
     try:
         yield
     finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = before
+        with _offline_lock:
+            _offline_depth -= 1
+            if _offline_depth == 0:
+                datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = _saved_flags
