@@ -137,6 +137,8 @@ def test_the_hub_counts_as_reachable_when_its_host_takes_a_connection(hub_at):
         assert hub.reachable()
     hub_at(f"http://127.0.0.1:{port}")   # the same port, closed now
     assert not hub.reachable()
+    hub_at("http://127.0.0.1:hub")   # HF_ENDPOINT mistyped: unreachable, not a traceback
+    assert not hub.reachable()
 
 
 @pytest.fixture()

@@ -48,7 +48,10 @@ def reachable() -> bool:
 
 def _connects(url: str) -> bool:
     parts = urlsplit(url)
-    address = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+    try:
+        address = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+    except ValueError:   # HF_ENDPOINT with a port that is not a number: no hub answers there
+        return False
     answered: list[bool] = []
 
     def connect() -> None:

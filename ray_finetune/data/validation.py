@@ -166,7 +166,6 @@ SHAPES = {
 }
 COLUMNS = {"CHAT_COMPLETION": frozenset({"messages", "tools", "parallel_tool_calls"}),
            "INSTRUCTION_FINETUNE": frozenset({"prompt", "response", "completion"})}
-EVERY_TASKS_COLUMNS = frozenset().union(*COLUMNS.values())
 
 
 def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: str | None = None,
@@ -190,7 +189,8 @@ def check_data(parameter: str, path: str, task_type: str, data_prep_cluster_id: 
     # Malformed records that are well-formed records of another task type: task_type left at its default
     # (CHAT_COMPLETION) with prompt/response data is the commonest mistake of all.
     other_task_types: set[str | None] = set()
-    for location, record in sources.read_records(source, EVERY_TASKS_COLUMNS, unreadable_lines=True):
+    # Whole rows: _as_record_of cuts a dataset's or table's row to each task type's columns as it checks it.
+    for location, record in sources.read_records(source, None, unreadable_lines=True):
         records += 1
         if isinstance(record, sources.UnreadableLine):
             problem = record.problem
