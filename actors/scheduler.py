@@ -36,7 +36,7 @@ from ray_finetune import settings, tracking
 from ray_finetune.data.packing import packed_data_id
 from ray_finetune.spec import RunSpec
 from ray_finetune.train import allocator, checkpoint
-from ray_finetune.train.plan import make_plan, trainer_group_size
+from ray_finetune.train.plan import continued_plan, make_plan, trainer_group_size
 
 ACTOR_NAME = "ray_finetune_scheduler"
 MAX_ATTEMPTS = 3            # a run that keeps dying is not retried forever
@@ -249,8 +249,10 @@ class Scheduler:
             gpus = int(ray.cluster_resources().get("GPU", 0))
             world, on_gpus = trainer_group_size(gpus, self.settings.trainer_device, self.settings.trainer_workers,
                                                 self.settings.max_concurrent_runs)
-            plan = make_plan(rows=int(data.train_stats["rows"]), tokens=int(data.train_stats["tokens"]),
-                             duration=context.spec.duration, world_size=world, seed=context.spec.seed)
+            plan = (continued_plan(checkpoint.read_state(resume_from)["plan"], world) if resume_from else
+                    make_plan(rows=int(data.train_stats["rows"]), tokens=int(data.train_stats["tokens"]),
+                              duration=context.spec.duration, world_size=world, seed=context.spec.seed))
+            world = plan.world_size
             init_weights = (str(checkpoint.initial_weights("custom_weights_path", context.spec.custom_weights_path))
                             if context.spec.custom_weights_path else None)
             group = TrainerGroup(world, gpus_per_worker=int(on_gpus), run_name=name,

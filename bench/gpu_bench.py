@@ -52,16 +52,35 @@ MODELS = {
 }
 
 
+LENGTH_SIGMA = 0.8
+
+
 def examples_for(vocab: int, count: int, context: int, mean_fraction: float = 0.12, seed: int = 0) -> list[dict]:
     """Lengths lognormal around mean_fraction x context (331 tokens mean at 2048, as the peers' baseline), 40% of
     each a prompt without loss."""
-    rng = random.Random(seed)
+    import numpy as np
+
+    rng, tokens = random.Random(seed), np.random.default_rng(seed)
     out = []
     for _ in range(count):
-        length = max(16, min(context, int(rng.lognormvariate(math.log(context * mean_fraction), 0.8))))
+        length = max(16, min(context, int(rng.lognormvariate(math.log(context * mean_fraction), LENGTH_SIGMA))))
         prompt = max(1, int(length * 0.4))
-        out.append({"input_ids": [rng.randrange(10, vocab) for _ in range(length)], "prompt": prompt})
+        out.append({"input_ids": tokens.integers(10, vocab, length).tolist(), "prompt": prompt})
     return out
+
+
+def examples_for_batch(rows_a_step: int, context: int, mean_fraction: float = 0.12) -> int:
+    """How many examples make the plan take `rows_a_step` rows a step (a power of two, at most its cap): the plan
+    chooses the largest batch that leaves TARGET_STEPS_PER_EPOCH steps an epoch (train/plan.py), so that many
+    steps' worth of rows, and 5% more for the rows' unfilled ends."""
+    from ray_finetune.train.plan import TARGET_STEPS_PER_EPOCH
+
+    return math.ceil(rows_a_step * TARGET_STEPS_PER_EPOCH * context * 1.05 / mean_length(context, mean_fraction))
+
+
+def mean_length(context: int, mean_fraction: float) -> float:
+    """The mean of examples_for's lengths (a lognormal's mean; its clipping moves it by well under 1%)."""
+    return context * mean_fraction * math.exp(LENGTH_SIGMA ** 2 / 2)
 
 
 def build_model(name: str, folder: Path, context: int) -> Path:
@@ -341,11 +360,14 @@ def contender(args: argparse.Namespace) -> dict:
         if args.only == "ours":
             return run_ours(model_path, args.model_name, args.context, examples, args.steps, args.warmup,
                             Path(run_work))
+        # The peers read what their steps take, twice over (packing all of a large dataset would only add to TRL's
+        # start-up): the Trainer `batch` examples a step, TRL `batch` rows of `context` tokens.
         if args.only == "trl":
-            return run_trl(model_path, args.model_name, args.context, examples, args.steps, args.warmup, args.batch,
-                           Path(run_work))
-        return run_hf_trainer(model_path, args.model_name, examples, args.steps, args.warmup, args.batch,
-                              Path(run_work))
+            needed = math.ceil(2 * args.steps * args.batch * args.context / mean_length(args.context, args.mean_fraction))
+            return run_trl(model_path, args.model_name, args.context, examples[:needed], args.steps, args.warmup,
+                           args.batch, Path(run_work))
+        return run_hf_trainer(model_path, args.model_name, examples[:2 * args.steps * args.batch], args.steps,
+                              args.warmup, args.batch, Path(run_work))
 
 
 # Variants of ours: the settings a trainer worker reads from its environment.
@@ -402,10 +424,11 @@ def environment() -> dict:
 
 
 def scaling_row(work: Path, model_name: str, context: int, on_gpu: bool) -> dict:
-    """Ours at one model shape and context. The documents' mean length is 0.12 x 1.38 of the context (lognormal,
-    sigma 0.8), and the plan takes ~1/8 of the rows a step: on a GPU about 64k tokens a step whatever the context;
-    on CPU one row."""
-    count = max(64, int(8 * 65536 / (context * 0.165))) if on_gpu else 48
+    """Ours at one model shape and context: on a GPU about 64k tokens a step whatever the context (at most the plan's
+    64 rows: 32k at 512); on CPU one row."""
+    from ray_finetune.train.plan import MAX_GLOBAL_BATCH_ROWS
+
+    count = examples_for_batch(min(MAX_GLOBAL_BATCH_ROWS, 65536 // context), context) if on_gpu else 48
     steps, warmup = (5, 2) if on_gpu else (3, 1)
     result = launch(work, "ours", model_name, context, count, steps=steps, warmup=warmup, mean_fraction=0.12,
                     timeout=600 if on_gpu else 1200)
@@ -503,7 +526,8 @@ def main() -> None:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--model-name", default="llama-1b", choices=sorted(MODELS))
     parser.add_argument("--context", type=int, default=2048)
-    parser.add_argument("--examples", type=int, default=4000)
+    parser.add_argument("--examples", type=int, help="default: enough for the plan's full batch (64 rows a step), "
+                        "as on a large dataset")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8, help="the HF Trainer's examples per step")
@@ -514,6 +538,10 @@ def main() -> None:
                         help="the comparison, then scaling rows and variants by priority until --deadline")
     parser.add_argument("--deadline", type=float, help="seconds from now by which every contender must be done")
     args = parser.parse_args()
+    if args.examples is None:
+        from ray_finetune.train.plan import MAX_GLOBAL_BATCH_ROWS
+
+        args.examples = examples_for_batch(MAX_GLOBAL_BATCH_ROWS, args.context, args.mean_fraction)
     if args.only:
         print("RESULT " + json.dumps(contender(args)), flush=True)
         return

@@ -28,10 +28,10 @@ def say(**values) -> None:
 
 def span(model: str, work: Path) -> None:
     from ray_finetune import cluster
-    from trainer_helpers import packed_chat_run, train_with
+    from trainer_helpers import TWO_ROW_BATCHES, packed_chat_run, train_with
 
     settings = cluster.connect()
-    rows, stats, spec = packed_chat_run(model, work)
+    rows, stats, spec = packed_chat_run(model, work, TWO_ROW_BATCHES)
     resources = settings.trainer_resources
     one, _, nodes_one = train_with(1, rows, stats, spec, settings, work, resources, "-span")
     two, _, nodes_two = train_with(2, rows, stats, spec, settings, work, resources, "-span")

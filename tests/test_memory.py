@@ -92,7 +92,7 @@ def test_a_size_is_timed_once_warm():
 
 def test_activations_are_recomputed_only_when_not_even_one_row_fits(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 20, 16 << 20))
-    plan = make_plan(rows=64, tokens=6400, duration=Duration(value=1, unit="ep"), world_size=1, seed=0)
+    plan = make_plan(rows=512, tokens=51_200, duration=Duration(value=1, unit="ep"), world_size=1, seed=0)
     assert 2 in micro_batch_candidates(plan.global_batch_rows) and plan.global_batch_rows > 2
     recomputing = []
 
@@ -162,7 +162,7 @@ def test_trials_run_as_training_will(tiny_model, tmp_path):
 
 
 def test_a_new_micro_batch_keeps_every_step_the_same():
-    plan = make_plan(rows=100, tokens=10_000, duration=Duration(value=2, unit="ep"), world_size=2, seed=3)
+    plan = make_plan(rows=800, tokens=80_000, duration=Duration(value=2, unit="ep"), world_size=2, seed=3)
     fitted = with_micro_batch(plan, 4)
     assert fitted.micro_batch_rows * fitted.gradient_accumulation_steps == plan.global_batch_rows // 2
     for step in range(plan.total_steps):
@@ -291,7 +291,7 @@ def test_a_cpu_run_that_would_not_fit_recomputes_activations_or_fails_before_tra
 def test_a_micro_batch_token_limit_caps_the_search_but_never_below_one_row(monkeypatch):
     """RAY_FINETUNE_MICRO_BATCH_TOKENS: GPU memory left to others; the search starts at the limit, not above it."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 20, 16 << 20))
-    plan = make_plan(rows=512, tokens=51_200, duration=Duration(value=1, unit="ep"), world_size=1, seed=0)
+    plan = make_plan(rows=4096, tokens=409_600, duration=Duration(value=1, unit="ep"), world_size=1, seed=0)
     assert plan.global_batch_rows == 64
     assert micro_batch_candidates(12, most_rows=5) == [4, 3, 2, 1]
     assert micro_batch_candidates(12, most_rows=0) == micro_batch_candidates(12)

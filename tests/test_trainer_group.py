@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from trainer_helpers import packed_chat_run, train_with
+from trainer_helpers import TWO_ROW_BATCHES, packed_chat_run, train_with
 
 pytestmark = pytest.mark.cluster
 
 
 def test_two_cpu_workers_give_the_same_losses_as_one(cluster, tiny_model, tmp_path):
-    rows, stats, spec = packed_chat_run(str(tiny_model), tmp_path)
+    rows, stats, spec = packed_chat_run(str(tiny_model), tmp_path, TWO_ROW_BATCHES)
     one, plan_one, _ = train_with(1, rows, stats, spec, cluster, tmp_path)
     two, plan_two, _ = train_with(2, rows, stats, spec, cluster, tmp_path)
     assert plan_one.global_batch_rows == plan_two.global_batch_rows >= 2

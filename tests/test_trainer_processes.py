@@ -18,7 +18,7 @@ from ray_finetune.spec import Duration
 from ray_finetune.train import checkpoint
 from ray_finetune.train.distributed import free_port, join_process_group
 from ray_finetune.train.hardware import GRADIENT_CLIPPING
-from ray_finetune.train.plan import make_plan
+from ray_finetune.train.plan import continued_plan, make_plan
 from trainer_helpers import packed_chat_run
 
 
@@ -38,8 +38,10 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
     torch.set_num_threads(1)
     join_process_group(rank, world, ("127.0.0.1", port))
     stats = arguments.pop("stats")
-    plan = make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=Duration(value=2, unit="ep"),
-                     world_size=world, seed=0)
+    resume_from = arguments.get("resume_from")   # as the scheduler does: a resumed run keeps its checkpoint's plan
+    plan = (continued_plan(checkpoint.read_state(Path(resume_from))["plan"], world) if resume_from else
+            make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=Duration(value=2, unit="ep"),
+                      world_size=world, seed=0))
     losses: dict[int, float] = {}
     grad_norms: dict[int, float] = {}
     initialized: dict = {}

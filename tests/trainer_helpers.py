@@ -18,10 +18,15 @@ from ray_finetune.train.plan import make_plan
 from tiny_model import write_chat_jsonl
 
 
-def packed_chat_run(model: str, folder: Path) -> tuple[str, object, object]:
-    """64 chat examples packed at context 64 into `folder/rows`, and the spec of a 2-epoch run on them:
-    (rows path, packing stats, spec)."""
-    data = write_chat_jsonl(folder / "train.jsonl", 64)
+# Enough examples (134 rows) for batches of two rows (train/plan.choose_global_batch_rows): one worker and two then
+# train the same steps, one taking both rows of each, two taking a row each.
+TWO_ROW_BATCHES = 160
+
+
+def packed_chat_run(model: str, folder: Path, examples: int = 64) -> tuple[str, object, object]:
+    """`examples` chat examples (64: 54 rows) packed at context 64 into `folder/rows`, and the spec of a 2-epoch run
+    on them: (rows path, packing stats, spec)."""
+    data = write_chat_jsonl(folder / "train.jsonl", examples)
     tokenizer = load_tokenizer(model)
     examples = formats.examples_from_records(tokenizer, "CHAT_COMPLETION",
                                              sources.read_records(sources.locate("train", str(data))))
