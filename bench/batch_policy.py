@@ -1,11 +1,13 @@
 """How many optimizer steps an epoch of a small dataset should take: the same data, model, learning rate and tokens
 (one epoch), trained with different global batch sizes, and the held-out eval loss each one reaches.
 
-ray_finetune chooses the batch (train/plan.choose_global_batch_rows: about TARGET_STEPS_PER_EPOCH steps an epoch, at
-most MAX_GLOBAL_BATCH_ROWS rows); this measures what that choice costs or gains against smaller batches (more
-steps) on real data, with the code a trainer worker runs (`loop.train`, without Ray).
+ray_finetune chooses the batch (train/plan.choose_global_batch_rows: the largest power of two that leaves at least
+TARGET_STEPS_PER_EPOCH steps an epoch, at most MAX_GLOBAL_BATCH_ROWS rows); this measures that choice against
+others on real data, with the code a trainer worker runs (`loop.train`, without Ray).
 
-    python bench/batch_policy.py --train train.jsonl --eval eval.jsonl --batches policy,2,1 --learning-rate 5e-6
+    python bench/batch_policy.py --batches policy,8,2,1 --learning-rate 5e-6
+        # 300 chitchat conversations to train on, 40 held out (pip install chitchat-dataset; MIT licence)
+    python bench/batch_policy.py --train train.jsonl --eval eval.jsonl    # chats of your own
 
 Each batch size runs in its own process, one after another (a fresh model, the same seed). Prints, per batch size:
 steps, eval loss before and after, the mean train loss over the epoch's last quarter of steps, and the time.
@@ -25,6 +27,21 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def chitchat_files(folder: Path) -> tuple[str, str]:
+    """Records 100-399 of the chitchat conversations for training and the first 40 held out, converted as
+    examples/make_demo_data.py converts them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import chitchat_dataset
+    from make_demo_data import to_record
+
+    records = [r for r in (to_record(c) for _, c in sorted(chitchat_dataset.Dataset().items())) if r]
+    paths = []
+    for name, chunk in (("train.jsonl", records[100:400]), ("eval.jsonl", records[:40])):
+        (folder / name).write_text("".join(json.dumps(record) + "\n" for record in chunk))
+        paths.append(str(folder / name))
+    return paths[0], paths[1]
 
 
 def prepared(parameter: str, path: str, model_path: str, context: int, cache: Path) -> tuple[str, dict]:
@@ -86,8 +103,8 @@ def train_once(args: argparse.Namespace, batch: str, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=MODEL)
-    parser.add_argument("--train", required=True, help="chat .jsonl to train on")
-    parser.add_argument("--eval", required=True, help="chat .jsonl held out")
+    parser.add_argument("--train", help="chat .jsonl to train on (default: 300 chitchat conversations)")
+    parser.add_argument("--eval", help="chat .jsonl held out (default: 40 other chitchat conversations)")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--learning-rate", type=float, default=5e-6)
     parser.add_argument("--batches", default="policy,2,1", help="'policy' (ray_finetune's choice) or row counts")
@@ -99,6 +116,8 @@ def main() -> None:
         return
     results = []
     with tempfile.TemporaryDirectory(prefix="batch-policy-") as work:
+        if not args.train or not args.eval:
+            args.train, args.eval = chitchat_files(Path(work))
         for batch in args.batches.split(","):
             command = [sys.executable, __file__, "--model", args.model, "--train", args.train, "--eval", args.eval,
                        "--context", str(args.context), "--learning-rate", str(args.learning_rate), "--one", batch,
