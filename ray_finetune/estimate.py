@@ -69,7 +69,7 @@ class Estimate:
             f"example lengths     {histogram}",
             f"packing             {self.rows:,} rows of {self.context_length} tokens, "
             f"{self.packing_efficiency:.1%} full",
-            f"batch               {self.global_batch_rows} rows per step on {self.world_size} worker(s)",
+            f"batch               {self.global_batch_rows} row(s) per step on {self.world_size} worker(s)",
             f"steps               {self.total_steps:,} ({self.steps_per_epoch:,} per epoch, {self.epochs:.2f} epochs)",
             f"time per step       {self.seconds_per_step:.2f} s (probe on {self.probe_device})" if self.probed else
             f"time per step       unknown ({self.probe_device})",
