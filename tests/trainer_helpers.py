@@ -23,10 +23,10 @@ from tiny_model import write_chat_jsonl
 TWO_ROW_BATCHES = 160
 
 
-def packed_chat_run(model: str, folder: Path, examples: int = 64) -> tuple[str, object, object]:
-    """`examples` chat examples (64: 54 rows) packed at context 64 into `folder/rows`, and the spec of a 2-epoch run
-    on them: (rows path, packing stats, spec)."""
-    data = write_chat_jsonl(folder / "train.jsonl", examples)
+def packed_chat_run(model: str, folder: Path, count: int = 64) -> tuple[str, object, object]:
+    """`count` chat examples (64: 54 rows) packed at context 64 into `folder/rows`, and the spec of a 2-epoch run on
+    them: (rows path, packing stats, spec)."""
+    data = write_chat_jsonl(folder / "train.jsonl", count)
     tokenizer = load_tokenizer(model)
     examples = formats.examples_from_records(tokenizer, "CHAT_COMPLETION",
                                              sources.read_records(sources.locate("train", str(data))))

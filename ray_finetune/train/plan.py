@@ -9,10 +9,11 @@ import numpy as np
 
 from ray_finetune.spec import Duration
 
-# A small dataset still gets enough optimizer steps to learn from at the default learning rate: batches shrink to
-# about this many steps per epoch (one row at the least) before they grow, up to MAX_GLOBAL_BATCH_ROWS rows. On 78
-# rows of real chats, one epoch at 5e-6 lowered SmolLM2's eval loss by 0.42 in 78 steps of one row, 0.36 in 39 of two
-# and 0.23 in 10 of eight, at the same compute (bench/batch_policy.py, BENCHMARKS.md).
+# The global batch leaves at least this many optimizer steps an epoch (one row a step at the least), so that a small
+# dataset still takes enough steps to learn from at the default learning rate; only data of more than
+# TARGET_STEPS_PER_EPOCH x MAX_GLOBAL_BATCH_ROWS rows gets fewer steps, of full batches. On 78 rows of real chats, one
+# epoch at 5e-6 lowered SmolLM2's eval loss by 0.42 in 78 steps of one row, 0.36 in 39 of two and 0.23 in 10 of eight,
+# at the same compute (bench/batch_policy.py, BENCHMARKS.md).
 TARGET_STEPS_PER_EPOCH = 64
 MAX_GLOBAL_BATCH_ROWS = 64
 EMPTY_ROW = -1  # pads the last step of an epoch; contributes no loss
@@ -76,7 +77,8 @@ def trainer_world_size(gpus: int, requested: int, concurrent_runs: int) -> int:
 
 
 def choose_global_batch_rows(rows: int, world_size: int) -> int:
-    """About TARGET_STEPS_PER_EPOCH steps per epoch, a power of two, at least one row per rank."""
+    """The largest power of two, up to MAX_GLOBAL_BATCH_ROWS, that leaves at least TARGET_STEPS_PER_EPOCH steps an
+    epoch; at least one row per rank."""
     batch = 1
     while batch * 2 <= min(MAX_GLOBAL_BATCH_ROWS, max(1, rows // TARGET_STEPS_PER_EPOCH)):
         batch *= 2
