@@ -135,22 +135,6 @@ def _counted(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-class SilentReporter:
-    """Ranks other than 0 report nothing; rank 0 alone decides about stopping."""
-
-    def model_initialized(self, info: dict[str, Any]) -> None: ...
-    def step_finished(self, report: StepReport) -> None: ...
-    def saving_checkpoint(self, step: int) -> None: ...
-    def checkpoint_saved(self, path: str, epoch: int, step: int) -> None: ...
-    def checkpoint_removed(self, path: str) -> None: ...
-    def evaluated(self, step: int, epoch: int, result: EvalResult) -> None: ...
-    def close(self) -> None: ...
-    def stop_requested(self) -> int:
-        from ray_finetune.train import loop
-
-        return loop.STOP_NONE
-
-
 def micro_batch_note(rows: int, info: dict[str, Any]) -> str:
     """How many rows a worker runs at once, and why not more on a GPU (what memory.fit_micro_batch tried)."""
     note = f"{rows} at a time per worker"
@@ -233,7 +217,7 @@ class TrainerWorker:
             eval_rows_path=request.data.eval_rows_path, eval_prompts=tuple(request.run.spec.eval_prompts),
             task_type=request.run.spec.task_type, evaluate_first=request.attempt == 1 and not request.resume_from,
         )
-        reporter = EventReporter(request, evaluator, lambda: self._stop) if self.rank == 0 else SilentReporter()
+        reporter = EventReporter(request, evaluator, lambda: self._stop) if self.rank == 0 else loop.SilentReporter()
         outcome = train_reporting(lambda: loop.train(config, reporter), reporter)
         dist.destroy_process_group()
         return TrainResult(final_checkpoint=str(outcome.final_checkpoint) if outcome.final_checkpoint else None,

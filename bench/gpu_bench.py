@@ -159,7 +159,7 @@ def run_ours(model_path: Path, model_name: str, context: int, examples: list[dic
 
         memory.WORTH_DOUBLING = -1.0   # grow while it fits, as a group of GPUs does
 
-    class Collect:   # stops after `steps` steps (a plain stop writes no checkpoint)
+    class Collect(loop.SilentReporter):   # stops after `steps` steps (a plain stop writes no checkpoint)
         def model_initialized(self, info):
             initialized.update(info)
             # The set-up's own peak (the micro-batch search tries a size larger than the one it keeps) apart from
@@ -171,10 +171,6 @@ def run_ours(model_path: Path, model_name: str, context: int, examples: list[dic
             reports.append(report)
             if profiler:
                 profiler.step_finished(len(reports), report.step_seconds)
-        def saving_checkpoint(self, step): ...
-        def checkpoint_saved(self, path, epoch, step): ...
-        def checkpoint_removed(self, path): ...
-        def evaluated(self, step, epoch, result): ...
         def stop_requested(self): return loop.STOP if len(reports) >= steps else loop.STOP_NONE
 
     config = loop.TrainConfig(run_name="bench", model_path=str(model_path), init_weights_path=None,
@@ -363,7 +359,8 @@ def contender(args: argparse.Namespace) -> dict:
         # The peers read what their steps take, twice over (packing all of a large dataset would only add to TRL's
         # start-up): the Trainer `batch` examples a step, TRL `batch` rows of `context` tokens.
         if args.only == "trl":
-            needed = math.ceil(2 * args.steps * args.batch * args.context / mean_length(args.context, args.mean_fraction))
+            rows_worth = args.context / mean_length(args.context, args.mean_fraction)   # examples a row holds
+            needed = math.ceil(2 * args.steps * args.batch * rows_worth)
             return run_trl(model_path, args.model_name, args.context, examples[:needed], args.steps, args.warmup,
                            args.batch, Path(run_work))
         return run_hf_trainer(model_path, args.model_name, examples[:2 * args.steps * args.batch], args.steps,

@@ -49,19 +49,16 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
     saving: list[list] = []   # [step, the last step reported then, whether its checkpoint existed already]
     checkpoints = checkpoint.checkpoints_dir(arguments["save_folder"], arguments["run_name"])
 
-    class Collect:
+    class Collect(loop.SilentReporter):
         def model_initialized(self, info): initialized.update(info)
         def step_finished(self, report):
             losses[report.step], grad_norms[report.step] = report.loss, report.grad_norm
         def saving_checkpoint(self, step):
             saving.append([step, max(losses, default=0),
                            any(folder.name.endswith(f"-ba{step}") for folder in checkpoints.glob("*"))])
-        def checkpoint_saved(self, path, epoch, step): ...
-        def checkpoint_removed(self, path): ...
         def evaluated(self, step, epoch, result):
             evaluations[step] = {"loss": result.loss, "token_accuracy": result.token_accuracy,
                                  "generations": result.generations}
-        def stop_requested(self): return loop.STOP_NONE
 
     arguments.setdefault("learning_rate", 2e-3)
     try:
