@@ -54,7 +54,6 @@ def prepared(parameter: str, path: str, model_path: str, context: int, cache: Pa
 
 
 def train_once(args: argparse.Namespace, batch: str, work: Path) -> dict:
-    import dataclasses
     import time
 
     from ray_finetune.spec import Duration
@@ -67,22 +66,13 @@ def train_once(args: argparse.Namespace, batch: str, work: Path) -> dict:
     train_rows, stats = prepared("train_data_path", args.train, model_path, args.context, work / "cache")
     eval_rows, _ = prepared("eval_data_path", args.eval, model_path, args.context, work / "cache")
     plan = make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=Duration(value=1, unit="ep"),
-                     world_size=1, seed=0)
-    if batch != "policy":
-        rows = int(batch)
-        plan = dataclasses.replace(plan, global_batch_rows=rows, micro_batch_rows=1, gradient_accumulation_steps=rows,
-                                   steps_per_epoch=-(-plan.rows // rows), total_steps=-(-plan.rows // rows))
+                     world_size=1, seed=0, global_batch_rows=None if batch == "policy" else int(batch))
     join_process_group(0, 1)
     steps, evaluations = [], []
 
-    class Collect:
-        def model_initialized(self, info): ...
+    class Collect(loop.SilentReporter):
         def step_finished(self, report): steps.append(report)
-        def saving_checkpoint(self, step): ...
-        def checkpoint_saved(self, path, epoch, step): ...
-        def checkpoint_removed(self, path): ...
         def evaluated(self, step, epoch, result): evaluations.append((step, result.loss))
-        def stop_requested(self): return loop.STOP_NONE
 
     config = loop.TrainConfig(
         run_name="batch-policy", model_path=model_path, init_weights_path=None, train_rows_path=train_rows,
@@ -100,6 +90,13 @@ def train_once(args: argparse.Namespace, batch: str, work: Path) -> dict:
             "seconds": round(time.monotonic() - started, 1)}
 
 
+def batch_list(text: str) -> list[str]:
+    batches = [item.strip() for item in text.split(",")]
+    if not all(item == "policy" or (item.isdigit() and int(item) > 0) for item in batches):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'policy' or positive row counts, e.g. policy,2,1")
+    return batches
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=MODEL)
@@ -107,7 +104,8 @@ def main() -> None:
     parser.add_argument("--eval", help="chat .jsonl held out (default: 40 other chitchat conversations)")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--learning-rate", type=float, default=5e-6)
-    parser.add_argument("--batches", default="policy,2,1", help="'policy' (ray_finetune's choice) or row counts")
+    parser.add_argument("--batches", default="policy,2,1", type=batch_list,
+                        help="comma-separated: 'policy' (ray_finetune's choice) or rows a step")
     parser.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one batch size in this process
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,7 +116,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="batch-policy-") as work:
         if not args.train or not args.eval:
             args.train, args.eval = chitchat_files(Path(work))
-        for batch in args.batches.split(","):
+        for batch in args.batches:
             command = [sys.executable, __file__, "--model", args.model, "--train", args.train, "--eval", args.eval,
                        "--context", str(args.context), "--learning-rate", str(args.learning_rate), "--one", batch,
                        "--work", work]

@@ -49,6 +49,12 @@ def test_each_epoch_reads_every_row_once_split_across_ranks(world_size):
         assert sorted(seen) == list(range(37))
 
 
+def test_a_batch_given_to_the_plan_sets_its_steps():   # bench/batch_policy.py weighs other batches this way
+    plan = make_plan(rows=78, tokens=1, duration=parse_duration("2ep"), world_size=1, seed=0, global_batch_rows=8)
+    assert (plan.global_batch_rows, plan.gradient_accumulation_steps, plan.steps_per_epoch, plan.total_steps) == (
+        8, 8, 10, 20)
+
+
 def test_batch_size_does_not_depend_on_the_number_of_workers_when_data_allows():
     sizes = {make_plan(rows=512, tokens=1, duration=parse_duration("1ep"), world_size=w, seed=0).global_batch_rows
              for w in (1, 2, 4, 8)}

@@ -98,10 +98,12 @@ def continued_plan(saved: dict[str, int], world_size: int) -> TrainingPlan:
 
 
 def make_plan(*, rows: int, tokens: int, duration: Duration, world_size: int, micro_batch_rows: int = 1,
-              seed: int) -> TrainingPlan:
+              seed: int, global_batch_rows: int | None = None) -> TrainingPlan:
+    """The plan for `rows` packed rows; the batch is choose_global_batch_rows' unless `global_batch_rows` (a
+    multiple of `world_size`) says otherwise (bench/batch_policy.py weighs the choice against others)."""
     if rows == 0:
         raise ValueError("no training rows after packing")
-    global_batch = choose_global_batch_rows(rows, world_size)
+    global_batch = global_batch_rows or choose_global_batch_rows(rows, world_size)
     per_rank = global_batch // world_size
     micro = max(1, min(micro_batch_rows, per_rank))
     while per_rank % micro:
