@@ -16,7 +16,7 @@ import ray
 from actors.event_sink import EventSink, one_per_cluster
 from actors.messages import PackedData, PackRequest
 from eventstore.schema import EventType
-from ray_finetune import settings
+from ray_finetune import settings, storage
 from ray_finetune.data.packing import packed_data_id
 from ray_finetune.data.prepare import PreparationStopped, on_cluster, prepare
 from ray_finetune.train.models import load_tokenizer
@@ -137,8 +137,8 @@ class DataPacker:
              "packed_data": packed_data_id(train.rows_path),
              "packed_eval_data": packed_data_id(evaluation.rows_path) if evaluation else None},
         )
-        return PackedData(train_rows_path=train.rows_path, train_stats=stats,
-                          eval_rows_path=evaluation.rows_path if evaluation else None,
+        return PackedData(train_rows_path=storage.location_of(train.rows_path), train_stats=stats,
+                          eval_rows_path=storage.location_of(evaluation.rows_path) if evaluation else None,
                           eval_stats=evaluation.stats if evaluation else None)
 
 

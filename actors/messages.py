@@ -33,6 +33,7 @@ class PackRequest(Message):
 
 
 class PackedData(Message):
+    # Locations (storage.py): the path of a shared folder, or the object-store URL each node pulls
     train_rows_path: str
     train_stats: dict[str, Any]
     eval_rows_path: str | None = None

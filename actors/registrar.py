@@ -14,7 +14,7 @@ import ray
 from actors.event_sink import EventSink, one_per_cluster
 from actors.messages import RegisterRequest, Registration
 from eventstore.schema import EventType
-from ray_finetune import settings, tracking
+from ray_finetune import settings, storage, tracking
 from ray_finetune.errors import RegistrationError
 from ray_finetune.train.checkpoint import weights_folder
 from ray_finetune.train.models import parameter_count
@@ -87,14 +87,15 @@ class Registrar:
 
     def register(self, request: RegisterRequest) -> Registration:
         run = request.run
-        final_model = Path(run.save_folder) / run.run_name / "final_model"
+        final_model = storage.local(run.save_folder) / run.run_name / "final_model"
         name = run.spec.destination.full_name(run.run_name)
         try:
             if not final_model.exists():
                 staging = final_model.with_name("final_model.tmp")
                 shutil.rmtree(staging, ignore_errors=True)
-                shutil.copytree(weights_folder("final checkpoint", request.final_checkpoint), staging)
+                shutil.copytree(storage.pull(weights_folder("final checkpoint", request.final_checkpoint)), staging)
                 staging.rename(final_model)
+            storage.push(final_model)   # on object storage (again, on a retry: the upload may not have finished)
             with self._memory.holding(FLOAT32_BYTES * parameter_count(final_model)) as waited_s:
                 version = tracking.log_and_register_model(settings.load(), run_id=run.mlflow_run_id,
                                                           model_folder=str(final_model), registered_name=name)
@@ -105,7 +106,8 @@ class Registrar:
                 f"checkpoint ({Path(str(request.final_checkpoint)).name}) is intact: once the cause is fixed, "
                 "resuming the run (fm.resume, `ray-finetune runs resume`) registers it without training again"
             ) from error
-        registration = Registration(model_name=name, model_version=version, final_model_path=str(final_model),
+        registration = Registration(model_name=name, model_version=version,
+                                    final_model_path=storage.location_of(final_model),
                                     memory_wait_s=round(waited_s, 3))
         EventSink("registrar", run.run_name).emit(
             EventType.REGISTERED, f"registered {name} version {version}" + (

@@ -32,7 +32,7 @@ from actors.event_sink import EventSink, event_store, one_per_cluster
 from actors.messages import PackRequest, RegisterRequest, RunContext, StopRequest, TrainRequest
 from actors.trainer_group import TrainerGroup, remove_stale_placements
 from eventstore.schema import PENDING, QUEUED, RESUMABLE_STATUSES, EventType
-from ray_finetune import settings, tracking
+from ray_finetune import settings, storage, tracking
 from ray_finetune.data.packing import packed_data_id
 from ray_finetune.spec import RunSpec
 from ray_finetune.train import allocator, checkpoint
@@ -180,7 +180,7 @@ class Scheduler:
                         "save_checkpoint=True always leaves one)")
             await EventSink("scheduler", name).emit_async(
                 EventType.RESUMED, f"resumed by {by}, to continue from {latest.name}",
-                {"by": by, "resume_from": str(latest), "after": state.status})
+                {"by": by, "resume_from": storage.location_of(latest), "after": state.status})
             try:
                 async with self._mlflow:
                     await asyncio.to_thread(tracking.reopen_run, self.settings, context.mlflow_run_id)
@@ -232,8 +232,8 @@ class Scheduler:
             resume_from = checkpoint.latest_complete(checkpoint.checkpoints_dir(context.save_folder, name))
             await sink.emit_async(EventType.STARTED, "starting the run's actors" + (
                 f" (attempt {attempt}, resuming from {resume_from.name})" if resume_from else
-                f" (attempt {attempt})" if attempt > 1 else ""), {"attempt": attempt,
-                                                                   "resume_from": str(resume_from or "") or None})
+                f" (attempt {attempt})" if attempt > 1 else ""), {
+                    "attempt": attempt, "resume_from": storage.location_of(resume_from) if resume_from else None})
             registering = registrar.get_or_create()
             registering.prepare.remote(context.spec.model_path)   # the model's code imported while the run trains
             evaluating = evaluator.get_or_create()   # records the run's metrics, and its evaluations if any
@@ -253,7 +253,8 @@ class Scheduler:
                     make_plan(rows=int(data.train_stats["rows"]), tokens=int(data.train_stats["tokens"]),
                               duration=context.spec.duration, world_size=world, seed=context.spec.seed))
             world = plan.world_size
-            init_weights = (str(checkpoint.initial_weights("custom_weights_path", context.spec.custom_weights_path))
+            init_weights = (storage.location_of(checkpoint.initial_weights("custom_weights_path",
+                                                                           context.spec.custom_weights_path))
                             if context.spec.custom_weights_path else None)
             group = TrainerGroup(world, gpus_per_worker=int(on_gpus), run_name=name,
                                  resources=self.settings.trainer_resources,
@@ -264,7 +265,8 @@ class Scheduler:
                                   f"{len(set(nodes))} node(s)", {"world_size": world, "nodes": nodes,
                                                                  "plan": plan.as_dict()})
             result = await group.train(TrainRequest(run=context, data=data, plan=plan, init_weights_path=init_weights,
-                                                    resume_from=str(resume_from) if resume_from else None,
+                                                    resume_from=storage.location_of(resume_from) if resume_from
+                                                    else None,
                                                     attempt=attempt), evaluating)
             self._release(name)
             if result.stopped or name in self.cancelling:

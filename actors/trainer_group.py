@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.event_sink import EventSink
 from actors.messages import EvaluateRequest, EvaluationResult, StopRequest, TrainRequest, TrainResult
 from eventstore.schema import EventType, NewEvent
+from ray_finetune import storage
 from ray_finetune.tracking import now_ms
 from ray_finetune.train.distributed import (free_port, import_deepspeed, join_process_group,
                                              prefer_expandable_gpu_memory)
@@ -220,7 +221,8 @@ class TrainerWorker:
         reporter = EventReporter(request, evaluator, lambda: self._stop) if self.rank == 0 else loop.SilentReporter()
         outcome = train_reporting(lambda: loop.train(config, reporter), reporter)
         dist.destroy_process_group()
-        return TrainResult(final_checkpoint=str(outcome.final_checkpoint) if outcome.final_checkpoint else None,
+        final = outcome.final_checkpoint
+        return TrainResult(final_checkpoint=storage.location_of(final) if final else None,
                            steps=outcome.steps_done, stopped=outcome.stopped)
 
 

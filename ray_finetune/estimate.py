@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from ray_finetune import settings
+from ray_finetune import settings, storage
 from ray_finetune.data.packing import PackedRows
 from ray_finetune.data.prepare import on_cluster, prepare
 from ray_finetune.spec import RunSpec
@@ -133,7 +133,8 @@ def estimate(spec: RunSpec, *, probe: bool = True, progress: Callable[[str], Non
                                         config.max_concurrent_runs)
     plan = make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=spec.duration, world_size=world,
                      seed=spec.seed)
-    seconds, device, memory = (_probe_where_it_trains(spec, train.rows_path, plan, on_gpus, progress) if probe
+    seconds, device, memory = (_probe_where_it_trains(spec, storage.location_of(train.rows_path), plan, on_gpus,
+                                                       progress) if probe
                                else (0.0, "not probed", None))
     return Estimate(
         examples=stats["examples"], tokens=stats["tokens"], target_tokens=stats["target_tokens"],
@@ -237,7 +238,7 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
     from ray_finetune.train.models import load_model, parameter_count
     from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
 
-    rows = PackedRows.load(rows_path)
+    rows = PackedRows.load(storage.pull(storage.local(rows_path)))   # on another node: pulled from object storage
     chosen = settings.load()
     device = training_device(chosen.trainer_device)
     precision = choose_precision(device, chosen.precision)   # the precision the run will train in

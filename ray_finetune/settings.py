@@ -1,4 +1,5 @@
-"""Where state lives: RAY_FINETUNE_HOME (event log, MLflow store, caches) and RAY_FINETUNE_STORAGE (artifacts)."""
+"""Where state lives: RAY_FINETUNE_HOME (event log, MLflow store, caches) and RAY_FINETUNE_STORAGE (artifacts: a
+folder every node mounts, or an object-store URL mirrored on each node: see storage.py)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Settings:
     home: Path
-    storage: Path
+    storage: Path                   # where this node reads and writes storage: the folder, or the URL's mirror
     tracking_uri: str
     trainer_workers: int            # 0: automatic (plan.trainer_world_size)
     max_concurrent_runs: int
@@ -54,6 +55,13 @@ class Settings:
         return self.home / "models"
 
     @property
+    def storage_location(self) -> str:
+        """RAY_FINETUNE_STORAGE as given: the folder, or the URL."""
+        from ray_finetune.storage import location_of
+
+        return location_of(self.storage)
+
+    @property
     def packed_data_dir(self) -> Path:
         return self.storage / "packed"
 
@@ -61,7 +69,7 @@ class Settings:
         """The environment that makes actors on other processes see the same settings."""
         return {
             "RAY_FINETUNE_HOME": str(self.home),
-            "RAY_FINETUNE_STORAGE": str(self.storage),
+            "RAY_FINETUNE_STORAGE": self.storage_location,
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "RAY_FINETUNE_TRAINER_WORKERS": str(self.trainer_workers),
             "RAY_FINETUNE_MAX_CONCURRENT_RUNS": str(self.max_concurrent_runs),
@@ -80,7 +88,9 @@ class Settings:
 
 
 def load() -> Settings:
-    home = Path(os.environ.get("RAY_FINETUNE_HOME", "~/.ray_finetune")).expanduser().resolve()
+    from ray_finetune.storage import home as home_folder
+
+    home = home_folder()
     storage = _storage_path(os.environ.get("RAY_FINETUNE_STORAGE", "").strip() or str(home / "storage"))
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
     return Settings(
@@ -110,20 +120,20 @@ ZERO_STAGES = ("auto", "0", "1", "2", "3")
 
 
 def _storage_path(text: str) -> Path:
-    """RAY_FINETUNE_STORAGE as a folder. Checkpoints (DeepSpeed writes each rank's shards as files), packed data
-    (read memory-mapped) and MLflow artifacts are files, so a URL cannot be it: taken as a path, 's3://bucket'
-    would quietly become a folder named 's3:' on each node's own disk, and a run resumed on another node would
-    find none of its checkpoints."""
+    """RAY_FINETUNE_STORAGE as the folder this node works in: the folder itself, or an object-store URL's mirror
+    (refused when no installed fsspec implementation handles its scheme, rather than failing at a run's first
+    checkpoint)."""
+    from ray_finetune import storage
     from ray_finetune.errors import ConfigError
 
-    scheme, separator, rest = text.partition("://")
-    if separator and scheme == "file":
-        text = rest
-    elif separator:
-        raise ConfigError(f"RAY_FINETUNE_STORAGE={text!r} is a URL; checkpoints, packed data and artifacts are "
-                          "written as files, so it must be a folder that every node mounts at the same path (EFS, "
-                          "NFS, Lustre, or the bucket mounted with mountpoint-s3 or s3fs)")
-    return Path(text).expanduser().resolve()
+    if storage.is_url(text):
+        from fsspec.registry import known_implementations, registry
+
+        scheme = text.partition("://")[0]
+        if scheme not in registry and scheme not in known_implementations:
+            raise ConfigError(f"RAY_FINETUNE_STORAGE={text!r}: no fsspec implementation handles {scheme}:// "
+                              "(s3:// needs s3fs, gs:// gcsfs, abfs:// adlfs), or use a folder every node mounts")
+    return storage.local(text)
 
 
 def _count(variable: str, default: int, least: int) -> int:

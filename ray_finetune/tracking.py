@@ -1,7 +1,8 @@
 """MLflow: one experiment per run path, the run's params and metrics, eval generations, and the registered model.
 
 The local store lives under the home (sqlite) unless MLFLOW_TRACKING_URI is set. A run's artifact root is on
-RAY_FINETUNE_STORAGE, and it is the run's save_folder: checkpoints are written straight into it.
+RAY_FINETUNE_STORAGE, and it is the run's save_folder: checkpoints are written straight into it (an object-store
+URL when the storage is one: MLflow uploads its own artifacts there, and storage.py mirrors the checkpoints).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ray_finetune import storage
 from ray_finetune.settings import Settings
 
 # Registering and serving a model needs these in the model's environment; listing them avoids MLflow's slow
@@ -52,7 +54,8 @@ def start_run(settings: Settings, *, experiment_path: str, run_name: str, params
     experiment = mlflow.get_experiment_by_name(experiment_path)
     if experiment is None:
         folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_path.strip("/")) or "default"
-        location = (settings.storage / "mlflow-artifacts" / folder).as_uri()
+        artifacts = settings.storage / "mlflow-artifacts" / folder
+        location = storage.location_of(artifacts) if storage.is_mirrored(artifacts) else artifacts.as_uri()
         experiment_id = mlflow.create_experiment(experiment_path, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id

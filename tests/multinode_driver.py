@@ -8,6 +8,10 @@
     python multinode_driver.py on_demand TINY_MODEL WORK  # one run; prints once its trainers wait for a GPU (the
                                                           # test then starts a GPU node, or not), then waits for
                                                           # its end
+    python multinode_driver.py object_storage TINY_MODEL WORK  # with RAY_FINETUNE_STORAGE=s3://...: one run across
+                                                               # two nodes, cancelled with a checkpoint, every node's
+                                                               # mirror (TEST_MIRRORS) removed, resumed to the end;
+                                                               # then a run from its checkpoint's weights
 
 Each prints JSON lines on stdout; the last one is the result.
 """
@@ -120,7 +124,55 @@ def on_demand(model: str, work: Path) -> None:
                 "pending_gpus": pending()})
 
 
+def object_storage(model: str, work: Path) -> None:
+    import os
+    import shutil
+
+    import fsspec
+    import mlflow
+
+    from ray_finetune import foundation_model as fm
+    from ray_finetune import settings
+    from tiny_model import write_chat_jsonl
+    from trainer_helpers import TWO_ROW_BATCHES
+
+    data = write_chat_jsonl(work / "s3.jsonl", TWO_ROW_BATCHES)   # two rows a step: one for each node's worker
+    evaluation = write_chat_jsonl(work / "s3-eval.jsonl", 8)
+    run = fm.create(model=model, train_data_path=str(data), eval_data_path=str(evaluation),
+                    register_to="main.tests.on_s3", training_duration="6ep", context_length=64, learning_rate=1e-3,
+                    checkpoint_interval="25ba", checkpoints_to_keep=1)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(e.type == "TRAIN_UPDATED" for e in log(run.name)):
+        time.sleep(0.2)
+    fm.cancel(run, save_checkpoint=True)
+    stopped = run.wait(timeout=300).status.value   # wait() refreshes `run` in place
+    stopped_checkpoints = fm.get_checkpoints(run)
+    for mirror in os.environ["TEST_MIRRORS"].split(","):   # nothing of the run is left on any node's disk
+        shutil.rmtree(mirror, ignore_errors=True)
+    fm.resume(run)
+    finished = run.wait(timeout=600)
+    bucket = fsspec.filesystem("s3")
+    folder = f"{finished.save_folder}/{finished.name}"
+    stored = sorted(path[len(folder.partition("://")[2]) + 1:] for path in bucket.find(folder))
+    mlflow.set_tracking_uri(settings.load().tracking_uri)
+    registered = mlflow.MlflowClient().get_model_version("main.tests.on_s3", "1")
+    pointer = f"{folder}/checkpoints/latest-sharded-rank0.symlink"
+    follower = fm.create(model=model, train_data_path=str(data), register_to="main.tests.from_s3_weights",
+                         training_duration="1ba", context_length=64, custom_weights_path=pointer).wait(timeout=600)
+    say(result={
+        "models_logged": [path for path in bucket.find("finetune") if path.endswith("/MLmodel")],
+        "stopped": stopped, "status": finished.status.value, "details": finished.details,
+        "save_folder": finished.save_folder, "stopped_checkpoints": stopped_checkpoints,
+        "checkpoints": fm.get_checkpoints(run), "stored": stored, "model_source": registered.source,
+        "nodes": [e.payload["nodes"] for e in log(run.name) if e.type == "PLACED"],
+        "resumed_at": [e.payload["resumed_at_step"] for e in log(run.name) if e.type == "MODEL_INITIALIZED"],
+        "follower": follower.status.value, "follower_details": follower.details,
+        "follower_weights": [e.payload["weights_from"] for e in log(follower.name) if e.type == "MODEL_INITIALIZED"],
+    })
+
+
 if __name__ == "__main__":
     scenario, model, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     work.mkdir(parents=True, exist_ok=True)
-    {"span": span, "runs": runs, "job": job, "on_demand": on_demand}[scenario](model, work)
+    {"span": span, "runs": runs, "job": job, "on_demand": on_demand,
+     "object_storage": object_storage}[scenario](model, work)

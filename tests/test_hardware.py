@@ -170,13 +170,19 @@ def test_a_memory_limit_that_is_not_an_amount_is_refused(monkeypatch, value):
         settings.load()
 
 
-def test_storage_must_be_a_folder_not_a_url(monkeypatch, tmp_path):
-    monkeypatch.setenv("RAY_FINETUNE_STORAGE", "s3://team-bucket/ray_finetune")
-    with pytest.raises(ConfigError, match="RAY_FINETUNE_STORAGE='s3://team-bucket/ray_finetune' is a URL; .* a "
-                                          "folder that every node mounts at the same path"):
+def test_storage_is_a_folder_or_an_object_store_url_mirrored_under_the_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_FINETUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAY_FINETUNE_STORAGE", "s3://team-bucket/ray_finetune/")
+    loaded = settings.load()
+    assert loaded.storage == tmp_path / "home" / "mirror" / "s3" / "team-bucket" / "ray_finetune"
+    assert loaded.storage_location == "s3://team-bucket/ray_finetune"
+    assert loaded.as_env()["RAY_FINETUNE_STORAGE"] == "s3://team-bucket/ray_finetune"   # what other nodes map
+    monkeypatch.setenv("RAY_FINETUNE_STORAGE", "nosuchstore://bucket/x")
+    with pytest.raises(ConfigError, match="no fsspec implementation handles nosuchstore://"):
         settings.load()
     monkeypatch.setenv("RAY_FINETUNE_STORAGE", f"file://{tmp_path}/shared")
     assert settings.load().storage == tmp_path / "shared"
+    assert settings.load().storage_location == str(tmp_path / "shared")
     monkeypatch.setenv("RAY_FINETUNE_STORAGE", "~/shared")
     assert settings.load().storage == Path.home() / "shared"
 

@@ -74,8 +74,8 @@ def head_node(**settings: str):
                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", agent_port=agent_port)
         yield SimpleNamespace(root=root, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
                               dashboard=f"http://127.0.0.1:{dashboard_port}",
-                              add_node=lambda name, *resources: ray_start(
-                                  env, f"--address=127.0.0.1:{port}", "--num-cpus=2", *resources,
+                              add_node=lambda name, *resources, **node_env: ray_start(
+                                  {**env, **node_env}, f"--address=127.0.0.1:{port}", "--num-cpus=2", *resources,
                                   f"--temp-dir={root}/{name}"))
     finally:
         for process in processes_of(root):
@@ -195,3 +195,55 @@ def test_a_run_whose_gpus_never_come_fails_saying_what_it_waited_for(tiny_model,
         assert result["details"].startswith("PlacementTimeoutError: the cluster did not make room for the trainer "
                                             "group (1 x (CPU 1, GPU 1)) within 20 s; it has CPU 1")
         assert "RAY_FINETUNE_PLACEMENT_TIMEOUT_S=0 waits forever" in result["details"]
+
+
+def test_object_storage_serves_a_run_whose_nodes_share_no_disk(tiny_model, tmp_path):
+    """RAY_FINETUNE_STORAGE=s3://... against a real S3 server (moto's), each node with a mirror of its own: a run of
+    two workers on two nodes checkpoints into the bucket, is cancelled at a checkpoint, loses every node's copy of
+    everything, resumes from the bucket and is registered from it; a second run starts from the first's weights
+    named by their s3:// pointer."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server._server.server_address
+        aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+        boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                     aws_access_key_id="test", aws_secret_access_key="test").create_bucket(Bucket="finetune")
+        with head_node(RAY_FINETUNE_STORAGE="s3://finetune/team", RAY_FINETUNE_TRAINER_WORKERS="2",
+                       RAY_FINETUNE_ZERO_STAGE="2",   # each rank writes its own optimizer shard
+                       RAY_FINETUNE_TRAINER_RESOURCES='{"accelerator": 1}', **aws) as cluster:
+            mirrors = [cluster.root / "home" / "mirror"]   # the head's (and the driver's): the default
+            for name in ("w1", "w2"):
+                mirrors.append(cluster.root / f"{name}-mirror")
+                cluster.add_node(name, '--resources={"accelerator": 1}', RAY_FINETUNE_MIRROR=str(mirrors[-1]))
+            result = subprocess.run(
+                [sys.executable, str(DRIVER), "object_storage", str(tiny_model), str(tmp_path)],
+                env={**cluster.env, "TEST_MIRRORS": ",".join(map(str, mirrors))}, capture_output=True, text=True,
+                timeout=1200, cwd=TESTS.parent)
+            assert result.returncode == 0, result.stderr[-4000:]
+            local_storage = cluster.root / "home" / "storage"
+            assert not local_storage.exists() or not any(local_storage.rglob("*"))   # nothing went to local disk
+    finally:
+        server.stop()
+    run = json.loads(result.stdout.strip().splitlines()[-1])["result"]
+    assert (run["stopped"], run["status"], run["details"]) == ("STOPPED", "COMPLETED", None), run
+    assert run["save_folder"].startswith("s3://finetune/team/mlflow-artifacts/")
+    assert all(path.startswith(run["save_folder"]) for path in run["checkpoints"])
+    assert len(set(run["nodes"][-1])) == 2            # its two workers on the two worker nodes
+    assert run["resumed_at"][0] == 0 and run["resumed_at"][-1] > 0   # from the bucket's checkpoint
+    stored = run["stored"]
+    final = run["checkpoints"][-1].rsplit("/", 1)[-1]
+    assert {path.split("/")[1] for path in stored if path.startswith("checkpoints/ep")} == {final}   # kept 1
+    assert f"checkpoints/{final}/trainer_state.json" in stored
+    assert f"checkpoints/{final}/model/model.safetensors" in stored
+    assert "checkpoints/latest-sharded-rank0.symlink" in stored and "final_model/config.json" in stored
+    shards = [path for path in stored if path.startswith(f"checkpoints/{final}/") and "rank_1" in path]
+    assert shards, stored                            # the second node's rank pushed its own shards
+    assert not [path for path in stored if ".tmp" in path]
+    assert len(run["models_logged"]) == 2            # both runs' registered models, as MLflow logged them
+    assert run["follower"] == "COMPLETED", run["follower_details"]
+    assert run["follower_weights"][0].startswith(run["save_folder"])

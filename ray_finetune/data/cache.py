@@ -11,11 +11,12 @@ included) packs the same rows again, under the same key.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from ray_finetune import storage
 
 STATS_FILE = "stats.json"
 # An entry reused this recently may be on its way to a run whose DATA_VALIDATED event is not in the log yet.
@@ -33,15 +34,16 @@ class CacheEntry:
 
 
 def entries(cache_dir: Path) -> list[CacheEntry]:
-    """The complete entries, most recently used first."""
+    """The complete entries, most recently used first (on object storage, the object store's)."""
     found = []
-    for stats_file in cache_dir.glob(f"*/{STATS_FILE}"):
+    for key in storage.children(cache_dir):
+        folder = cache_dir / key
+        stats_file = folder / STATS_FILE
         try:
-            stats, used = json.loads(stats_file.read_text()), stats_file.stat().st_mtime
-        except (OSError, ValueError):   # removed meanwhile, or being replaced
+            stats, used = json.loads(storage.read_text(stats_file)), storage.modified(stats_file)
+        except (OSError, ValueError):   # not complete, removed meanwhile, or being replaced
             continue
-        folder = stats_file.parent
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        size = storage.size(folder)
         found.append(CacheEntry(key=folder.name, examples=int(stats.get("examples", 0)), rows=int(stats.get("rows", 0)),
                                 tokens=int(stats.get("tokens", 0)), bytes=size,
                                 last_used=datetime.fromtimestamp(used, tz=timezone.utc)))
@@ -49,8 +51,11 @@ def entries(cache_dir: Path) -> list[CacheEntry]:
 
 
 def mark_used(rows_path: str | Path) -> None:
-    """A preparation reused the entry holding `rows_path`."""
-    (Path(rows_path).parent / STATS_FILE).touch()
+    """A preparation reused the entry holding `rows_path` (on object storage its stats go up again: an object's
+    time is when it was written)."""
+    stats_file = Path(rows_path).parent / STATS_FILE
+    stats_file.touch()
+    storage.push(stats_file)
 
 
 def removable(found: list[CacheEntry], in_use: set[str], unused_for_s: float = 0.0,
@@ -66,8 +71,8 @@ def remove(cache_dir: Path, entry: CacheEntry) -> None:
     """The stats file goes first: from then on the entry is incomplete, so a preparation packs the data again
     rather than read rows that are being removed."""
     folder = cache_dir / entry.key
-    (folder / STATS_FILE).unlink(missing_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
+    storage.remove(folder / STATS_FILE)
+    storage.remove(folder)
 
 
 def in_use_by_runs() -> dict[str, list[str]]:

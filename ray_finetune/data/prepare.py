@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import ray
 
+from ray_finetune import storage
 from ray_finetune.data import cache, packing, sources
 from ray_finetune.data.tokenized import ExampleTable, TokenizeJob
 from ray_finetune.errors import ValidationError
@@ -145,6 +146,9 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
     source = sources.locate(parameter, path, data_prep_cluster_id)
     folder = cache_dir / cache_key(source, model_path, task_type, context_length)
     rows_dir, stats_file = folder / "rows", folder / "stats.json"
+    if not stats_file.exists() and storage.is_mirrored(stats_file) and storage.exists(stats_file):
+        storage.pull(rows_dir)   # packed on another node: the object store has the entry (its stats pushed last)
+        storage.pull(stats_file)
     if rows_dir.is_dir() and stats_file.exists():
         cached = json.loads(stats_file.read_text())
         _require_rows(parameter, source, cached, context_length)   # earlier versions published empty entries
@@ -171,6 +175,8 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
         temporary_stats = work / "stats.json"
         temporary_stats.write_text(json.dumps(stats.as_dict()))
         temporary_stats.replace(stats_file)
+        storage.push(rows_dir)   # on object storage, for the trainers of other nodes: the stats last
+        storage.push(stats_file)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return Prepared(str(rows_dir), stats.as_dict(), cached=False, shards=len(jobs))

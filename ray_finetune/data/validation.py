@@ -251,12 +251,13 @@ ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_atte
 
 def check_checkpoint(parameter: str, path: str, model_path: str | Path) -> None:
     """A complete checkpoint (folder, pointer file or .pt) of the same architecture as the base model."""
+    from ray_finetune import storage
     from ray_finetune.train.checkpoint import initial_weights
 
     weights = initial_weights(parameter, path)
     base = json.loads((Path(model_path) / "config.json").read_text())
-    if weights.is_dir():
-        theirs = json.loads((weights / "config.json").read_text())
+    if weights.suffix != ".pt":   # a weights folder (on object storage, only its config is read here)
+        theirs = json.loads(storage.read_text(weights / "config.json"))
         different = [k for k in ARCHITECTURE_KEYS if theirs.get(k) != base.get(k)]
         if different:
             found = ", ".join(f"{k}={theirs.get(k)}" for k in different)
@@ -264,7 +265,7 @@ def check_checkpoint(parameter: str, path: str, model_path: str | Path) -> None:
             raise ValidationError(parameter, f"{str(path)!r} is a different architecture ({found})",
                                   expected=f"a checkpoint of the same model as `model` ({wanted})")
         return
-    _check_state_dict(parameter, weights, Path(model_path))
+    _check_state_dict(parameter, storage.pull(weights), Path(model_path))
 
 
 def _check_state_dict(parameter: str, file: Path, model_path: Path) -> None:

@@ -4,7 +4,9 @@
     <save_folder>/<run_name>/checkpoints/latest-sharded-rank0.symlink   names the newest complete checkpoint
 
 A checkpoint is written under a temporary name and renamed into place when complete; the pointer file is
-replaced atomically only afterwards.
+replaced atomically only afterwards. On object storage (storage.py) the checkpoint is written in the node's mirror
+and pushed with its trainer state last, then the pointer; whether a checkpoint is complete, and which is the
+newest, is asked of the object store.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ray_finetune import storage
 from ray_finetune.access import check_allowed
 from ray_finetune.errors import CheckpointError, ValidationError
 
@@ -28,7 +31,8 @@ def checkpoint_name(epoch: int, step: int) -> str:
 
 
 def checkpoints_dir(save_folder: str | Path, run_name: str) -> Path:
-    return Path(save_folder) / run_name / "checkpoints"
+    """The run's checkpoints folder on this node (a mirror path when save_folder is an object-store URL)."""
+    return storage.local(save_folder) / run_name / "checkpoints"
 
 
 def staging_name(name: str) -> str:
@@ -38,13 +42,18 @@ def staging_name(name: str) -> str:
 def publish(directory: Path, name: str) -> Path:
     """Rename a finished staging folder into place, then point the pointer file at it."""
     final = directory / name
+    if storage.is_mirrored(final) and final.is_dir():
+        # a mirror copy the object store never completed (the run resumed from an earlier checkpoint)
+        shutil.rmtree(final)
     (directory / staging_name(name)).rename(final)
+    storage.push(final, last=(STATE_FILE,))
     pointer = directory / POINTER_NAME
     temporary = directory / f".{POINTER_NAME}.tmp"
     temporary.write_text(name + "\n")
     with temporary.open("rb") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, pointer)
+    storage.push(pointer)
     return final
 
 
@@ -68,6 +77,7 @@ def universal(folder: Path) -> Path:
         input_folder=str(folder), output_folder=str(staging), num_extract_workers=1, num_merge_workers=1,
         keep_temp_folder=False, strict=True, inject_missing_state=True))
     staging.rename(target)
+    storage.push(target)   # on object storage: for the ranks of other nodes
     return target
 
 
@@ -76,24 +86,30 @@ def write_state(folder: Path, state: dict) -> None:
 
 
 def is_complete(folder: Path) -> bool:
-    """Published under its final name and holding the trainer state, which is written last."""
-    return parse_name(folder.name) is not None and (folder / STATE_FILE).is_file()
+    """Published under its final name and holding the trainer state, which is written (and pushed) last."""
+    return parse_name(folder.name) is not None and storage.exists(folder / STATE_FILE)
 
 
 def latest_complete(directory: Path) -> Path | None:
     """The checkpoint to resume from: the pointer's, if complete; else the newest complete one. A torn checkpoint
-    (a staging folder, or one missing its trainer state) is never returned."""
-    pointer = directory / POINTER_NAME
-    if pointer.is_file():
-        named = directory / pointer.read_text().strip()
+    (a staging folder, or one missing its trainer state) is never returned. On object storage: the object store's
+    (the path returned is its mirror path, to pull before reading)."""
+    try:
+        named = directory / storage.read_text(directory / POINTER_NAME).strip()
         if is_complete(named):
             return named
-    complete = [f for f in directory.glob("ep*-ba*") if f.is_dir() and is_complete(f)]
-    return max(complete, key=lambda f: parse_name(f.name)[1], default=None)  # type: ignore[index]
+    except FileNotFoundError:
+        pass
+    return max(_complete(directory), key=lambda f: parse_name(f.name)[1], default=None)  # type: ignore[index]
+
+
+def _complete(directory: Path) -> list[Path]:
+    return [directory / name for name in storage.children(directory)
+            if parse_name(name) is not None and is_complete(directory / name)]
 
 
 def read_state(folder: Path) -> dict:
-    return json.loads((folder / STATE_FILE).read_text())
+    return json.loads(storage.read_text(folder / STATE_FILE))
 
 
 def ensure_same_data(folder: Path, data_id: str) -> None:
@@ -110,44 +126,41 @@ def ensure_same_data(folder: Path, data_id: str) -> None:
 
 def retain(directory: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints (and any stale staging folders); returns what went."""
-    complete = sorted((f for f in directory.glob("ep*-ba*") if f.is_dir() and is_complete(f)),
-                      key=lambda f: parse_name(f.name)[1])  # type: ignore[index]
+    complete = sorted(_complete(directory), key=lambda f: parse_name(f.name)[1])  # type: ignore[index]
     doomed = complete[:-keep] if keep > 0 else []
     for folder in doomed:
-        shutil.rmtree(folder, ignore_errors=True)
+        storage.remove(folder)
     return doomed
-
-
-def _local(path: str | Path) -> Path:
-    text = str(path)
-    return Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
 
 
 def initial_weights(parameter: str, path: str | Path) -> Path:
     """custom_weights_path → an HF weights folder, or a .pt file of a state dict."""
     check_allowed(parameter, path)
-    candidate = _local(path)
+    candidate = storage.local(path)
     if candidate.suffix == ".pt":
-        if not candidate.is_file():
+        if not storage.exists(candidate):
             raise ValidationError(parameter, f"{str(path)!r} does not exist", expected="an existing .pt file")
         return candidate
     return weights_folder(parameter, path)
 
 
 def weights_folder(parameter: str, path: str | Path) -> Path:
-    """The HF weights folder inside a checkpoint given as a folder, a pointer file, or a folder holding them."""
+    """The HF weights folder inside a checkpoint given as a folder, a pointer file, or a folder holding them (on
+    object storage: its mirror path, to pull before reading)."""
     text = str(path)
-    candidate = _local(path)
+    candidate = storage.local(path)
     if candidate.name == POINTER_NAME:
-        if not candidate.is_file():
+        try:
+            candidate = candidate.parent / storage.read_text(candidate).strip()
+        except (FileNotFoundError, IsADirectoryError):
             raise ValidationError(parameter, f"pointer file {text!r} does not exist",
-                                  expected="the latest-sharded-rank0.symlink of a run that saved a checkpoint")
-        candidate = candidate.parent / candidate.read_text().strip()
-    if not candidate.is_dir():
+                                  expected="the latest-sharded-rank0.symlink of a run that saved a checkpoint") from None
+    inside = storage.children(candidate)
+    if not inside:
         raise ValidationError(parameter, f"{text!r} is not a checkpoint folder",
                               expected=".../checkpoints/ep{E}-ba{B} or .../latest-sharded-rank0.symlink")
-    for folder in (candidate / WEIGHTS_DIR, candidate):
-        if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
+    for folder, names in ((candidate / WEIGHTS_DIR, storage.children(candidate / WEIGHTS_DIR)), (candidate, inside)):
+        if "config.json" in names and any(name.endswith(".safetensors") for name in names):
             return folder
     raise ValidationError(parameter, f"{text!r} holds no consolidated weights (config.json + *.safetensors)",
                           expected="a complete checkpoint written by ray_finetune")

@@ -142,10 +142,28 @@ def ranks_on_this_node() -> int:
     """How many ranks of the group run on this rank's machine (they share its memory); every rank must call it."""
     import socket
 
+    return _gathered(socket.gethostname()).count(socket.gethostname())
+
+
+def first_of_a_folder_not_rank0s(folder: str) -> bool:
+    """Whether this rank is the first of the ranks that write into `folder` on this machine, and rank 0 writes
+    into another (on object storage such a rank uploads what the ranks of its folder wrote, each node having a
+    mirror of its own); every rank must call it."""
+    import socket
+
+    import torch.distributed as dist
+
+    places = _gathered(f"{socket.gethostname()}:{folder}")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return places.index(places[rank]) == rank and places[rank] != places[0]
+
+
+def _gathered(value: str) -> list[str]:
+    """Each rank's value, by rank."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return 1
-    hosts: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname())
-    return hosts.count(socket.gethostname())
+        return [value]
+    values: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return [str(v) for v in values]

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ray_finetune.data.packing import PackedRows, packed_data_id
-from ray_finetune import settings
+from ray_finetune import settings, storage
 from ray_finetune.train import allocator, checkpoint
 from ray_finetune.errors import CheckpointError, TrainingDivergedError
 from ray_finetune.spec import Duration
@@ -30,7 +30,7 @@ from ray_finetune.train.loss import CHUNK_LOGIT_ELEMENTS
 from ray_finetune.train.hardware import (BF16, GRADIENT_CLIPPING, batch_width_multiple, choose_attention,
                                          choose_precision, deepspeed_config, engine_reports_gradient_norm,
                                          host_memory, training_device, zero_stage)
-from ray_finetune.train.distributed import all_reduce, ranks_on_this_node
+from ray_finetune.train.distributed import all_reduce, first_of_a_folder_not_rank0s, ranks_on_this_node
 from ray_finetune.train.evaluation import EvalResult, Evaluation
 from ray_finetune.train.memory import (CpuMemoryNeed, activation_bytes, checkpoint_activations, fit_cpu_memory,
                                        fit_micro_batch, micro_batch_rows_limit, saved_for_backward,
@@ -141,8 +141,10 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     chosen = settings.load()
     device = training_device(chosen.trainer_device)
     precision = choose_precision(device, chosen.precision)
-    rows = PackedRows.load(config.train_rows_path)
-    eval_rows = PackedRows.load(config.eval_rows_path) if config.eval_rows_path else None
+    # On object storage, what this node has not got yet comes down first (one rank of a node downloads each).
+    rows = PackedRows.load(storage.pull(storage.local(config.train_rows_path)))
+    eval_rows = PackedRows.load(storage.pull(storage.local(config.eval_rows_path))) if config.eval_rows_path else None
+    init_weights = storage.pull(storage.local(config.init_weights_path)) if config.init_weights_path else None
     tokenizer = load_tokenizer(config.model_path)
     parameters = parameter_count(config.model_path)
     stage = zero_stage(device, precision, chosen.zero_stage, parameters, world)
@@ -154,7 +156,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     # In the dtype the engine trains the weights in: under bf16 DeepSpeed casts them to bf16 before it makes the
     # fp32 master copies anyway, and a bf16 checkpoint then stays memory-mapped (shared by the ranks of a node)
     # instead of each rank converting its own fp32 copy on the host (4 bytes per parameter, per rank).
-    model = load_initial_model(config.model_path, config.init_weights_path, attention, sharded_by,
+    model = load_initial_model(config.model_path, init_weights, attention, sharded_by,
                                dtype=torch.bfloat16 if precision == BF16 else torch.float32)
     stop_tokens = set_stop_tokens(model, tokenizer)
     sizing = _ready_model(model, rows, device, precision, stage, compile_layers=chosen.compile == "on")
@@ -199,7 +201,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
         _evaluate(evaluation, config, reporter, step=0, epoch=0)
     engine.train()
     started = time.monotonic()
-    last_checkpoint: Path | None = Path(config.resume_from) if config.resume_from else None
+    last_checkpoint: Path | None = storage.local(config.resume_from) if config.resume_from else None
     for step in range(start_step, plan.total_steps):
         stop = _agreed_stop(reporter.stop_requested() if rank == 0 else STOP_NONE, world)
         if stop != STOP_NONE:
@@ -414,7 +416,7 @@ def _resumable_state(config: TrainConfig, stage: int) -> Path | None:
     from the universal conversion."""
     if not config.resume_from:
         return None
-    folder = Path(config.resume_from)
+    folder = storage.pull(storage.local(config.resume_from))
     saved_world = int(checkpoint.read_state(folder)["plan"]["world_size"])
     if stage == 0 or saved_world == config.world_size:
         return folder
@@ -427,7 +429,7 @@ def _resumable_state(config: TrainConfig, stage: int) -> Path | None:
     if int(all_reduce(torch.tensor([1 if failure else 0]), "max")):
         raise CheckpointError(f"checkpoint {folder} was written by {saved_world} workers and could not be converted "
                               f"to load on {config.world_size}: {failure or 'see rank 0'}")
-    return folder / checkpoint.UNIVERSAL_DIR
+    return storage.pull(folder / checkpoint.UNIVERSAL_DIR)   # on object storage, rank 0 has pushed it
 
 
 def _epochs_done(plan: TrainingPlan, step: int) -> int:
@@ -451,11 +453,11 @@ def _checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, reporter: Repo
         reporter.saving_checkpoint(step + 1)
     path = save_checkpoint(engine, tokenizer, config, epoch=epoch, step=step + 1)
     if config.rank == 0:
-        reporter.checkpoint_saved(str(path), epoch, step + 1)
+        reporter.checkpoint_saved(storage.location_of(path), epoch, step + 1)
     _evaluate(evaluation, config, reporter, step=step + 1, epoch=epoch)
     if config.rank == 0:
         for removed in checkpoint.retain(path.parent, config.checkpoints_to_keep):
-            reporter.checkpoint_removed(str(removed))
+            reporter.checkpoint_removed(storage.location_of(removed))
     return path
 
 
@@ -481,7 +483,9 @@ def resume(engine: Any, folder: Path) -> int:
 
 def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, *, epoch: int, step: int) -> Path:
     """All ranks write their DeepSpeed shards into a staging folder; rank 0 adds the consolidated weights and the
-    trainer state, then publishes it (rename + pointer). Returns the published folder."""
+    trainer state, then publishes it (rename + pointer). Returns the published folder. On object storage each node
+    has its own staging folder: the nodes other than rank 0's push theirs before rank 0 publishes (the trainer
+    state, pushed last, must find every shard there)."""
     directory = checkpoint.checkpoints_dir(config.save_folder, config.run_name)
     name = checkpoint.checkpoint_name(epoch, step)
     staging = directory / checkpoint.staging_name(name)
@@ -494,9 +498,14 @@ def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, *, epoch: 
     try:
         if config.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)   # left by an earlier, interrupted attempt
-            staging.mkdir(parents=True)
         _barrier(config.world_size)
+        staging.mkdir(parents=True, exist_ok=True)
         engine.save_checkpoint(str(directory), tag=staging.name, save_latest=False, client_state=client_state)
+        if storage.is_mirrored(staging) and config.world_size > 1:
+            if first_of_a_folder_not_rank0s(str(storage.mirror_root())):
+                storage.push(staging, to=directory / name)
+                storage.drop_local(staging)
+            _barrier(config.world_size)
         if config.rank == 0:
             weights = staging / checkpoint.WEIGHTS_DIR
             engine.module.lm.save_pretrained(weights, state_dict=weights_state)

@@ -1,0 +1,216 @@
+"""Storage that every node reaches: a shared folder, or an object store (s3://, gs://, any fsspec URL).
+
+Everything that reads or writes a run's files does it on local disk: DeepSpeed writes each rank's shards as files,
+packed rows are read memory-mapped, transformers loads weights from a folder. With a folder as
+RAY_FINETUNE_STORAGE that folder is the storage and nothing here does anything. With a URL, each node keeps a
+mirror on its own disk: the URL `s3://bucket/prefix/x` is the file `<mirror>/s3/bucket/prefix/x`, where <mirror>
+is RAY_FINETUNE_MIRROR (set per node, e.g. to a local NVMe drive; default `$RAY_FINETUNE_HOME/mirror`). The object
+store is the truth and the mirror a cache of it:
+
+- a writer completes its files in the mirror, then `push`es them; what marks a piece complete (a checkpoint's
+  trainer state, a packed entry's stats) goes up last, so a reader never takes a half-uploaded piece for a whole;
+- a reader `pull`s what it needs before it opens it (a no-op when the mirror holds it already: what is pushed is
+  never changed afterwards, only replaced whole or removed);
+- `exists`, `read_text` and `children` ask the object store, so that a node learns what another node wrote.
+
+Within a process code works with local paths; what travels between actors and into events is a location (the URL,
+or the path of a shared folder): `location_of` turns a mirror path into its URL, `local` a location into the path
+on this node.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+MIRROR_ENV = "RAY_FINETUNE_MIRROR"
+
+
+def home() -> Path:
+    """RAY_FINETUNE_HOME, the same on every node (the scheduler passes it to every actor it starts)."""
+    return Path(os.environ.get("RAY_FINETUNE_HOME", "~/.ray_finetune")).expanduser().resolve()
+
+
+def mirror_root() -> Path:
+    """This node's mirror of object storage. Not passed from the head to the actors (unlike the settings): each node
+    reads its own."""
+    configured = os.environ.get(MIRROR_ENV, "").strip()
+    return Path(configured).expanduser().resolve() if configured else home() / "mirror"
+
+
+def is_url(location: str) -> bool:
+    scheme, separator, _ = str(location).partition("://")
+    return bool(separator) and scheme != "file"
+
+
+def local(location: str | Path) -> Path:
+    """The local path of a location: a path as it is (`file://` stripped), a URL as its mirror path."""
+    text = str(location)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):]).expanduser().resolve()
+    if not is_url(text):
+        return Path(text).expanduser().resolve()
+    scheme, _, rest = text.partition("://")
+    return mirror_root() / scheme / rest.strip("/")
+
+
+def location_of(path: str | Path) -> str:
+    """What a local path stands for: the URL of a mirror path, else the path itself."""
+    url = _url(Path(path))
+    return url if url is not None else str(path)
+
+
+def is_mirrored(path: str | Path) -> bool:
+    return _url(Path(path)) is not None
+
+
+def _url(path: Path) -> str | None:
+    try:
+        relative = path.resolve().relative_to(mirror_root())
+    except ValueError:
+        return None
+    if len(relative.parts) < 2:
+        return None
+    return f"{relative.parts[0]}://{'/'.join(relative.parts[1:])}"
+
+
+def _filesystem(url: str) -> tuple[Any, str]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()   # another node may have written or removed files since this process last listed
+    return fs, path
+
+
+def exists(path: str | Path) -> bool:
+    """Whether the file or folder exists: in the object store for a mirror path, on disk otherwise."""
+    url = _url(Path(path))
+    if url is None:
+        return Path(path).exists()
+    fs, remote = _filesystem(url)
+    return bool(fs.exists(remote))
+
+
+def read_text(path: str | Path) -> str:
+    """A small file's text, from the object store for a mirror path (the mirror's copy of a file that changes, such
+    as a pointer file, may be another node's old one)."""
+    url = _url(Path(path))
+    if url is None:
+        return Path(path).read_text()
+    fs, remote = _filesystem(url)
+    try:
+        return fs.cat_file(remote).decode()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} does not exist") from None
+
+
+def children(path: str | Path) -> list[str]:
+    """The names of the files and folders directly inside a folder (none when it does not exist)."""
+    url = _url(Path(path))
+    if url is None:
+        return sorted(child.name for child in Path(path).iterdir()) if Path(path).is_dir() else []
+    fs, remote = _filesystem(url)
+    try:
+        listed = fs.ls(remote, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted({entry.rstrip("/").rsplit("/", 1)[-1] for entry in listed} - {""})
+
+
+def modified(path: str | Path) -> float:
+    """When a file was last written, in seconds since the epoch."""
+    url = _url(Path(path))
+    if url is None:
+        return Path(path).stat().st_mtime
+    fs, remote = _filesystem(url)
+    return fs.modified(remote).timestamp()
+
+
+def size(path: str | Path) -> int:
+    """The bytes of a file, or of every file under a folder."""
+    url = _url(Path(path))
+    if url is None:
+        local_path = Path(path)
+        files = [local_path] if local_path.is_file() else [f for f in local_path.rglob("*") if f.is_file()]
+        return sum(f.stat().st_size for f in files)
+    fs, remote = _filesystem(url)
+    return int(fs.du(remote, total=True))
+
+
+def push(path: str | Path, to: str | Path | None = None, last: tuple[str, ...] = ()) -> None:
+    """Upload a mirror file or folder (every file under it) to the object store: to the URL of `to` when given (a
+    folder written under a staging name), else to its own. Files named in `last` go up after all the others: what
+    marks the piece complete. Nothing to do for storage that is a folder."""
+    source = Path(path)
+    url = _url(Path(to) if to is not None else source)
+    if url is None:
+        return
+    fs, remote = _filesystem(url)
+    if source.is_file():
+        fs.put_file(str(source), remote)
+        return
+    files = sorted((f for f in source.rglob("*") if f.is_file()), key=lambda f: (f.name in last, str(f)))
+    for file in files:
+        fs.put_file(str(file), f"{remote}/{file.relative_to(source).as_posix()}")
+
+
+def pull(path: str | Path) -> Path:
+    """Make a mirror file or folder present on this node, downloaded whole from the object store unless the mirror
+    has it; returns the path. A folder arrives under a temporary name renamed into place, so a folder in the
+    mirror is always complete. Ranks of one node pulling the same thing wait for the first instead of each
+    downloading it. Raises FileNotFoundError when the object store does not have it either."""
+    target = Path(path)
+    url = _url(target)
+    if target.exists() or url is None:
+        if not target.exists():
+            raise FileNotFoundError(f"{target} does not exist")
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.pull-lock")):
+        if target.exists():   # another rank of this node pulled it meanwhile
+            return target
+        fs, remote = _filesystem(url)
+        if not fs.exists(remote):
+            raise FileNotFoundError(f"{url} does not exist")
+        staging = target.parent / f".pull-{uuid.uuid4().hex}-{target.name}"
+        try:
+            if fs.isfile(remote):
+                fs.get_file(remote, str(staging))
+            else:
+                prefix = fs._strip_protocol(remote).rstrip("/") + "/"
+                for file in fs.find(remote):
+                    destination = staging / file[len(prefix):]
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    fs.get_file(file, str(destination))
+            staging.rename(target)
+        finally:
+            if staging.is_dir():
+                shutil.rmtree(staging, ignore_errors=True)
+            elif staging.exists():
+                staging.unlink()
+    return target
+
+
+def remove(path: str | Path) -> None:
+    """Remove a file or folder from the mirror and from the object store."""
+    target = Path(path)
+    url = _url(target)
+    if target.is_dir():
+        shutil.rmtree(target, ignore_errors=True)
+    else:
+        target.unlink(missing_ok=True)
+    if url is not None:
+        fs, remote = _filesystem(url)
+        if fs.exists(remote):
+            fs.rm(remote, recursive=True)
+
+
+def drop_local(path: str | Path) -> None:
+    """Remove a mirror folder's local copy only (its files are in the object store); a folder that is the storage
+    itself is left alone."""
+    if is_mirrored(path):
+        shutil.rmtree(path, ignore_errors=True)
