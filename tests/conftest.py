@@ -35,3 +35,26 @@ def cluster(tmp_path_factory):
     settings = cluster_module.connect()
     yield settings
     cluster_module.down()
+
+
+@pytest.fixture()
+def s3(monkeypatch):
+    """A real S3 server (moto's) on loopback with a bucket `training-data`; AWS_* point every client at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server._server.server_address
+    endpoint = f"http://{host}:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    import boto3
+
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()   # fsspec reuses a filesystem made for an earlier test's server
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="training-data")
+    yield client
+    server.stop()

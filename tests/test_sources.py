@@ -37,25 +37,6 @@ def test_file_urls_and_text_folders(tmp_path, chat_data):
     assert validation.check_data("train_data_path", (tmp_path / "docs").as_uri(), "CONTINUED_PRETRAIN") == 2
 
 
-@pytest.fixture()
-def s3(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server._server.server_address
-    endpoint = f"http://{host}:{port}"
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(key, value)
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket="training-data")
-    yield client
-    server.stop()
-
-
 def test_s3_urls_read_from_a_real_s3_server(s3, tmp_path, tiny_model, chat_data):
     s3.upload_file(str(chat_data[0]), "training-data", "chat/train.jsonl")
     s3.put_object(Bucket="training-data", Key="docs/one.txt", Body=b"a document in a bucket")

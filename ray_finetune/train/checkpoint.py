@@ -120,8 +120,8 @@ def ensure_same_data(folder: Path, data_id: str) -> None:
         raise CheckpointError(
             f"the training data changed after checkpoint {folder.name} was written (the file was edited or replaced, "
             "or the tokenizer changed): continuing the run would train on another dataset from the middle of an "
-            f"epoch. Restore the data, or create a new run with custom_weights_path='{folder}' to start from these "
-            "weights")
+            f"epoch. Restore the data, or create a new run with custom_weights_path='{storage.location_of(folder)}' "
+            "to start from these weights")
 
 
 def retain(directory: Path, keep: int) -> list[Path]:

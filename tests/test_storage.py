@@ -1,0 +1,122 @@
+"""Object storage as RAY_FINETUNE_STORAGE (storage.py), against a real S3 server (moto's): the mirror mapping, the
+transfers, and what checkpoints and packed data do on it. The whole path of a run over two nodes with a mirror each
+is tested in test_multinode.py."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from ray_finetune import storage
+from ray_finetune.data import cache
+from ray_finetune.data.prepare import prepare
+from ray_finetune.errors import ValidationError
+from ray_finetune.train import checkpoint
+from ray_finetune.train.models import load_tokenizer
+
+
+@pytest.fixture()
+def mirror(monkeypatch, tmp_path) -> Path:
+    monkeypatch.setenv(storage.MIRROR_ENV, str(tmp_path / "mirror"))
+    return tmp_path / "mirror"
+
+
+def test_a_url_and_its_mirror_path_name_each_other(mirror, tmp_path):
+    path = storage.local("s3://bucket/team/run/checkpoints/")
+    assert path == mirror / "s3" / "bucket" / "team" / "run" / "checkpoints"
+    assert storage.location_of(path) == "s3://bucket/team/run/checkpoints" and storage.is_mirrored(path)
+    assert storage.local(f"file://{tmp_path}/shared") == tmp_path / "shared"
+    assert storage.location_of(tmp_path / "shared") == str(tmp_path / "shared")
+    assert not storage.is_mirrored(tmp_path / "shared") and not storage.is_mirrored(mirror / "s3")
+
+
+def test_a_folder_goes_up_whole_and_comes_down_whole(s3, mirror, monkeypatch):
+    folder = storage.local("s3://training-data/team/piece")
+    (folder / "deep").mkdir(parents=True)
+    (folder / "deep" / "shard.bin").write_bytes(b"\x00" * 1000)
+    (folder / "done.json").write_text("{}")
+    (folder / "early.json").write_text("{}")
+    bucket, uploaded = fsspec.filesystem("s3"), []
+    put_file = bucket.put_file
+    monkeypatch.setattr(bucket, "put_file", lambda source, remote, **kw: (uploaded.append(Path(remote).name),
+                                                                          put_file(source, remote, **kw)))
+    storage.push(folder, last=("done.json",))
+    assert uploaded[-1] == "done.json" and len(uploaded) == 3   # what marks it complete goes up last
+    assert storage.exists(folder / "done.json") and storage.children(folder) == ["deep", "done.json", "early.json"]
+    assert storage.size(folder) == 1004
+    shutil.rmtree(mirror)
+    assert not folder.exists() and storage.exists(folder)   # the bucket is the truth; the mirror only a copy
+
+    pulled: list[Path] = []
+    threads = [threading.Thread(target=lambda: pulled.append(storage.pull(folder))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert pulled == [folder] * 4   # ranks of one node pulling at once wait for the first download
+    assert (folder / "deep" / "shard.bin").read_bytes() == b"\x00" * 1000 and (folder / "done.json").exists()
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".pull-")]   # no staging left
+
+    storage.remove(folder)
+    assert not folder.exists() and not storage.exists(folder) and storage.children(folder) == []
+    with pytest.raises(FileNotFoundError, match="s3://training-data/team/piece does not exist"):
+        storage.pull(folder)
+
+
+def _stored_checkpoint(directory: Path, name: str, complete: bool = True) -> Path:
+    folder = directory / name
+    (folder / checkpoint.WEIGHTS_DIR).mkdir(parents=True)
+    (folder / checkpoint.WEIGHTS_DIR / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / checkpoint.WEIGHTS_DIR / "model.safetensors").write_bytes(b"weights")
+    if complete:
+        checkpoint.write_state(folder, {"step": checkpoint.parse_name(name)[1]})
+    storage.push(folder, last=(checkpoint.STATE_FILE,))
+    shutil.rmtree(folder)   # written by another node: this one's mirror never held it
+    return folder
+
+
+def test_checkpoints_are_found_and_retired_in_the_bucket(s3, mirror):
+    directory = checkpoint.checkpoints_dir("s3://training-data/artifacts/abc", "run-x")
+    assert checkpoint.latest_complete(directory) is None
+    _stored_checkpoint(directory, "ep0-ba2")
+    _stored_checkpoint(directory, "ep0-ba4")
+    _stored_checkpoint(directory, "ep0-ba6", complete=False)   # its trainer state never went up: torn
+    assert checkpoint.latest_complete(directory) == directory / "ep0-ba4"
+    (directory / checkpoint.POINTER_NAME).write_text("ep0-ba2\n")
+    storage.push(directory / checkpoint.POINTER_NAME)
+    (directory / checkpoint.POINTER_NAME).write_text("ep0-ba6\n")   # this node's stale copy is not asked
+    assert checkpoint.latest_complete(directory) == directory / "ep0-ba2"
+    assert checkpoint.read_state(directory / "ep0-ba4") == {"step": 4}
+
+    pointer = "s3://training-data/artifacts/abc/run-x/checkpoints/latest-sharded-rank0.symlink"
+    weights = checkpoint.weights_folder("custom_weights_path", pointer)
+    assert weights == directory / "ep0-ba2" / checkpoint.WEIGHTS_DIR and not weights.exists()
+    assert (storage.pull(weights) / "model.safetensors").read_bytes() == b"weights"
+    with pytest.raises(ValidationError, match="pointer file .* does not exist"):
+        checkpoint.weights_folder("custom_weights_path", pointer.replace("run-x", "run-y"))
+    with pytest.raises(ValidationError, match="is not a checkpoint folder"):
+        checkpoint.weights_folder("custom_weights_path", "s3://training-data/artifacts/abc/run-x/ep9-ba9")
+
+    assert checkpoint.retain(directory, keep=1) == [directory / "ep0-ba2"]
+    assert storage.children(directory) == ["ep0-ba4", "ep0-ba6", checkpoint.POINTER_NAME]
+
+
+def test_packed_data_is_shared_through_the_bucket(s3, mirror, tiny_model, chat_data):
+    cache_dir = storage.local("s3://training-data/team/packed")
+    arguments = dict(task_type="CHAT_COMPLETION", model_path=str(tiny_model), tokenizer=load_tokenizer(tiny_model),
+                     context_length=128, cache_dir=cache_dir)
+    packed = prepare("train_data_path", str(chat_data[0]), **arguments)
+    assert not packed.cached and storage.exists(Path(packed.rows_path).parent / cache.STATS_FILE)
+    shutil.rmtree(mirror)   # another node: its mirror has none of it
+    again = prepare("train_data_path", str(chat_data[0]), **arguments)
+    assert again.cached and again.stats == packed.stats and Path(again.rows_path).is_dir()
+
+    [entry] = cache.entries(cache_dir)
+    assert entry.key == Path(packed.rows_path).parent.name and entry.rows == packed.stats["rows"] > 0
+    assert entry.bytes > 0
+    cache.remove(cache_dir, entry)
+    assert cache.entries(cache_dir) == [] and storage.children(cache_dir) == []
