@@ -127,12 +127,14 @@ def _storage_path(text: str) -> Path:
     from ray_finetune.errors import ConfigError
 
     if storage.is_url(text):
-        from fsspec.registry import known_implementations, registry
+        import fsspec
 
         scheme = text.partition("://")[0]
-        if scheme not in registry and scheme not in known_implementations:
-            raise ConfigError(f"RAY_FINETUNE_STORAGE={text!r}: no fsspec implementation handles {scheme}:// "
-                              "(s3:// needs s3fs, gs:// gcsfs, abfs:// adlfs), or use a folder every node mounts")
+        try:
+            fsspec.get_filesystem_class(scheme)   # imports it: a package that is missing is named now
+        except (ImportError, ValueError) as error:
+            raise ConfigError(f"RAY_FINETUNE_STORAGE={text!r}: no installed fsspec implementation handles "
+                              f"{scheme}:// ({error}), or use a folder every node mounts") from None
     return storage.local(text)
 
 

@@ -178,7 +178,7 @@ def test_storage_is_a_folder_or_an_object_store_url_mirrored_under_the_home(monk
     assert loaded.storage_location == "s3://team-bucket/ray_finetune"
     assert loaded.as_env()["RAY_FINETUNE_STORAGE"] == "s3://team-bucket/ray_finetune"   # what other nodes map
     monkeypatch.setenv("RAY_FINETUNE_STORAGE", "nosuchstore://bucket/x")
-    with pytest.raises(ConfigError, match="no fsspec implementation handles nosuchstore://"):
+    with pytest.raises(ConfigError, match="no installed fsspec implementation handles nosuchstore://"):
         settings.load()
     monkeypatch.setenv("RAY_FINETUNE_STORAGE", f"file://{tmp_path}/shared")
     assert settings.load().storage == tmp_path / "shared"

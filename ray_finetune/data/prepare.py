@@ -147,8 +147,11 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
     folder = cache_dir / cache_key(source, model_path, task_type, context_length)
     rows_dir, stats_file = folder / "rows", folder / "stats.json"
     if not stats_file.exists() and storage.is_mirrored(stats_file) and storage.exists(stats_file):
-        storage.pull(rows_dir)   # packed on another node: the object store has the entry (its stats pushed last)
-        storage.pull(stats_file)
+        try:   # packed on another node: the object store has the entry (its stats pushed last)
+            storage.pull(rows_dir)
+            storage.pull(stats_file)
+        except FileNotFoundError:
+            pass   # removed from the cache meanwhile: packed again below
     if rows_dir.is_dir() and stats_file.exists():
         cached = json.loads(stats_file.read_text())
         _require_rows(parameter, source, cached, context_length)   # earlier versions published empty entries
