@@ -151,9 +151,10 @@ def push(path: str | Path, to: str | Path | None = None, last: tuple[str, ...] =
     if source.is_file():
         fs.put_file(str(source), remote)
         return
-    files = sorted((f for f in source.rglob("*") if f.is_file()), key=lambda f: (f.name in last, str(f)))
-    for file in files:
-        fs.put_file(str(file), f"{remote}/{file.relative_to(source).as_posix()}")
+    files = sorted(f for f in source.rglob("*") if f.is_file())
+    for batch in ([f for f in files if f.name not in last], [f for f in files if f.name in last]):
+        if batch:   # a batch's files go up at once (fsspec runs them concurrently on async stores such as s3fs)
+            fs.put([str(f) for f in batch], [f"{remote}/{f.relative_to(source).as_posix()}" for f in batch])
 
 
 def pull(path: str | Path) -> Path:
@@ -182,10 +183,11 @@ def pull(path: str | Path) -> Path:
                 fs.get_file(remote, str(staging))
             else:
                 prefix = fs._strip_protocol(remote).rstrip("/") + "/"
-                for file in fs.find(remote):
-                    destination = staging / file[len(prefix):]
+                files = fs.find(remote)
+                destinations = [staging / file[len(prefix):] for file in files]
+                for destination in destinations:
                     destination.parent.mkdir(parents=True, exist_ok=True)
-                    fs.get_file(file, str(destination))
+                fs.get(files, [str(d) for d in destinations])   # at once, as push puts them
             staging.rename(target)
         finally:
             if staging.is_dir():

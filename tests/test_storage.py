@@ -41,11 +41,16 @@ def test_a_folder_goes_up_whole_and_comes_down_whole(s3, mirror, monkeypatch):
     (folder / "done.json").write_text("{}")
     (folder / "early.json").write_text("{}")
     bucket, uploaded = fsspec.filesystem("s3"), []
-    put_file = bucket.put_file
-    monkeypatch.setattr(bucket, "put_file", lambda source, remote, **kw: (uploaded.append(Path(remote).name),
-                                                                          put_file(source, remote, **kw)))
+    put_file = bucket._put_file
+
+    async def recording(source, remote, **kw):
+        await put_file(source, remote, **kw)
+        uploaded.append(Path(remote).name)
+
+    monkeypatch.setattr(bucket, "_put_file", recording)
     storage.push(folder, last=("done.json",))
-    assert uploaded[-1] == "done.json" and len(uploaded) == 3   # what marks it complete goes up last
+    assert uploaded[-1] == "done.json" and len(uploaded) == 3   # what marks it complete goes up last, once the
+    #                                                             others are all there
     assert storage.exists(folder / "done.json") and storage.children(folder) == ["deep", "done.json", "early.json"]
     assert storage.size(folder) == 1004
     shutil.rmtree(mirror)
