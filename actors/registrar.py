@@ -93,12 +93,15 @@ class Registrar:
             if not final_model.exists():
                 staging = final_model.with_name("final_model.tmp")
                 shutil.rmtree(staging, ignore_errors=True)
-                shutil.copytree(storage.pull(weights_folder("final checkpoint", request.final_checkpoint)), staging)
+                weights = storage.pull(weights_folder("final checkpoint", request.final_checkpoint))
+                shutil.copytree(weights, staging)
                 staging.rename(final_model)
+                storage.drop_local(weights)   # if this node pulled it: the bucket has it
             storage.push(final_model)   # on object storage (again, on a retry: the upload may not have finished)
             with self._memory.holding(FLOAT32_BYTES * parameter_count(final_model)) as waited_s:
                 version = tracking.log_and_register_model(settings.load(), run_id=run.mlflow_run_id,
                                                           model_folder=str(final_model), registered_name=name)
+            storage.drop_local(final_model)   # on object storage: registered from the bucket's copy now
         except Exception as error:   # noqa: BLE001 - the run fails with what to do about it
             cause = " ".join(str(error).split())   # one line: a run's details keep the last line of its error
             raise RegistrationError(

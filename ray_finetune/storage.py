@@ -168,10 +168,16 @@ def pull(path: str | Path) -> Path:
         if not target.exists():
             raise FileNotFoundError(f"{target} does not exist")
         return target
+    import hashlib
+
     from filelock import FileLock
 
+    # Lock files stay (removing one another process may be waiting on would let a third in): kept apart, not among
+    # the files they guard.
+    locks = mirror_root() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{target.name}.pull-lock")):
+    with FileLock(str(locks / f"{hashlib.sha256(str(target).encode()).hexdigest()[:32]}.lock")):
         if target.exists():   # another rank of this node pulled it meanwhile
             return target
         fs, remote = _filesystem(url)

@@ -126,6 +126,7 @@ def on_demand(model: str, work: Path) -> None:
 
 def object_storage(model: str, work: Path) -> None:
     import os
+    import re
     import shutil
 
     import fsspec
@@ -154,6 +155,10 @@ def object_storage(model: str, work: Path) -> None:
     bucket = fsspec.filesystem("s3")
     folder = f"{finished.save_folder}/{finished.name}"
     stored = sorted(path[len(folder.partition("://")[2]) + 1:] for path in bucket.find(folder))
+    # (DeepSpeed also leaves its zero_to_fp32.py script beside the checkpoints: not a checkpoint's file)
+    left_in_mirrors = [str(path) for mirror in os.environ["TEST_MIRRORS"].split(",") for path in Path(mirror).rglob("*")
+                       if path.is_file() and any(part == "final_model" or re.fullmatch(r"(\.tmp-)?ep\d+-ba\d+", part)
+                                                 for part in path.parts)]
     mlflow.set_tracking_uri(settings.load().tracking_uri)
     registered = mlflow.MlflowClient().get_model_version("main.tests.on_s3", "1")
     pointer = f"{folder}/checkpoints/latest-sharded-rank0.symlink"
@@ -161,7 +166,7 @@ def object_storage(model: str, work: Path) -> None:
                          training_duration="1ba", context_length=64, custom_weights_path=pointer).wait(timeout=600)
     say(result={
         "models_logged": [path for path in bucket.find("finetune") if path.endswith("/MLmodel")],
-        "stopped": stopped, "status": finished.status.value, "details": finished.details,
+        "stopped": stopped, "left_in_mirrors": left_in_mirrors, "status": finished.status.value, "details": finished.details,
         "save_folder": finished.save_folder, "stopped_checkpoints": stopped_checkpoints,
         "checkpoints": fm.get_checkpoints(run), "stored": stored, "model_source": registered.source,
         "nodes": [e.payload["nodes"] for e in log(run.name) if e.type == "PLACED"],

@@ -244,6 +244,7 @@ def test_object_storage_serves_a_run_whose_nodes_share_no_disk(tiny_model, tmp_p
     shards = [path for path in stored if path.startswith(f"checkpoints/{final}/") and "rank_1" in path]
     assert shards, stored                            # the second node's rank pushed its own shards
     assert not [path for path in stored if ".tmp" in path]
+    assert run["left_in_mirrors"] == []   # a node keeps a checkpoint or final model only while it writes or reads it
     assert len(run["models_logged"]) == 2            # both runs' registered models, as MLflow logged them
     assert run["follower"] == "COMPLETED", run["follower_details"]
     assert run["follower_weights"][0].startswith(run["save_folder"])

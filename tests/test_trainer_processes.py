@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ray_finetune import storage
 from ray_finetune.errors import TrainingDivergedError
 from ray_finetune.spec import Duration
 from ray_finetune.train import checkpoint
@@ -39,7 +40,7 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
     join_process_group(rank, world, ("127.0.0.1", port))
     stats = arguments.pop("stats")
     resume_from = arguments.get("resume_from")   # as the scheduler does: a resumed run keeps its checkpoint's plan
-    plan = (continued_plan(checkpoint.read_state(Path(resume_from))["plan"], world) if resume_from else
+    plan = (continued_plan(checkpoint.read_state(storage.local(resume_from))["plan"], world) if resume_from else
             make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=Duration(value=2, unit="ep"),
                       world_size=world, seed=0))
     losses: dict[int, float] = {}
@@ -119,6 +120,33 @@ def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_s
     for step, loss in one["losses"].items():
         assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
         assert one["grad_norms"][step] == pytest.approx(two["grad_norms"][step], rel=1e-3), step
+
+
+def test_a_checkpoint_in_a_bucket_resumes_on_another_node_with_another_number_of_workers(s3, tiny_model, tmp_path,
+                                                                                        monkeypatch):
+    """Object storage: two ZeRO-2 workers write their checkpoints into the bucket from one node's mirror; one worker
+    on a node whose mirror has nothing resumes from the s3:// URL (the per-rank state converted to the universal
+    layout, which goes up too) with the losses the run had."""
+    rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
+    common = dict(model_path=str(tiny_model), init_weights_path=None, train_rows_path=rows_path,
+                  stats=stats.as_dict(), zero_stage="2")
+    monkeypatch.setenv(storage.MIRROR_ENV, str(tmp_path / "node-a"))
+    two = train_ranks(2, tmp_path / "two.json", run_name="two", save_folder="s3://training-data/runs", **common)
+    folder = checkpoint.checkpoints_dir("s3://training-data/runs", "two")
+    first = min((folder / name for name in storage.children(folder) if checkpoint.parse_name(name)),
+                key=lambda path: checkpoint.parse_name(path.name)[1])
+    resumed_at = checkpoint.parse_name(first.name)[1]
+    assert not (tmp_path / "node-a" / "s3").exists() or not list((tmp_path / "node-a" / "s3").rglob("*.pt"))
+
+    monkeypatch.setenv(storage.MIRROR_ENV, str(tmp_path / "node-b"))
+    one = train_ranks(1, tmp_path / "one.json", run_name="one", save_folder=str(tmp_path / "one"),
+                      resume_from=f"s3://training-data/runs/two/checkpoints/{first.name}", **common)
+    assert one["initialized"]["resumed_at_step"] == resumed_at > 0
+    assert storage.exists(storage.local(f"s3://training-data/runs/two/checkpoints/{first.name}/universal"))
+    assert not list((tmp_path / "node-b").rglob("*.pt"))   # loaded, then dropped: the bucket has it
+    assert sorted(one["losses"]) == [s for s in sorted(two["losses"]) if s > resumed_at]
+    for step, loss in one["losses"].items():
+        assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
 
 
 PROMPTS = ("what is the capital of france?", "count to five")

@@ -145,17 +145,17 @@ def ranks_on_this_node() -> int:
     return _gathered(socket.gethostname()).count(socket.gethostname())
 
 
-def first_of_a_folder_not_rank0s(folder: str) -> bool:
-    """Whether this rank is the first of the ranks that write into `folder` on this machine, and rank 0 writes
-    into another (on object storage such a rank uploads what the ranks of its folder wrote, each node having a
-    mirror of its own); every rank must call it."""
+def first_of_its_folder(folder: str) -> tuple[bool, bool]:
+    """Whether this rank is the first of the ranks that share `folder` (the same path on the same machine), and
+    whether rank 0 is one of them: on object storage each node has a mirror of its own, and one rank of each acts
+    for the node. Every rank must call it."""
     import socket
 
     import torch.distributed as dist
 
     places = _gathered(f"{socket.gethostname()}:{folder}")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return places.index(places[rank]) == rank and places[rank] != places[0]
+    return places.index(places[rank]) == rank, places[rank] == places[0]
 
 
 def _gathered(value: str) -> list[str]:

@@ -30,7 +30,7 @@ from ray_finetune.train.loss import CHUNK_LOGIT_ELEMENTS
 from ray_finetune.train.hardware import (BF16, GRADIENT_CLIPPING, batch_width_multiple, choose_attention,
                                          choose_precision, deepspeed_config, engine_reports_gradient_norm,
                                          host_memory, training_device, zero_stage)
-from ray_finetune.train.distributed import all_reduce, first_of_a_folder_not_rank0s, ranks_on_this_node
+from ray_finetune.train.distributed import all_reduce, first_of_its_folder, ranks_on_this_node
 from ray_finetune.train.evaluation import EvalResult, Evaluation
 from ray_finetune.train.memory import (CpuMemoryNeed, activation_bytes, checkpoint_activations, fit_cpu_memory,
                                        fit_micro_batch, micro_batch_rows_limit, saved_for_backward,
@@ -185,6 +185,10 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     clips_here = not engine_reports_gradient_norm(stage, precision)
     width_multiple = batch_width_multiple(device)
     start_step = resume(engine, resume_from) if resume_from else 0
+    if config.resume_from and storage.is_mirrored(resume_from):   # loaded by every rank: this node's copy can go
+        _barrier(world)
+        if first_of_its_folder(str(storage.mirror_root()))[0]:
+            storage.drop_local(storage.local(config.resume_from))
     if rank == 0:
         reporter.model_initialized({
             "parameters": parameters, "device": str(device),
@@ -502,7 +506,8 @@ def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, *, epoch: 
         staging.mkdir(parents=True, exist_ok=True)
         engine.save_checkpoint(str(directory), tag=staging.name, save_latest=False, client_state=client_state)
         if storage.is_mirrored(staging) and config.world_size > 1:
-            if first_of_a_folder_not_rank0s(str(storage.mirror_root())):
+            acts_for_node, with_rank0 = first_of_its_folder(str(storage.mirror_root()))
+            if acts_for_node and not with_rank0:
                 storage.push(staging, to=directory / name)
                 storage.drop_local(staging)
             _barrier(config.world_size)
@@ -515,6 +520,8 @@ def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, *, epoch: 
                                              "learning_rate": config.learning_rate,
                                              "packed_data": packed_data_id(config.train_rows_path)})
             checkpoint.publish(directory, name)
+            # A node's mirror holds a checkpoint only while it is written or read: it is in the bucket now.
+            storage.drop_local(directory / name)
     except OSError as error:
         if config.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
