@@ -217,7 +217,7 @@ def data_cache(
     """Packed data cached on RAY_FINETUNE_STORAGE (16 bytes a token): each entry's size, when a run last asked
     for it and which runs under way read it; --clear removes the others (a run that needs one again packs it
     again)."""
-    from ray_finetune import settings
+    from ray_finetune import settings, storage
     from ray_finetune.data import cache
 
     cache_dir = settings.load().packed_data_dir
@@ -230,7 +230,7 @@ def data_cache(
         _print_json({"entries": [{**asdict(e), "in_use_by": users.get(e.key, []), "removed": e in removed}
                                  for e in found]})
         return
-    _table(f"packed data in {cache_dir}", ["entry", "examples", "tokens", "size", "last used", "read by"],
+    _table(f"packed data in {storage.location_of(cache_dir)}", ["entry", "examples", "tokens", "size", "last used", "read by"],
            [[e.key, f"{e.examples:,}", f"{e.tokens:,}", _size(e.bytes), e.last_used.astimezone(),
              "removed" if e in removed else ", ".join(users.get(e.key, []))] for e in found])
     total = sum(e.bytes for e in found)
