@@ -29,6 +29,14 @@ def test_torn_checkpoints_are_never_chosen(tmp_path):
     assert checkpoint.latest_complete(tmp_path).name == "ep1-ba10"
 
 
+def test_no_checkpoint_is_found_where_a_file_stands_in_place_of_the_folder(tmp_path):
+    """A broken or taken checkpoints folder means "nothing to resume from", so that the run starts and then says
+    why it cannot write its checkpoints, instead of failing to look."""
+    (tmp_path / "checkpoints").write_text("in the way")
+    assert checkpoint.latest_complete(tmp_path / "checkpoints") is None
+    assert checkpoint.retain(tmp_path / "checkpoints", keep=1) == []
+
+
 def test_publish_renames_then_points(tmp_path):
     make(tmp_path, checkpoint.staging_name("ep1-ba5"))
     final = checkpoint.publish(tmp_path, "ep1-ba5")

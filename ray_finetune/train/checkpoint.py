@@ -98,7 +98,7 @@ def latest_complete(directory: Path) -> Path | None:
         named = directory / storage.read_text(directory / POINTER_NAME).strip()
         if is_complete(named):
             return named
-    except FileNotFoundError:
+    except OSError:   # no pointer yet, or no checkpoints folder (a file in its place, say): the listing decides
         pass
     return max(_complete(directory), key=lambda f: parse_name(f.name)[1], default=None)  # type: ignore[index]
 
@@ -152,7 +152,7 @@ def weights_folder(parameter: str, path: str | Path) -> Path:
     if candidate.name == POINTER_NAME:
         try:
             candidate = candidate.parent / storage.read_text(candidate).strip()
-        except (FileNotFoundError, IsADirectoryError):
+        except OSError:   # missing, or a folder, or under a file
             raise ValidationError(parameter, f"pointer file {text!r} does not exist",
                                   expected="the latest-sharded-rank0.symlink of a run that saved a checkpoint") from None
     inside = storage.children(candidate)
