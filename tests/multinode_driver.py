@@ -77,7 +77,8 @@ def runs(model: str, work: Path) -> None:
         time.sleep(0.5)
     say(placed=placed, sockets=node_sockets())
     finished = [run.wait(timeout=900) for run in created]
-    say(result={run.name: {"status": run.status.value, "events": [(e.seq, e.type) for e in log(run.name)],
+    say(result={run.name: {"status": run.status.value, "details": run.details,
+                           "events": [(e.seq, e.type) for e in log(run.name)],
                            "nodes": [e.payload["nodes"] for e in log(run.name) if e.type == "PLACED"],
                            "resumed_at": [e.payload["resumed_at_step"] for e in log(run.name)
                                           if e.type == "MODEL_INITIALIZED"]}

@@ -126,7 +126,8 @@ def test_a_killed_worker_node_requeues_its_run_which_finishes_on_the_other(nodes
     assert driver.returncode == 0, err[-4000:]
     # The driver's last JSON line (Ray may print its own lines, such as object-store statistics, after it).
     result = [json.loads(line) for line in out.strip().splitlines() if line.startswith("{")][-1]["result"]
-    assert {run["status"] for run in result.values()} == {"COMPLETED"}
+    assert {run["status"] for run in result.values()} == {"COMPLETED"}, {
+        name: (run["status"], run["details"]) for name, run in result.items()}
     victim = result[victim_run]
     types = [t for _, t in victim["events"]]
     assert "REQUEUED" in types and types.count("PLACED") >= 2
