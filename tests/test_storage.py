@@ -125,3 +125,18 @@ def test_packed_data_is_shared_through_the_bucket(s3, mirror, tiny_model, chat_d
     assert entry.bytes > 0
     cache.remove(cache_dir, entry)
     assert cache.entries(cache_dir) == [] and storage.children(cache_dir) == []
+
+
+def test_a_checkpoint_in_a_bucket_that_does_not_answer_is_refused_naming_the_parameter(monkeypatch, mirror, tiny_model):
+    import s3fs
+
+    from ray_finetune.data.validation import check_checkpoint
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")   # nothing listens on the discard port
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(ValidationError, match="custom_weights_path.*could not be read from here"):
+        check_checkpoint("custom_weights_path", "s3://team/runs/x/checkpoints/ep1-ba2", tiny_model)
+    s3fs.S3FileSystem.clear_instance_cache()

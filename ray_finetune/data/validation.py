@@ -254,7 +254,14 @@ def check_checkpoint(parameter: str, path: str, model_path: str | Path) -> None:
     from ray_finetune import storage
     from ray_finetune.train.checkpoint import initial_weights
 
-    weights = initial_weights(parameter, path)
+    try:
+        weights = initial_weights(parameter, path)
+    except ValidationError:
+        raise
+    except Exception as error:  # noqa: BLE001 - an object store that does not answer, or refuses the credentials
+        raise ValidationError(parameter, f"{str(path)!r} could not be read from here ({type(error).__name__}: "
+                              f"{' '.join(str(error).split())})",
+                              expected="a checkpoint in storage this machine reaches with its credentials") from None
     base = json.loads((Path(model_path) / "config.json").read_text())
     if weights.suffix != ".pt":   # a weights folder (on object storage, only its config is read here)
         theirs = json.loads(storage.read_text(weights / "config.json"))
