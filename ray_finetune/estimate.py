@@ -238,7 +238,7 @@ def _probe_step_seconds(spec: RunSpec, rows_path: str, plan) -> tuple[float, str
     from ray_finetune.train.models import load_model, parameter_count
     from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch
 
-    rows = PackedRows.load(storage.pull(storage.local(rows_path)))   # on another node: pulled from object storage
+    rows = PackedRows.load(storage.fetch(rows_path))   # on another node: pulled from object storage
     chosen = settings.load()
     device = training_device(chosen.trainer_device)
     precision = choose_precision(device, chosen.precision)   # the precision the run will train in

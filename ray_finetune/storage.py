@@ -203,6 +203,11 @@ def pull(path: str | Path) -> Path:
     return target
 
 
+def fetch(location: str) -> Path:
+    """The local path of a location, pulled first when it is in object storage."""
+    return pull(local(location))
+
+
 def remove(path: str | Path) -> None:
     """Remove a file or folder from the mirror and from the object store."""
     target = Path(path)

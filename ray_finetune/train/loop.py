@@ -107,16 +107,11 @@ class Reporter(Protocol):
     def stop_requested(self) -> int: ...   # STOP_NONE, STOP or STOP_AND_CHECKPOINT
 
 
-class SilentReporter:
-    """A Reporter that tells no one and never stops: what ranks other than 0 get (rank 0 alone reports and decides
-    about stopping), and the base of one that listens to a few calls only (benchmarks, tests)."""
+class SilentReporter(Reporter):
+    """A Reporter that tells no one and never stops (the protocol's methods do nothing): what ranks other than 0 get
+    (rank 0 alone reports and decides about stopping), and the base of one that listens to a few calls only
+    (benchmarks, tests)."""
 
-    def model_initialized(self, info: dict[str, Any]) -> None: ...
-    def step_finished(self, report: StepReport) -> None: ...
-    def saving_checkpoint(self, step: int) -> None: ...
-    def checkpoint_saved(self, path: str, epoch: int, step: int) -> None: ...
-    def checkpoint_removed(self, path: str) -> None: ...
-    def evaluated(self, step: int, epoch: int, result: EvalResult) -> None: ...
     def close(self) -> None: ...
     def stop_requested(self) -> int:
         return STOP_NONE
@@ -142,9 +137,9 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     device = training_device(chosen.trainer_device)
     precision = choose_precision(device, chosen.precision)
     # On object storage, what this node has not got yet comes down first (one rank of a node downloads each).
-    rows = PackedRows.load(storage.pull(storage.local(config.train_rows_path)))
-    eval_rows = PackedRows.load(storage.pull(storage.local(config.eval_rows_path))) if config.eval_rows_path else None
-    init_weights = storage.pull(storage.local(config.init_weights_path)) if config.init_weights_path else None
+    rows = PackedRows.load(storage.fetch(config.train_rows_path))
+    eval_rows = PackedRows.load(storage.fetch(config.eval_rows_path)) if config.eval_rows_path else None
+    init_weights = storage.fetch(config.init_weights_path) if config.init_weights_path else None
     tokenizer = load_tokenizer(config.model_path)
     parameters = parameter_count(config.model_path)
     stage = zero_stage(device, precision, chosen.zero_stage, parameters, world)
@@ -420,7 +415,7 @@ def _resumable_state(config: TrainConfig, stage: int) -> Path | None:
     from the universal conversion."""
     if not config.resume_from:
         return None
-    folder = storage.pull(storage.local(config.resume_from))
+    folder = storage.fetch(config.resume_from)
     saved_world = int(checkpoint.read_state(folder)["plan"]["world_size"])
     if stage == 0 or saved_world == config.world_size:
         return folder
