@@ -34,6 +34,7 @@ from actors.trainer_group import TrainerGroup, remove_stale_placements
 from eventstore.schema import PENDING, QUEUED, RESUMABLE_STATUSES, EventType
 from ray_finetune import settings, storage, tracking
 from ray_finetune.data.packing import packed_data_id
+from ray_finetune.errors import ConfigError
 from ray_finetune.spec import RunSpec
 from ray_finetune.train import allocator, checkpoint
 from ray_finetune.train.plan import continued_plan, make_plan, trainer_group_size
@@ -102,6 +103,7 @@ class Scheduler:
         self.names: set[str] = set()
         self._mlflow = asyncio.Lock()           # MLflow's sqlite store takes one writer at a time
         self._admission = asyncio.Lock()        # CREATED order = queue order, however many drivers submit at once
+        self._storage_identity = ""             # storage.identity, once the head has reached the storage
         data_packer.get_or_create()             # started now: they get ready while the first run is submitted
         registrar.get_or_create()
         await self._recover()
@@ -155,6 +157,10 @@ class Scheduler:
 
     async def active_runs(self) -> list[str]:
         return list(self.active)
+
+    async def storage(self) -> tuple[str, str]:
+        """RAY_FINETUNE_STORAGE and its identity, which `ray-finetune status` checks every node against."""
+        return self.settings.storage_location, await self._storage()
 
     def _dispatch(self) -> None:
         while self.queue and len(self.active) < self.settings.max_concurrent_runs:
@@ -229,7 +235,9 @@ class Scheduler:
         try:
             state = await self.store.run_state.remote(name)
             attempt = state.attempts + 1
-            resume_from = checkpoint.latest_complete(checkpoint.checkpoints_dir(context.save_folder, name))
+            identity = await self._storage()
+            resume_from = await asyncio.to_thread(checkpoint.latest_complete,
+                                                  checkpoint.checkpoints_dir(context.save_folder, name))
             await sink.emit_async(EventType.STARTED, "starting the run's actors" + (
                 f" (attempt {attempt}, resuming from {resume_from.name})" if resume_from else
                 f" (attempt {attempt})" if attempt > 1 else ""), {
@@ -244,12 +252,13 @@ class Scheduler:
             except asyncio.CancelledError:   # cancelled while packing: the shared packer stops this request only
                 packer.abandon.remote(request.request_id)
                 raise
-            if resume_from:   # before any GPU is taken: a deterministic refusal
-                checkpoint.ensure_same_data(resume_from, packed_data_id(data.train_rows_path))
+            saved = await asyncio.to_thread(checkpoint.read_state, resume_from) if resume_from else None
+            if resume_from and saved is not None:   # before any GPU is taken: a deterministic refusal
+                checkpoint.ensure_same_data(resume_from, saved, packed_data_id(data.train_rows_path))
             gpus = int(ray.cluster_resources().get("GPU", 0))
             world, on_gpus = trainer_group_size(gpus, self.settings.trainer_device, self.settings.trainer_workers,
                                                 self.settings.max_concurrent_runs)
-            plan = (continued_plan(checkpoint.read_state(resume_from)["plan"], world) if resume_from else
+            plan = (continued_plan(saved["plan"], world) if saved is not None else
                     make_plan(rows=int(data.train_stats["rows"]), tokens=int(data.train_stats["tokens"]),
                               duration=context.spec.duration, world_size=world, seed=context.spec.seed))
             world = plan.world_size
@@ -264,6 +273,7 @@ class Scheduler:
             await sink.emit_async(EventType.PLACED, f"trainer group of {world} worker(s) placed on "
                                   f"{len(set(nodes))} node(s)", {"world_size": world, "nodes": nodes,
                                                                  "plan": plan.as_dict()})
+            await self._ensure_storage_reached(group, nodes, identity)
             result = await group.train(TrainRequest(run=context, data=data, plan=plan, init_weights_path=init_weights,
                                                     resume_from=storage.location_of(resume_from) if resume_from
                                                     else None,
@@ -296,6 +306,26 @@ class Scheduler:
             self.cancelling.pop(name, None)
             self.active.pop(name, None)
             self._dispatch()
+
+    async def _storage(self) -> str:
+        """The identity of RAY_FINETUNE_STORAGE as the head reads it (written on first use); ConfigError when the
+        head cannot reach it."""
+        if not self._storage_identity:
+            self._storage_identity = await asyncio.to_thread(storage.identity, self.settings.storage)
+        return self._storage_identity
+
+    async def _ensure_storage_reached(self, group: TrainerGroup, nodes: list[str], identity: str) -> None:
+        """Every node of the trainer group (`nodes`: the Ray node id of each rank) reads the storage the head writes,
+        or the run fails now, naming the nodes that do not, instead of on the first file a trainer cannot find (or
+        with a checkpoint torn across disks)."""
+        unreached = await group.storage_unreached(self.settings.storage_location, identity)
+        if unreached:
+            address = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+            raise ConfigError(
+                f"nodes of the trainer group do not reach RAY_FINETUNE_STORAGE={self.settings.storage_location} as "
+                "the head does: " + "; ".join(f"node {address.get(nodes[rank], nodes[rank])} (rank {rank}): {why}"
+                                              for rank, why in unreached.items())
+                + f". {storage.reach_advice(self.settings.storage)}")
 
     async def _canceled(self, name: str, final_checkpoint: str | None) -> None:
         message = "canceled by the user" + (f"; final checkpoint {Path(final_checkpoint).name}"

@@ -188,6 +188,10 @@ class TrainerWorker:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def storage_unreached(self, location: str, identity: str) -> str | None:
+        """Why this worker's node does not reach the head's storage (None: it does)."""
+        return storage.unreached(storage.local(location), identity)
+
     def rendezvous_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port(host="")
 
@@ -274,6 +278,11 @@ class TrainerGroup:
         """Wait until the cluster has room for the whole group; the Ray node id of each rank."""
         await self._placed
         return list(await asyncio.gather(*(worker.node_id.remote() for worker in self.workers)))
+
+    async def storage_unreached(self, location: str, identity: str) -> dict[int, str]:
+        """rank → why its node does not reach the storage of that identity, for each rank whose node does not."""
+        answers = await asyncio.gather(*(w.storage_unreached.remote(location, identity) for w in self.workers))
+        return {rank: answer for rank, answer in enumerate(answers) if answer}
 
     async def request_stop(self, request: StopRequest) -> None:
         await self.workers[0].request_stop.remote(request)

@@ -1,5 +1,6 @@
 """What an operator asks first when runs do not move: is the cluster up, does each of its service actors answer,
-what is running and what waits. `ray-finetune status`; it starts nothing."""
+does every node reach the storage the head writes, what is running and what waits. `ray-finetune status`; it
+starts nothing (it writes the storage's identity file if no run has yet: see storage.identity)."""
 from __future__ import annotations
 
 import os
@@ -11,8 +12,12 @@ import ray
 
 # A service actor that takes longer than this to answer a call that does nothing is stuck or overloaded.
 ANSWER_WITHIN_S = 5.0
+# A node that has not read one small file of the storage within this is as good as not reaching it (a hung mount);
+# the first task on a node also starts a Ray worker process there.
+READ_STORAGE_WITHIN_S = 30.0
 
 ANSWERING, NOT_STARTED = "answering", "not started"
+REACHES = "reaches"
 
 
 @dataclass(frozen=True)
@@ -32,9 +37,18 @@ class ActiveRun:
 
 
 @dataclass(frozen=True)
+class NodeStorage:
+    node_ip: str
+    node_id: str
+    state: str                 # REACHES, or why the node does not reach the head's storage
+
+
+@dataclass(frozen=True)
 class ClusterStatus:
     address: str
     nodes_alive: int
+    storage: str                   # RAY_FINETUNE_STORAGE as the scheduler uses it ("" when it did not answer)
+    nodes: list[NodeStorage]       # each alive node: does it reach that storage
     total: dict[str, float]        # CPU and GPU of the cluster
     available: dict[str, float]    # not taken by actors and tasks now
     actors: list[ServiceActor]
@@ -43,7 +57,8 @@ class ClusterStatus:
 
     @property
     def healthy(self) -> bool:
-        return all(actor.state in (ANSWERING, NOT_STARTED) for actor in self.actors)
+        return (all(actor.state in (ANSWERING, NOT_STARTED) for actor in self.actors)
+                and all(node.state == REACHES for node in self.nodes))
 
 
 def _service_actors() -> list[tuple[str, str]]:
@@ -89,6 +104,44 @@ def _active_runs(names: list[str], store: Any) -> list[ActiveRun]:
     return [found[name] for name in names if name in found]
 
 
+@ray.remote(num_cpus=0)
+def _storage_unreached(location: str, identity: str) -> str | None:
+    from ray_finetune import storage
+
+    return storage.unreached(storage.local(location), identity)
+
+
+def _nodes_storage(scheduler: Any) -> tuple[str, list[NodeStorage]]:
+    """RAY_FINETUNE_STORAGE, and whether each alive node reads the identity the head wrote into it (as a run's trainers
+    are checked before they train)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from ray_finetune.errors import ConfigError
+
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    try:
+        location, identity = ray.get(scheduler.storage.remote(), timeout=READ_STORAGE_WITHIN_S)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayTaskError) as error:
+        # the head itself does not reach the storage (ConfigError says why), or the scheduler is too busy to say
+        cause = getattr(error, "cause", None)
+        why = str(cause) if isinstance(cause, ConfigError) else "the scheduler did not answer"
+        return "", [NodeStorage(node["NodeManagerAddress"], node["NodeID"], f"not checked: {why}") for node in alive]
+    asked = [_storage_unreached.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+             .remote(location, identity) for node in alive]
+    ready, _ = ray.wait(asked, num_returns=len(asked), timeout=READ_STORAGE_WITHIN_S)
+    states = []
+    for node, reference in zip(alive, asked):
+        if reference not in ready:
+            state = f"no answer within {READ_STORAGE_WITHIN_S:g} s (a hung mount, or a node too busy to start a task)"
+        else:
+            try:
+                state = ray.get(reference) or REACHES
+            except ray.exceptions.RayError as error:
+                state = f"could not check: {str(error).strip().splitlines()[0]}"
+        states.append(NodeStorage(node["NodeManagerAddress"], node["NodeID"], state))
+    return location, states
+
+
 def cluster_status() -> ClusterStatus:
     """The status of the cluster this process is connected to (cluster.join_if_running first)."""
     from ray_finetune.cluster import NAMESPACE
@@ -105,10 +158,11 @@ def cluster_status() -> ClusterStatus:
                 running = _active_runs(active, store)
     except ray.exceptions.GetTimeoutError:
         pass
+    location, nodes = _nodes_storage(scheduler) if scheduler is not None else ("", [])
     total, available = ray.cluster_resources(), ray.available_resources()
     return ClusterStatus(
         address=ray.get_runtime_context().gcs_address,
-        nodes_alive=sum(1 for node in ray.nodes() if node.get("Alive")),
+        nodes_alive=sum(1 for node in ray.nodes() if node.get("Alive")), storage=location, nodes=nodes,
         total={kind: total.get(kind, 0.0) for kind in ("CPU", "GPU")},
         available={kind: available.get(kind, 0.0) for kind in ("CPU", "GPU")},
         actors=[actor for actor, _ in probed.values()], running=running, queued=queued)

@@ -13,6 +13,11 @@ store is the truth and the mirror a cache of it:
   never changed afterwards, only replaced whole or removed);
 - `exists`, `read_text` and `children` ask the object store, so that a node learns what another node wrote.
 
+Whether a node reaches the same storage as the head is checked, not assumed: the head writes a random `identity`
+into the storage once, and every node a run's trainers are placed on must read the same one back (`unreached`). A
+worker that does not mount the shared folder, or whose credentials or endpoint lead to another object store, is
+named before the run trains instead of failing later on a file that is not there.
+
 Within a process code works with local paths; what travels between actors and into events is a location (the URL,
 or the path of a shared folder): `location_of` turns a mirror path into its URL, `local` a location into the path
 on this node.
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 MIRROR_ENV = "RAY_FINETUNE_MIRROR"
+IDENTITY_FILE = ".ray_finetune-storage"
 
 
 def home() -> Path:
@@ -227,3 +233,60 @@ def drop_local(path: str | Path) -> None:
     itself is left alone."""
     if is_mirrored(path):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def identity(root: Path) -> str:
+    """The identity of the storage at `root` (this node's path of RAY_FINETUNE_STORAGE): the random id written into
+    it by the first head that used it. Raises ConfigError when this node cannot read it or write it."""
+    from ray_finetune.errors import ConfigError
+
+    file = Path(root) / IDENTITY_FILE
+    try:
+        try:
+            return read_text(file).strip()
+        except FileNotFoundError:
+            pass
+        file.parent.mkdir(parents=True, exist_ok=True)
+        written = file.with_name(f"{file.name}.{uuid.uuid4().hex}")
+        written.write_text(uuid.uuid4().hex + "\n")
+        if is_mirrored(file):
+            push(written, to=file)
+            written.unlink()
+        else:
+            written.rename(file)   # whole or not at all: a node never reads half an id
+        return read_text(file).strip()
+    except Exception as error:  # noqa: BLE001 - whatever the store raises (no route, no credentials), it is this
+        raise ConfigError(f"RAY_FINETUNE_STORAGE={location_of(root)} cannot be read and written from the head node: "
+                          f"{_one_line(error)}") from None
+
+
+def unreached(root: Path, expected: str) -> str | None:
+    """Why this node does not reach the storage whose identity is `expected` (read at `root`, this node's path of
+    it); None when it does."""
+    file = Path(root) / IDENTITY_FILE
+    try:
+        found = read_text(file).strip()
+    except FileNotFoundError:
+        where = "this node's own disk" if not is_mirrored(root) else "the object store this node's credentials reach"
+        return f"{location_of(file)} is not there (on {where})"
+    except Exception as error:  # noqa: BLE001 - no route, no credentials, a hung mount: the operator needs it all
+        return f"reading {location_of(file)} failed: {_one_line(error)}"
+    if found != expected:
+        return f"{location_of(file)} names another storage ({found[:8]}…, not the head's {expected[:8]}…)"
+    return None
+
+
+def reach_advice(root: Path) -> str:
+    """What makes every node reach the storage at `root`."""
+    if is_mirrored(root):
+        return ("Every node needs credentials and an endpoint that reach the same object store (AWS_* variables or "
+                "the cloud's instance role, set on each node)")
+    advice = "Every node must mount the same shared folder at the same path, or use an object-store URL (s3://...)"
+    if Path(root) == home() / "storage":
+        advice = ("RAY_FINETUNE_STORAGE is its default, a folder under RAY_FINETUNE_HOME on each node's own disk: "
+                  "set it to a folder every node mounts at the same path, or to an object-store URL (s3://...)")
+    return advice
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"

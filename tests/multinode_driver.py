@@ -12,6 +12,8 @@
                                                                # two nodes, cancelled with a checkpoint, every node's
                                                                # mirror (TEST_MIRRORS) removed, resumed to the end;
                                                                # then a run from its checkpoint's weights
+    python multinode_driver.py unreached_storage TINY_MODEL WORK  # one run, to its end (its trainers' node does
+                                                                  # not reach the head's storage)
 
 Each prints JSON lines on stdout; the last one is the result.
 """
@@ -177,8 +179,18 @@ def object_storage(model: str, work: Path) -> None:
     })
 
 
+def unreached_storage(model: str, work: Path) -> None:
+    from ray_finetune import foundation_model as fm
+    from tiny_model import write_chat_jsonl
+
+    data = write_chat_jsonl(work / "unreached.jsonl", 24)
+    run = fm.create(model=model, train_data_path=str(data), register_to="main.tests.unreached",
+                    training_duration="1ep", context_length=64).wait(timeout=600)
+    say(result={"status": run.status.value, "details": run.details, "events": [e.type for e in log(run.name)]})
+
+
 if __name__ == "__main__":
     scenario, model, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     work.mkdir(parents=True, exist_ok=True)
     {"span": span, "runs": runs, "job": job, "on_demand": on_demand,
-     "object_storage": object_storage}[scenario](model, work)
+     "object_storage": object_storage, "unreached_storage": unreached_storage}[scenario](model, work)

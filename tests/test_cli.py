@@ -112,12 +112,14 @@ def test_status_says_which_actors_answer_what_runs_and_what_waits(cluster, tiny_
         assert set(states) == {"scheduler", "event store", "data packer", "evaluator", "registrar"}
         assert all(states[role]["state"] == "answering" and states[role]["pid"] for role in states)
         assert [run["name"] for run in found["running"]] == [first.name] and found["queued"][-1] == second.name
+        assert found["storage"] == cluster.storage_location   # and the one node reads the head's identity from it
+        assert [node["state"] for node in found["nodes"]] == ["reaches"]
         training = found["running"][0]
         logged = set(invoke_sql_types(first.name))   # what the log held a moment later, internal events too
         assert training["status"] == "RUNNING" and training["last_event"] in logged - {"CREATED", "STARTED"}
         assert 0 <= training["last_event_s_ago"] < 60
         table = invoke("status").stdout
-        assert "scheduler" in table and first.name in table and second.name in table
+        assert "scheduler" in table and first.name in table and second.name in table and "reaches" in table
     finally:
         fm.cancel([first.name, second.name])
 

@@ -8,13 +8,16 @@ users' scripts and submitted Ray jobs do.
   run waits for an accelerator, then finishes on the surviving node from its newest checkpoint;
 - `ray job submit` against the head's job server runs a driver that creates, follows and finishes a run;
 - with RAY_FINETUNE_TRAINER_DEVICE=gpu, a run on a cluster without GPU nodes waits for one (as under an
-  autoscaler that starts GPU nodes on demand) instead of training on the head's CPUs.
+  autoscaler that starts GPU nodes on demand) instead of training on the head's CPUs;
+- with RAY_FINETUNE_STORAGE=s3://..., a run survives the loss of every node's disk; a node whose endpoint leads to
+  another object store is named, by the failing run and by `ray-finetune status`.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -28,6 +31,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
+from ray_finetune import storage
 from ray_finetune.train.distributed import free_port, free_ports
 
 pytestmark = pytest.mark.cluster
@@ -198,22 +202,68 @@ def test_a_run_whose_gpus_never_come_fails_saying_what_it_waited_for(tiny_model,
         assert "RAY_FINETUNE_PLACEMENT_TIMEOUT_S=0 waits forever" in result["details"]
 
 
+@contextlib.contextmanager
+def s3_server(bucket: str | None = None):
+    """A real S3 server (moto's) on loopback with `bucket` created; yields the AWS_* variables that reach it. In a
+    process of its own: moto keeps its buckets per process, so two servers of one process would be one store."""
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        client = boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                              aws_access_key_id="test", aws_secret_access_key="test")
+        deadline = time.time() + 60
+        while True:
+            try:
+                client.list_buckets()
+                break
+            except Exception:   # not listening yet
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        if bucket:
+            client.create_bucket(Bucket=bucket)
+        yield aws
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_node_that_reaches_another_object_store_is_named_before_the_run_trains(tiny_model, tmp_path):
+    """The trainers' node is started with an endpoint that leads to another S3 (a worker set up with the wrong
+    credentials or region, or a shared folder not mounted, looks the same to it): the run fails before it trains,
+    naming the node and the setting, and `ray-finetune status` names the node too."""
+    with s3_server("finetune") as head_s3, s3_server() as other_s3:
+        with head_node(RAY_FINETUNE_STORAGE="s3://finetune/team",
+                       RAY_FINETUNE_TRAINER_RESOURCES='{"accelerator": 1}', **head_s3) as cluster:
+            cluster.add_node("w1", '--resources={"accelerator": 1}', **other_s3)
+            run = drive(cluster, "unreached_storage", tiny_model, tmp_path)["result"]
+            status = subprocess.run([sys.executable, "-m", "ray_finetune.cli", "status", "--json"], env=cluster.env,
+                                    capture_output=True, text=True, timeout=300, cwd=TESTS.parent)
+    identity = f"s3://finetune/team/{storage.IDENTITY_FILE}"
+    assert run["status"] == "FAILED" and "MODEL_INITIALIZED" not in run["events"]
+    assert re.sub(r"node [0-9.]+ ", "node IP ", run["details"]) == (
+        "ConfigError: nodes of the trainer group do not reach RAY_FINETUNE_STORAGE=s3://finetune/team as the head "
+        f"does: node IP (rank 0): {identity} is not there (on the object store this node's credentials "
+        "reach). Every node needs credentials and an endpoint that reach the same object store (AWS_* variables or "
+        "the cloud's instance role, set on each node)")
+    assert status.returncode == 1, status.stderr[-3000:]   # not healthy
+    shown = json.loads(status.stdout)
+    assert shown["storage"] == "s3://finetune/team"
+    assert sorted(node["state"] for node in shown["nodes"]) == [
+        "reaches", f"{identity} is not there (on the object store this node's credentials reach)"]
+
+
 def test_object_storage_serves_a_run_whose_nodes_share_no_disk(tiny_model, tmp_path):
     """RAY_FINETUNE_STORAGE=s3://... against a real S3 server (moto's), each node with a mirror of its own: a run of
     two workers on two nodes checkpoints into the bucket, is cancelled at a checkpoint, loses every node's copy of
     everything, resumes from the bucket and is registered from it; a second run starts from the first's weights
     named by their s3:// pointer."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server._server.server_address
-        aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-        boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                     aws_access_key_id="test", aws_secret_access_key="test").create_bucket(Bucket="finetune")
+    with s3_server("finetune") as aws:
         with head_node(RAY_FINETUNE_STORAGE="s3://finetune/team", RAY_FINETUNE_TRAINER_WORKERS="2",
                        RAY_FINETUNE_ZERO_STAGE="2",   # each rank writes its own optimizer shard
                        RAY_FINETUNE_TRAINER_RESOURCES='{"accelerator": 1}', **aws) as cluster:
@@ -228,8 +278,6 @@ def test_object_storage_serves_a_run_whose_nodes_share_no_disk(tiny_model, tmp_p
             assert result.returncode == 0, result.stderr[-4000:]
             local_storage = cluster.root / "home" / "storage"
             assert not local_storage.exists() or not any(local_storage.rglob("*"))   # nothing went to local disk
-    finally:
-        server.stop()
     run = json.loads(result.stdout.strip().splitlines()[-1])["result"]
     assert (run["stopped"], run["status"], run["details"]) == ("STOPPED", "COMPLETED", None), run
     assert run["save_folder"].startswith("s3://finetune/team/mlflow-artifacts/")

@@ -14,7 +14,7 @@ import pytest
 from ray_finetune import storage
 from ray_finetune.data import cache
 from ray_finetune.data.prepare import prepare
-from ray_finetune.errors import ValidationError
+from ray_finetune.errors import ConfigError, ValidationError
 from ray_finetune.train import checkpoint
 from ray_finetune.train.models import load_tokenizer
 
@@ -140,3 +140,44 @@ def test_a_checkpoint_in_a_bucket_that_does_not_answer_is_refused_naming_the_par
     with pytest.raises(ValidationError, match="custom_weights_path.*could not be read from here"):
         check_checkpoint("custom_weights_path", "s3://team/runs/x/checkpoints/ep1-ba2", tiny_model)
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_node_reaches_the_storage_only_when_it_reads_the_identity_the_head_wrote(monkeypatch, tmp_path):
+    """A shared folder: the head writes the storage's identity once; a node that sees the same folder reads it back,
+    one whose path is a folder on its own disk (the share not mounted) or another share does not, and says so."""
+    monkeypatch.setenv("RAY_FINETUNE_HOME", str(tmp_path / "home"))
+    shared, unmounted, other = tmp_path / "shared", tmp_path / "unmounted", tmp_path / "other"
+    written = storage.identity(shared)
+    assert storage.identity(shared) == written and len(written) == 32   # written once, then read
+    assert [f.name for f in shared.iterdir()] == [storage.IDENTITY_FILE]   # no staging file left beside it
+    assert storage.unreached(shared, written) is None
+    unmounted.mkdir()
+    assert storage.unreached(unmounted, written) == (f"{unmounted}/{storage.IDENTITY_FILE} is not there (on this "
+                                                     "node's own disk)")
+    storage.identity(other)
+    assert "names another storage" in storage.unreached(other, written)
+    assert storage.reach_advice(shared).startswith("Every node must mount the same shared folder at the same path")
+    assert "is its default, a folder under RAY_FINETUNE_HOME" in storage.reach_advice(tmp_path / "home" / "storage")
+
+
+def test_the_identity_of_object_storage_lives_in_the_bucket_and_a_bucket_out_of_reach_names_the_setting(
+        s3, mirror, monkeypatch):
+    import s3fs
+
+    root = storage.local("s3://training-data/team")
+    written = storage.identity(root)
+    assert s3.get_object(Bucket="training-data", Key=f"team/{storage.IDENTITY_FILE}")["Body"].read().decode().strip() \
+        == written
+    assert not (root / storage.IDENTITY_FILE).exists()   # the mirror keeps no copy a node could take for the truth
+    assert storage.unreached(root, written) is None
+    assert storage.unreached(storage.local("s3://training-data/elsewhere"), written) == (
+        f"s3://training-data/elsewhere/{storage.IDENTITY_FILE} is not there (on the object store this node's "
+        "credentials reach)")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")   # nothing listens on the discard port
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert storage.unreached(root, written).startswith(f"reading s3://training-data/team/{storage.IDENTITY_FILE} "
+                                                       "failed: ")
+    with pytest.raises(ConfigError, match=r"^RAY_FINETUNE_STORAGE=s3://training-data/team cannot be read and written "
+                                          "from the head node: "):
+        storage.identity(root)

@@ -108,14 +108,17 @@ def _complete(directory: Path) -> list[Path]:
             if parse_name(name) is not None and is_complete(directory / name)]
 
 
-def read_state(folder: Path) -> dict:
-    return json.loads(storage.read_text(folder / STATE_FILE))
+def read_state(folder: Path, pulled: bool = False) -> dict:
+    """A checkpoint's trainer state: from the object store (for a mirror path), or from this node's `pulled` copy,
+    the one DeepSpeed loads."""
+    file = folder / STATE_FILE
+    return json.loads(file.read_text() if pulled else storage.read_text(file))
 
 
-def ensure_same_data(folder: Path, data_id: str) -> None:
-    """A checkpoint continues only on the packed data it was trained on (its trainer state names it; checkpoints
-    older than that record pass)."""
-    saved = read_state(folder).get("packed_data", data_id)
+def ensure_same_data(folder: Path, state: dict, data_id: str) -> None:
+    """A checkpoint (its trainer `state`) continues only on the packed data it was trained on (the state names it;
+    checkpoints older than that record pass)."""
+    saved = state.get("packed_data", data_id)
     if saved != data_id:
         raise CheckpointError(
             f"the training data changed after checkpoint {folder.name} was written (the file was edited or replaced, "

@@ -416,7 +416,7 @@ def _resumable_state(config: TrainConfig, stage: int) -> Path | None:
     if not config.resume_from:
         return None
     folder = storage.fetch(config.resume_from)
-    saved_world = int(checkpoint.read_state(folder)["plan"]["world_size"])
+    saved_world = int(checkpoint.read_state(folder, pulled=True)["plan"]["world_size"])
     if stage == 0 or saved_world == config.world_size:
         return folder
     failure = ""
