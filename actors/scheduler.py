@@ -103,7 +103,6 @@ class Scheduler:
         self.names: set[str] = set()
         self._mlflow = asyncio.Lock()           # MLflow's sqlite store takes one writer at a time
         self._admission = asyncio.Lock()        # CREATED order = queue order, however many drivers submit at once
-        self._storage_identity = ""             # storage.identity, once the head has reached the storage
         data_packer.get_or_create()             # started now: they get ready while the first run is submitted
         registrar.get_or_create()
         await self._recover()
@@ -308,11 +307,10 @@ class Scheduler:
             self._dispatch()
 
     async def _storage(self) -> str:
-        """The identity of RAY_FINETUNE_STORAGE as the head reads it (written on first use); ConfigError when the
-        head cannot reach it."""
-        if not self._storage_identity:
-            self._storage_identity = await asyncio.to_thread(storage.identity, self.settings.storage)
-        return self._storage_identity
+        """The identity of RAY_FINETUNE_STORAGE as the head reads it now (written on first use); ConfigError when
+        the head cannot reach it. One small read, asked again for every run: an outage of the store since the last
+        run is named here, before anything else of the run reads or writes."""
+        return await asyncio.to_thread(storage.identity, self.settings.storage)
 
     async def _ensure_storage_reached(self, group: TrainerGroup, nodes: list[str], identity: str) -> None:
         """Every node of the trainer group (`nodes`: the Ray node id of each rank) reads the storage the head writes,

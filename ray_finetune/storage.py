@@ -256,7 +256,7 @@ def identity(root: Path) -> str:
             written.rename(file)   # whole or not at all: a node never reads half an id
         return read_text(file).strip()
     except Exception as error:  # noqa: BLE001 - whatever the store raises (no route, no credentials), it is this
-        raise ConfigError(f"RAY_FINETUNE_STORAGE={location_of(root)} cannot be read and written from the head node: "
+        raise ConfigError(f"RAY_FINETUNE_STORAGE={location_of(root)} cannot be reached from the head node: "
                           f"{_one_line(error)}") from None
 
 

@@ -178,6 +178,6 @@ def test_the_identity_of_object_storage_lives_in_the_bucket_and_a_bucket_out_of_
     s3fs.S3FileSystem.clear_instance_cache()
     assert storage.unreached(root, written).startswith(f"reading s3://training-data/team/{storage.IDENTITY_FILE} "
                                                        "failed: ")
-    with pytest.raises(ConfigError, match=r"^RAY_FINETUNE_STORAGE=s3://training-data/team cannot be read and written "
+    with pytest.raises(ConfigError, match=r"^RAY_FINETUNE_STORAGE=s3://training-data/team cannot be reached "
                                           "from the head node: "):
         storage.identity(root)
