@@ -2,11 +2,13 @@
 through its chain of actor messages:
 
     CREATED → QUEUED → STARTED → data packer (DATA_PROGRESS…, DATA_VALIDATED) → trainer group
-    (MODEL_INITIALIZED, TRAIN_STARTED, baseline scores → evaluator, TRAIN_UPDATED… + metrics → evaluator,
+    (PLACED, MODEL_INITIALIZED, TRAIN_STARTED, baseline scores → evaluator, TRAIN_UPDATED… + metrics → evaluator,
     CHECKPOINT_SAVED + scores → evaluator)
     → TRAIN_FINISHED → registrar (REGISTERED) → COMPLETED
     a worker dies            → REQUEUED → STARTED again, resuming from the newest complete checkpoint
                                (after MAX_ATTEMPTS: FAILED_EXCEPTION with every attempt's reason → FAILED)
+    a trainer's node does not read back the storage identity the head wrote (not the same storage)
+                             → FAILED_EXCEPTION naming the node, before it trains → FAILED
     any other failure        → FAILED_EXCEPTION (the reason) → FAILED
     cancel                   → CANCEL_REQUESTED → (stop at a step boundary, final checkpoint if asked) → CANCELED
     resume (stopped/failed)  → RESUMED → STARTED again, continuing from the newest complete checkpoint
