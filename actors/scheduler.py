@@ -7,8 +7,8 @@ through its chain of actor messages:
     → TRAIN_FINISHED → registrar (REGISTERED) → COMPLETED
     a worker dies            → REQUEUED → STARTED again, resuming from the newest complete checkpoint
                                (after MAX_ATTEMPTS: FAILED_EXCEPTION with every attempt's reason → FAILED)
-    a trainer's node does not read back the storage identity the head wrote (not the same storage)
-                             → FAILED_EXCEPTION naming the node, before it trains → FAILED
+    a trainer's node does not read back the storage identity the head wrote (not the same storage), or
+    cannot write there       → FAILED_EXCEPTION naming the node, before it trains → FAILED
     any other failure        → FAILED_EXCEPTION (the reason) → FAILED
     cancel                   → CANCEL_REQUESTED → (stop at a step boundary, final checkpoint if asked) → CANCELED
     resume (stopped/failed)  → RESUMED → STARTED again, continuing from the newest complete checkpoint
@@ -315,9 +315,9 @@ class Scheduler:
         return await asyncio.to_thread(storage.identity, self.settings.storage)
 
     async def _ensure_storage_reached(self, group: TrainerGroup, nodes: list[str], identity: str) -> None:
-        """Every node of the trainer group (`nodes`: the Ray node id of each rank) reads the storage the head writes,
-        or the run fails now, naming the nodes that do not, instead of on the first file a trainer cannot find (or
-        with a checkpoint torn across disks)."""
+        """Every node of the trainer group (`nodes`: the Ray node id of each rank) reads and writes the storage the
+        head writes, or the run fails now, naming the nodes that do not, instead of on the first file a trainer cannot
+        find, at its first checkpoint, or with a checkpoint torn across disks."""
         unreached = await group.storage_unreached(self.settings.storage_location, identity)
         if unreached:
             address = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}

@@ -262,7 +262,7 @@ def identity(root: Path) -> str:
 
 def unreached(root: Path, expected: str) -> str | None:
     """Why this node does not reach the storage whose identity is `expected` (read at `root`, this node's path of
-    it); None when it does."""
+    it), or cannot write into it; None when it reaches it and writes."""
     file = Path(root) / IDENTITY_FILE
     try:
         found = read_text(file).strip()
@@ -273,15 +273,26 @@ def unreached(root: Path, expected: str) -> str | None:
         return f"reading {location_of(file)} failed: {_one_line(error)}"
     if found != expected:
         return f"{location_of(file)} names another storage ({found[:8]}…, not the head's {expected[:8]}…)"
+    # Trainers write checkpoints there: a read-only mount (or credentials that may only read) would otherwise
+    # fail the run at its first checkpoint, maybe an epoch later.
+    probe = file.with_name(f"{file.name}.probe-{uuid.uuid4().hex}")
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        push(probe)
+        remove(probe)
+    except Exception as error:  # noqa: BLE001 - as above
+        return f"writing into {location_of(root)} failed: {_one_line(error)}"
     return None
 
 
 def reach_advice(root: Path) -> str:
     """What makes every node reach the storage at `root`."""
     if is_mirrored(root):
-        return ("Every node needs credentials and an endpoint that reach the same object store (AWS_* variables or "
-                "the cloud's instance role, set on each node)")
-    advice = "Every node must mount the same shared folder at the same path, or use an object-store URL (s3://...)"
+        return ("Every node needs credentials and an endpoint that read and write the same object store (AWS_* "
+                "variables or the cloud's instance role, set on each node)")
+    advice = ("Every node must mount the same shared folder, writable, at the same path, or use an object-store URL "
+              "(s3://...)")
     if Path(root) == home() / "storage":
         advice = ("RAY_FINETUNE_STORAGE is its default, a folder under RAY_FINETUNE_HOME on each node's own disk: "
                   "set it to a folder every node mounts at the same path, or to an object-store URL (s3://...)")

@@ -249,8 +249,8 @@ def test_a_node_that_reaches_another_object_store_is_named_before_the_run_trains
     assert re.sub(r"node [0-9.]+ ", "node IP ", run["details"]) == (
         "ConfigError: nodes of the trainer group do not reach RAY_FINETUNE_STORAGE=s3://finetune/team as the head "
         f"does: node IP (rank 0): {identity} is not there (on the object store this node's credentials "
-        "reach). Every node needs credentials and an endpoint that reach the same object store (AWS_* variables or "
-        "the cloud's instance role, set on each node)")
+        "reach). Every node needs credentials and an endpoint that read and write the same object store (AWS_* "
+        "variables or the cloud's instance role, set on each node)")
     assert status.returncode == 1, status.stderr[-3000:]   # not healthy
     shown = json.loads(status.stdout)
     assert shown["storage"] == "s3://finetune/team"

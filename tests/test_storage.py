@@ -149,14 +149,15 @@ def test_a_node_reaches_the_storage_only_when_it_reads_the_identity_the_head_wro
     shared, unmounted, other = tmp_path / "shared", tmp_path / "unmounted", tmp_path / "other"
     written = storage.identity(shared)
     assert storage.identity(shared) == written and len(written) == 32   # written once, then read
-    assert [f.name for f in shared.iterdir()] == [storage.IDENTITY_FILE]   # no staging file left beside it
     assert storage.unreached(shared, written) is None
+    assert [f.name for f in shared.iterdir()] == [storage.IDENTITY_FILE]   # no staging or probe file left beside it
     unmounted.mkdir()
     assert storage.unreached(unmounted, written) == (f"{unmounted}/{storage.IDENTITY_FILE} is not there (on this "
                                                      "node's own disk)")
     storage.identity(other)
     assert "names another storage" in storage.unreached(other, written)
-    assert storage.reach_advice(shared).startswith("Every node must mount the same shared folder at the same path")
+    assert storage.reach_advice(shared).startswith("Every node must mount the same shared folder, writable, at the "
+                                                   "same path")
     assert "is its default, a folder under RAY_FINETUNE_HOME" in storage.reach_advice(tmp_path / "home" / "storage")
 
 
@@ -170,6 +171,16 @@ def test_the_identity_of_object_storage_lives_in_the_bucket_and_a_bucket_out_of_
         == written
     assert not (root / storage.IDENTITY_FILE).exists()   # the mirror keeps no copy a node could take for the truth
     assert storage.unreached(root, written) is None
+    assert s3.list_objects_v2(Bucket="training-data", Prefix="team/")["KeyCount"] == 1   # its write probe is gone
+    assert [f.name for f in root.iterdir()] == []                                        # from the mirror too
+
+    def read_only(path, to=None, last=()):   # credentials that may read the bucket and not write it
+        raise PermissionError("Access Denied")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(storage, "push", read_only)
+        assert storage.unreached(root, written) == ("writing into s3://training-data/team failed: PermissionError: "
+                                                    "Access Denied")
     assert storage.unreached(storage.local("s3://training-data/elsewhere"), written) == (
         f"s3://training-data/elsewhere/{storage.IDENTITY_FILE} is not there (on the object store this node's "
         "credentials reach)")
