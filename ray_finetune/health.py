@@ -113,8 +113,8 @@ def _storage_unreached(location: str, identity: str) -> str | None:
 
 
 def _nodes_storage(scheduler: Any) -> tuple[str, list[NodeStorage]]:
-    """RAY_FINETUNE_STORAGE, and whether each alive node reads the identity the head wrote into it (as a run's trainers
-    are checked before they train)."""
+    """RAY_FINETUNE_STORAGE, and whether each alive node reads the identity the head wrote into it and writes there
+    (as a run's trainers are checked before they train)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from ray_finetune.errors import ConfigError

@@ -14,9 +14,10 @@ store is the truth and the mirror a cache of it:
 - `exists`, `read_text` and `children` ask the object store, so that a node learns what another node wrote.
 
 Whether a node reaches the same storage as the head is checked, not assumed: the head writes a random `identity`
-into the storage once, and every node a run's trainers are placed on must read the same one back (`unreached`). A
-worker that does not mount the shared folder, or whose credentials or endpoint lead to another object store, is
-named before the run trains instead of failing later on a file that is not there.
+into the storage once, and every node a run's trainers are placed on must read the same one back and write beside
+it (`unreached`). A worker that does not mount the shared folder (or mounts it read-only), or whose credentials or
+endpoint lead to another object store, is named before the run trains instead of failing later on a file that is
+not there, or at its first checkpoint.
 
 Within a process code works with local paths; what travels between actors and into events is a location (the URL,
 or the path of a shared folder): `location_of` turns a mirror path into its URL, `local` a location into the path
@@ -283,6 +284,8 @@ def unreached(root: Path, expected: str) -> str | None:
         remove(probe)
     except Exception as error:  # noqa: BLE001 - as above
         return f"writing into {location_of(root)} failed: {_one_line(error)}"
+    finally:
+        probe.unlink(missing_ok=True)   # a mirror's copy of a probe whose upload failed
     return None
 
 

@@ -181,6 +181,7 @@ def test_the_identity_of_object_storage_lives_in_the_bucket_and_a_bucket_out_of_
         patched.setattr(storage, "push", read_only)
         assert storage.unreached(root, written) == ("writing into s3://training-data/team failed: PermissionError: "
                                                     "Access Denied")
+    assert [f.name for f in root.iterdir()] == []   # its local copy is not left in the mirror either
     assert storage.unreached(storage.local("s3://training-data/elsewhere"), written) == (
         f"s3://training-data/elsewhere/{storage.IDENTITY_FILE} is not there (on the object store this node's "
         "credentials reach)")
