@@ -253,8 +253,9 @@ class Scheduler:
             except asyncio.CancelledError:   # cancelled while packing: the shared packer stops this request only
                 packer.abandon.remote(request.request_id)
                 raise
-            saved = await asyncio.to_thread(checkpoint.read_state, resume_from) if resume_from else None
-            if resume_from and saved is not None:   # before any GPU is taken: a deterministic refusal
+            saved = None   # the trainer state of the checkpoint resumed from
+            if resume_from:   # before any GPU is taken: a deterministic refusal
+                saved = await asyncio.to_thread(checkpoint.read_state, resume_from)
                 checkpoint.ensure_same_data(resume_from, saved, packed_data_id(data.train_rows_path))
             gpus = int(ray.cluster_resources().get("GPU", 0))
             world, on_gpus = trainer_group_size(gpus, self.settings.trainer_device, self.settings.trainer_workers,
@@ -263,8 +264,8 @@ class Scheduler:
                     make_plan(rows=int(data.train_stats["rows"]), tokens=int(data.train_stats["tokens"]),
                               duration=context.spec.duration, world_size=world, seed=context.spec.seed))
             world = plan.world_size
-            init_weights = (storage.location_of(checkpoint.initial_weights("custom_weights_path",
-                                                                           context.spec.custom_weights_path))
+            init_weights = (storage.location_of(await asyncio.to_thread(   # a pointer on a bucket: requests
+                checkpoint.initial_weights, "custom_weights_path", context.spec.custom_weights_path))
                             if context.spec.custom_weights_path else None)
             group = TrainerGroup(world, gpus_per_worker=int(on_gpus), run_name=name,
                                  resources=self.settings.trainer_resources,

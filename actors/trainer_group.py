@@ -190,7 +190,7 @@ class TrainerWorker:
 
     def storage_unreached(self, location: str, identity: str) -> str | None:
         """Why this worker's node does not reach the head's storage (None: it does)."""
-        return storage.unreached(storage.local(location), identity)
+        return storage.unreached(location, identity)
 
     def rendezvous_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port(host="")

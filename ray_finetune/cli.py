@@ -230,7 +230,8 @@ def data_cache(
         _print_json({"entries": [{**asdict(e), "in_use_by": users.get(e.key, []), "removed": e in removed}
                                  for e in found]})
         return
-    _table(f"packed data in {storage.location_of(cache_dir)}", ["entry", "examples", "tokens", "size", "last used", "read by"],
+    _table(f"packed data in {storage.location_of(cache_dir)}",
+           ["entry", "examples", "tokens", "size", "last used", "read by"],
            [[e.key, f"{e.examples:,}", f"{e.tokens:,}", _size(e.bytes), e.last_used.astimezone(),
              "removed" if e in removed else ", ".join(users.get(e.key, []))] for e in found])
     total = sum(e.bytes for e in found)

@@ -105,29 +105,28 @@ def _active_runs(names: list[str], store: Any) -> list[ActiveRun]:
     return [found[name] for name in names if name in found]
 
 
-@ray.remote(num_cpus=0)
-def _storage_unreached(location: str, identity: str) -> str | None:
-    from ray_finetune import storage
-
-    return storage.unreached(storage.local(location), identity)
-
-
 def _nodes_storage(scheduler: Any) -> tuple[str, list[NodeStorage]]:
     """RAY_FINETUNE_STORAGE, and whether each alive node reads the identity the head wrote into it and writes there
     (as a run's trainers are checked before they train)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from ray_finetune import storage
     from ray_finetune.errors import ConfigError
 
     alive = [node for node in ray.nodes() if node.get("Alive")]
     try:
         location, identity = ray.get(scheduler.storage.remote(), timeout=READ_STORAGE_WITHIN_S)
-    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayTaskError) as error:
-        # the head itself does not reach the storage (ConfigError says why), or the scheduler is too busy to say
-        cause = getattr(error, "cause", None)
-        why = str(cause) if isinstance(cause, ConfigError) else "the scheduler did not answer"
+    except (ray.exceptions.RayError, AttributeError) as error:
+        # the head itself does not reach the storage (ConfigError says why), the scheduler is too busy or gone, or
+        # it runs the code of an older ray_finetune that has no such call
+        why = f"the scheduler did not answer ({type(error).__name__})"
+        if isinstance(getattr(error, "cause", None), ConfigError):
+            why = str(error.cause)  # type: ignore[union-attr]
+        elif isinstance(error, AttributeError):
+            why = "the scheduler runs an older ray_finetune (restart the head to check)"
         return "", [NodeStorage(node["NodeManagerAddress"], node["NodeID"], f"not checked: {why}") for node in alive]
-    asked = [_storage_unreached.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+    unreached = ray.remote(num_cpus=0)(storage.unreached)
+    asked = [unreached.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
              .remote(location, identity) for node in alive]
     ready, _ = ray.wait(asked, num_returns=len(asked), timeout=READ_STORAGE_WITHIN_S)
     states = []

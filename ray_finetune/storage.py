@@ -255,16 +255,17 @@ def identity(root: Path) -> str:
             written.unlink()
         else:
             written.rename(file)   # whole or not at all: a node never reads half an id
-        return read_text(file).strip()
+        return read_text(file).strip()   # read back: of two heads writing at once, the id that stayed
     except Exception as error:  # noqa: BLE001 - whatever the store raises (no route, no credentials), it is this
         raise ConfigError(f"RAY_FINETUNE_STORAGE={location_of(root)} cannot be reached from the head node: "
                           f"{_one_line(error)}") from None
 
 
-def unreached(root: Path, expected: str) -> str | None:
-    """Why this node does not reach the storage whose identity is `expected` (read at `root`, this node's path of
-    it), or cannot write into it; None when it reaches it and writes."""
-    file = Path(root) / IDENTITY_FILE
+def unreached(location: str | Path, expected: str) -> str | None:
+    """Why this node does not reach the storage at `location` (RAY_FINETUNE_STORAGE as the head has it) whose
+    identity is `expected`, or cannot write into it; None when it reaches it and writes."""
+    root = local(location)
+    file = root / IDENTITY_FILE
     try:
         found = read_text(file).strip()
     except FileNotFoundError:

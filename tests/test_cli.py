@@ -124,6 +124,20 @@ def test_status_says_which_actors_answer_what_runs_and_what_waits(cluster, tiny_
         fm.cancel([first.name, second.name])
 
 
+def test_status_against_a_scheduler_of_an_older_version_says_so_instead_of_a_traceback(cluster):
+    """A head started before an upgrade runs a scheduler without the storage call: the nodes are "not checked",
+    saying why, and the cluster does not pass for healthy."""
+    from ray_finetune import health
+
+    class OlderScheduler:   # its handle has no `storage` method: Ray raises AttributeError, as for an old actor
+        pass
+
+    location, nodes = health._nodes_storage(OlderScheduler())
+    assert location == "" and nodes
+    assert {node.state for node in nodes} == {"not checked: the scheduler runs an older ray_finetune (restart the "
+                                               "head to check)"}
+
+
 @pytest.mark.parametrize("address", [None, "127.0.0.1:9"])   # none set; set to a port where nothing listens
 def test_status_without_a_cluster_says_so_and_starts_none(tmp_path, address):
     import os

@@ -170,7 +170,7 @@ def test_the_identity_of_object_storage_lives_in_the_bucket_and_a_bucket_out_of_
     assert s3.get_object(Bucket="training-data", Key=f"team/{storage.IDENTITY_FILE}")["Body"].read().decode().strip() \
         == written
     assert not (root / storage.IDENTITY_FILE).exists()   # the mirror keeps no copy a node could take for the truth
-    assert storage.unreached(root, written) is None
+    assert storage.unreached("s3://training-data/team", written) is None   # as the head passes it: the URL
     assert s3.list_objects_v2(Bucket="training-data", Prefix="team/")["KeyCount"] == 1   # its write probe is gone
     assert [f.name for f in root.iterdir()] == []                                        # from the mirror too
 
@@ -182,7 +182,7 @@ def test_the_identity_of_object_storage_lives_in_the_bucket_and_a_bucket_out_of_
         assert storage.unreached(root, written) == ("writing into s3://training-data/team failed: PermissionError: "
                                                     "Access Denied")
     assert [f.name for f in root.iterdir()] == []   # its local copy is not left in the mirror either
-    assert storage.unreached(storage.local("s3://training-data/elsewhere"), written) == (
+    assert storage.unreached("s3://training-data/elsewhere", written) == (
         f"s3://training-data/elsewhere/{storage.IDENTITY_FILE} is not there (on the object store this node's "
         "credentials reach)")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")   # nothing listens on the discard port
