@@ -32,6 +32,7 @@ from ray_finetune.train.plan import TrainingPlan
 if TYPE_CHECKING:
     from ray_finetune.train.evaluation import EvalResult
     from ray_finetune.train.loop import StepReport
+    from ray_finetune.train.publishing import Published
 
 
 # Per-step reporting must cost a small step next to nothing (a GPU step of a small model takes tens of ms):
@@ -121,10 +122,15 @@ class EventReporter:
         self._send_updates()   # after the events of the steps before it
         self._sink.emit(EventType.CHECKPOINT_REMOVED, f"removed {os.path.basename(path)} (retention)", {"path": path})
 
-    def checkpoint_saved(self, path: str, epoch: int, step: int) -> None:
+    def checkpoint_saved(self, published: Published) -> None:
         self.flush()   # a checkpoint's event comes after those of the steps it holds
-        self._sink.emit(EventType.CHECKPOINT_SAVED, f"checkpoint {os.path.basename(path)}",
-                        {"path": path, "epoch": epoch, "step": step})
+        path = storage.location_of(published.path)
+        how = f"training paused {published.write_seconds:.1f} s to write it"
+        if published.upload_seconds is not None:
+            how += f", uploaded in {published.upload_seconds:.1f} s while training went on"
+        self._sink.emit(EventType.CHECKPOINT_SAVED, f"checkpoint {os.path.basename(path)} ({how})",
+                        {"path": path, "epoch": published.epoch, "step": published.step,
+                         "write_seconds": published.write_seconds, "upload_seconds": published.upload_seconds})
 
     def evaluated(self, step: int, epoch: int, result: EvalResult) -> None:
         """The evaluator records what the trainers evaluated (metrics, generations, an EVALUATED event)."""

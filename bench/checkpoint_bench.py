@@ -27,6 +27,7 @@ from ray_finetune.train import hardware, loop  # noqa: E402
 from ray_finetune.train.distributed import join_process_group  # noqa: E402
 from ray_finetune.train.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from ray_finetune.train.plan import make_plan  # noqa: E402
+from ray_finetune.train.publishing import Publisher  # noqa: E402
 from ray_finetune.train.step import CausalLMLoss, forward_loss, make_batch  # noqa: E402
 
 
@@ -74,8 +75,9 @@ def main() -> None:
         config = loop.TrainConfig(run_name="bench", model_path=str(model_path), init_weights_path=None,
                                   train_rows_path="", plan=plan, learning_rate=1e-5, save_folder=str(work), rank=0,
                                   world_size=1, seed=0)
+        publisher = Publisher(config.save_folder, config.run_name, rank=0, world=1, keep=3, report=lambda _: None)
         started = time.perf_counter()
-        ours = loop.save_checkpoint(engine, tokenizer, config, epoch=0, step=2)
+        ours = loop.save_checkpoint(engine, tokenizer, config, publisher, epoch=0, step=2)
         ours_save_s = time.perf_counter() - started
         fresh, _ = engine_for(model_path, plan)
         started = time.perf_counter()

@@ -29,7 +29,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 MIRROR_ENV = "RAY_FINETUNE_MIRROR"
 IDENTITY_FILE = ".ray_finetune-storage"
@@ -146,10 +146,12 @@ def size(path: str | Path) -> int:
     return int(fs.du(remote, total=True))
 
 
-def push(path: str | Path, to: str | Path | None = None, last: tuple[str, ...] = ()) -> None:
+def push(path: str | Path, to: str | Path | None = None, last: tuple[str, ...] = (),
+         before_last: Callable[[], None] | None = None) -> None:
     """Upload a mirror file or folder (every file under it) to the object store: to the URL of `to` when given (a
-    folder written under a staging name), else to its own. Files named in `last` go up after all the others: what
-    marks the piece complete. Nothing to do for storage that is a folder."""
+    folder written under a staging name), else to its own. Files named in `last` go up after all the others (and
+    after `before_last()` returns, when given): what marks the piece complete. Nothing to do for storage that is a
+    folder."""
     source = Path(path)
     url = _url(Path(to) if to is not None else source)
     if url is None:
@@ -159,7 +161,10 @@ def push(path: str | Path, to: str | Path | None = None, last: tuple[str, ...] =
         fs.put_file(str(source), remote)
         return
     files = sorted(f for f in source.rglob("*") if f.is_file())
-    for batch in ([f for f in files if f.name not in last], [f for f in files if f.name in last]):
+    for is_last in (False, True):
+        if is_last and before_last is not None:
+            before_last()
+        batch = [f for f in files if (f.name in last) == is_last]
         if batch:   # a batch's files go up at once (fsspec runs them concurrently on async stores such as s3fs)
             fs.put([str(f) for f in batch], [f"{remote}/{f.relative_to(source).as_posix()}" for f in batch])
 

@@ -37,10 +37,12 @@ def test_no_checkpoint_is_found_where_a_file_stands_in_place_of_the_folder(tmp_p
     assert checkpoint.retain(tmp_path / "checkpoints", keep=1) == []
 
 
-def test_publish_renames_then_points(tmp_path):
+def test_a_checkpoint_is_placed_then_pointed_at(tmp_path):
     make(tmp_path, checkpoint.staging_name("ep1-ba5"))
-    final = checkpoint.publish(tmp_path, "ep1-ba5")
-    assert final.is_dir() and (tmp_path / checkpoint.POINTER_NAME).read_text().strip() == "ep1-ba5"
+    final = checkpoint.place(tmp_path, "ep1-ba5")
+    assert final.is_dir() and not (tmp_path / checkpoint.POINTER_NAME).exists()
+    checkpoint.point(tmp_path, "ep1-ba5")
+    assert (tmp_path / checkpoint.POINTER_NAME).read_text().strip() == "ep1-ba5"
     assert checkpoint.latest_complete(tmp_path) == final
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ray_finetune import storage
-from ray_finetune.errors import TrainingDivergedError
+from ray_finetune.errors import CheckpointError, TrainingDivergedError
 from ray_finetune.spec import Duration
 from ray_finetune.train import checkpoint
 from ray_finetune.train.distributed import free_port, join_process_group
@@ -36,6 +36,26 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
     from ray_finetune.train import loop
 
     faulthandler.dump_traceback_later(240, exit=True)   # a rank stuck in a collective says where, then ends
+    mirrors = arguments.pop("mirrors", None)
+    if mirrors:   # each rank on a "node" of its own: a mirror of its own
+        os.environ[storage.MIRROR_ENV] = mirrors[rank]
+    # How the object store treats the folders this rank uploads: {"slow_s": seconds each takes to begin, or
+    # "refused_after": how many it takes before it refuses every other (read-only credentials from then on)}
+    uploads = arguments.pop("uploads", {}).get(str(rank))
+    if uploads:
+        import time
+
+        push, folders_pushed = storage.push, []
+
+        def push_as_told(path, *more, **options):
+            if Path(path).is_dir():
+                time.sleep(uploads.get("slow_s", 0))
+                if len(folders_pushed) >= uploads.get("refused_after", math.inf):
+                    raise PermissionError("Access Denied")
+                folders_pushed.append(path)
+            push(path, *more, **options)
+
+        storage.push = push_as_told
     torch.set_num_threads(1)
     join_process_group(rank, world, ("127.0.0.1", port))
     stats = arguments.pop("stats")
@@ -48,6 +68,7 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
     initialized: dict = {}
     evaluations: dict[int, dict] = {}
     saving: list[list] = []   # [step, the last step reported then, whether its checkpoint existed already]
+    published_steps: list[dict] = []
     checkpoints = checkpoint.checkpoints_dir(arguments["save_folder"], arguments["run_name"])
 
     class Collect(loop.SilentReporter):
@@ -60,17 +81,25 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
         def evaluated(self, step, epoch, result):
             evaluations[step] = {"loss": result.loss, "token_accuracy": result.token_accuracy,
                                  "generations": result.generations}
+        def checkpoint_saved(self, published):
+            # what the storage holds when the checkpoint is reported, and how far training had gone by then
+            pointed = storage.read_text(checkpoints / checkpoint.POINTER_NAME).strip()
+            published_steps.append({"step": published.step, "reported_after_step": max(losses),
+                                    "upload_seconds": published.upload_seconds, "pointer": pointed,
+                                    "files": storage.children(published.path)})
 
     arguments.setdefault("learning_rate", 2e-3)
     try:
         loop.train(loop.TrainConfig(plan=plan, rank=rank, world_size=world, seed=0, **arguments), Collect())
-    except (MemoryError, TrainingDivergedError) as failed:   # refused before training, or stopped while training
+    # refused before training, or stopped while training
+    except (MemoryError, TrainingDivergedError, CheckpointError) as failed:
         Path(out).with_name(f"failed-{rank}.txt").write_text(json.dumps({"error": str(failed), "losses": losses}))
         dist.destroy_process_group()
         return
     if rank == 0:
         Path(out).write_text(json.dumps({"losses": losses, "grad_norms": grad_norms, "initialized": initialized,
-                                         "evaluations": evaluations, "saving": saving}))
+                                         "evaluations": evaluations, "saving": saving,
+                                         "published": published_steps}))
     dist.destroy_process_group()
 
 
@@ -91,7 +120,8 @@ def train_ranks(world: int, out: Path, **arguments) -> dict:
     result = json.loads(out.read_text())
     return {"losses": {int(k): v for k, v in result["losses"].items()},
             "grad_norms": {int(k): v for k, v in result["grad_norms"].items()}, "initialized": result["initialized"],
-            "evaluations": {int(k): v for k, v in result["evaluations"].items()}, "saving": result["saving"]}
+            "evaluations": {int(k): v for k, v in result["evaluations"].items()}, "saving": result["saving"],
+            "published": result["published"]}
 
 
 @pytest.mark.parametrize("zero_stage", ["0", "2", "3"])
@@ -147,6 +177,54 @@ def test_a_checkpoint_in_a_bucket_resumes_on_another_node_with_another_number_of
     assert sorted(one["losses"]) == [s for s in sorted(two["losses"]) if s > resumed_at]
     for step, loss in one["losses"].items():
         assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
+
+
+def test_training_goes_on_while_a_checkpoint_goes_up_and_it_counts_once_every_node_s_files_are_there(
+        s3, tiny_model, tmp_path, monkeypatch):
+    """Object storage, two workers on two "nodes" (a mirror each), the second node's uploads slow: training does not
+    wait for them, and rank 0 completes each checkpoint (trainer state, pointer) only after the other node's files
+    are up -- what a resumed run needs to find there."""
+    rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
+    slow_s = 2.0
+    run = train_ranks(2, tmp_path / "two.json", run_name="two", save_folder="s3://training-data/runs",
+                      model_path=str(tiny_model), init_weights_path=None, train_rows_path=rows_path,
+                      stats=stats.as_dict(), zero_stage="2", uploads={"1": {"slow_s": slow_s}},
+                      mirrors=[str(tmp_path / "node-a"), str(tmp_path / "node-b")])
+    published, last_step = run["published"], max(run["losses"])
+    assert [p["step"] for p in published] == [s for s, _, _ in run["saving"]] and len(published) == 2
+    first = published[0]
+    assert first["reported_after_step"] > first["step"]   # steps went on while it went up
+    for done in published:
+        assert done["upload_seconds"] >= slow_s   # rank 0's own files take milliseconds: it waited for node b's
+        assert done["pointer"] == f"ep{done['step'] // (last_step // 2)}-ba{done['step']}"
+        assert "trainer_state.json" in done["files"] and any("rank_1" in name for name in done["files"])
+    assert published[-1]["reported_after_step"] == last_step
+    for node in ("node-a", "node-b"):   # a node keeps a checkpoint only while it writes it
+        assert not list((tmp_path / node).rglob("*.pt"))
+
+
+def test_a_checkpoint_the_bucket_refuses_fails_training_and_leaves_the_one_before(s3, tiny_model, tmp_path,
+                                                                                  monkeypatch):
+    """An upload failing in the background fails training with its reason, at a step boundary; the checkpoint
+    before it stays the newest complete one, and the pointer still names it."""
+    rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
+    monkeypatch.setenv(storage.MIRROR_ENV, str(tmp_path / "node"))
+    out = tmp_path / "one.json"
+    run_ranks(_rank, 1, dict(run_name="one", save_folder="s3://training-data/runs", model_path=str(tiny_model),
+                             init_weights_path=None, train_rows_path=rows_path, stats=stats.as_dict(),
+                             zero_stage="0", uploads={"0": {"refused_after": 1}}), str(out))
+    failed = json.loads(out.with_name("failed-0.txt").read_text())
+    folder = checkpoint.checkpoints_dir("s3://training-data/runs", "one")
+    newest = checkpoint.latest_complete(folder)
+    assert failed["error"].startswith(f"could not upload checkpoint ep2-ba{2 * newest_step(newest)} to "
+                                      "s3://training-data/runs/one/checkpoints: PermissionError: Access Denied "
+                                      "(earlier checkpoints are intact)")
+    assert newest.name == f"ep1-ba{newest_step(newest)}"
+    assert storage.read_text(folder / checkpoint.POINTER_NAME).strip() == newest.name
+
+
+def newest_step(folder: Path) -> int:
+    return checkpoint.parse_name(folder.name)[1]
 
 
 PROMPTS = ("what is the capital of france?", "count to five")

@@ -5,8 +5,8 @@
 
 A checkpoint is written under a temporary name and renamed into place when complete; the pointer file is
 replaced atomically only afterwards. On object storage (storage.py) the checkpoint is written in the node's mirror
-and pushed with its trainer state last, then the pointer; whether a checkpoint is complete, and which is the
-newest, is asked of the object store.
+and pushed with its trainer state last, then the pointer (in the background: publishing.py); whether a checkpoint
+is complete, and which is the newest, is asked of the object store.
 """
 from __future__ import annotations
 
@@ -39,14 +39,19 @@ def staging_name(name: str) -> str:
     return f".tmp-{name}"
 
 
-def publish(directory: Path, name: str) -> Path:
-    """Rename a finished staging folder into place, then point the pointer file at it."""
+def place(directory: Path, name: str) -> Path:
+    """Rename a finished staging folder into place (on object storage: in this node's mirror, to be pushed)."""
     final = directory / name
     if storage.is_mirrored(final) and final.is_dir():
         # a mirror copy the object store never completed (the run resumed from an earlier checkpoint)
         shutil.rmtree(final)
     (directory / staging_name(name)).rename(final)
-    storage.push(final, last=(STATE_FILE,))
+    return final
+
+
+def point(directory: Path, name: str) -> None:
+    """Point the pointer file at checkpoint `name`, atomically (and push it, on object storage): only once the
+    checkpoint is complete."""
     pointer = directory / POINTER_NAME
     temporary = directory / f".{POINTER_NAME}.tmp"
     temporary.write_text(name + "\n")
@@ -54,7 +59,6 @@ def publish(directory: Path, name: str) -> Path:
         os.fsync(handle.fileno())
     os.replace(temporary, pointer)
     storage.push(pointer)
-    return final
 
 
 UNIVERSAL_DIR = "universal"

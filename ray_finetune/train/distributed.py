@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import torch
@@ -145,17 +145,22 @@ def ranks_on_this_node() -> int:
     return _gathered(socket.gethostname()).count(socket.gethostname())
 
 
-def first_of_its_folder(folder: str) -> tuple[bool, bool]:
-    """Whether this rank is the first of the ranks that share `folder` (the same path on the same machine), and
-    whether rank 0 is one of them: on object storage each node has a mirror of its own, and one rank of each acts
-    for the node. Every rank must call it."""
+class FolderRole(NamedTuple):
+    first: bool         # this rank is the first of the ranks that share the folder
+    with_rank0: bool    # rank 0 is one of them
+    folders: int        # how many different folders the group's ranks have
+
+
+def first_of_its_folder(folder: str) -> FolderRole:
+    """This rank's role for `folder` (the same path on the same machine is one folder): on object storage each node
+    has a mirror of its own, and one rank of each acts for the node. Every rank must call it."""
     import socket
 
     import torch.distributed as dist
 
     places = _gathered(f"{socket.gethostname()}:{folder}")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return places.index(places[rank]) == rank, places[rank] == places[0]
+    return FolderRole(places.index(places[rank]) == rank, places[rank] == places[0], len(set(places)))
 
 
 def _gathered(value: str) -> list[str]:

@@ -38,6 +38,7 @@ from ray_finetune.train.memory import (CpuMemoryNeed, activation_bytes, checkpoi
                                        with_micro_batch)
 from ray_finetune.train.models import load_initial_model, load_tokenizer, parameter_count, set_stop_tokens
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
+from ray_finetune.train.publishing import Published, Publisher
 from ray_finetune.train.schedule import lr_factor
 from ray_finetune.train.step import Batch, CausalLMLoss, forward_loss, make_batch, per_document_for
 
@@ -100,7 +101,8 @@ class Reporter(Protocol):
     def step_finished(self, report: StepReport) -> None: ...
     # Before a checkpoint is written: the steps it will hold must be in the log first (see _checkpoint).
     def saving_checkpoint(self, step: int) -> None: ...
-    def checkpoint_saved(self, path: str, epoch: int, step: int) -> None: ...
+    # Once the checkpoint is complete on the storage (on object storage: uploaded while training went on).
+    def checkpoint_saved(self, published: Published) -> None: ...
     def checkpoint_removed(self, path: str) -> None: ...
     # After each checkpoint and, when asked, before the first step; only for a run with eval data or prompts.
     def evaluated(self, step: int, epoch: int, result: EvalResult) -> None: ...
@@ -199,48 +201,59 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     if config.evaluate_first and start_step == 0:
         _evaluate(evaluation, config, reporter, step=0, epoch=0)
     engine.train()
+    publisher = Publisher(config.save_folder, config.run_name, rank, world, config.checkpoints_to_keep,
+                          report=lambda published: _report_published(reporter, published) if rank == 0 else None)
     started = time.monotonic()
     last_checkpoint: Path | None = storage.local(config.resume_from) if config.resume_from else None
-    for step in range(start_step, plan.total_steps):
-        stop = _agreed_stop(reporter.stop_requested() if rank == 0 else STOP_NONE, world)
-        if stop != STOP_NONE:
-            already_saved = last_checkpoint is not None and checkpoint.parse_name(last_checkpoint.name)[1] == step
-            if stop == STOP_AND_CHECKPOINT and step > 0 and not already_saved:
-                last_checkpoint = _checkpoint(engine, tokenizer, config, reporter, evaluation, step - 1)
-            return TrainOutcome(final_checkpoint=last_checkpoint, steps_done=step, stopped=True)
-        step_started = time.monotonic()
-        all_rows = plan.step_rows(step)
-        step_targets = rows.target_tokens(all_rows[all_rows != EMPTY_ROW])
-        sums = torch.zeros(4, dtype=torch.float64)   # loss, targets, correct, real tokens (this rank)
-        for micro_rows in plan.rank_micro_batches(step, rank):
-            batch = make_batch(rows, micro_rows, width_multiple).to(device)
-            result = forward_loss(engine, batch, per_document)
-            # DeepSpeed averages gradients over ranks; multiplying by world undoes that, leaving sum/step_targets.
-            engine.backward(result.loss_sum * (world / step_targets), scale_wrt_gas=False)
-            if clips_here and engine.is_gradient_accumulation_boundary():   # the step's gradient, all-reduced
-                grad_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), GRADIENT_CLIPPING)
-            engine.step()
-            sums += torch.tensor([result.loss_sum.item(), result.target_tokens, result.correct_tokens,
-                                  int((batch.segment_ids >= 0).sum())], dtype=torch.float64)
-        if world > 1:
-            sums = all_reduce(sums)
-        # The same on every rank (all-reduced), so every rank stops here together.
-        loss, grad_norm = float(sums[0] / sums[1]), float(grad_norm if clips_here else engine.get_global_grad_norm())
-        ensure_finite(step, plan.total_steps, loss, grad_norm, last_checkpoint)
-        if rank == 0:
-            elapsed = time.monotonic() - started
-            step_seconds = time.monotonic() - step_started
-            remaining = elapsed / (step + 1 - start_step) * (plan.total_steps - step - 1)
-            reporter.step_finished(StepReport(
-                step=step + 1, total_steps=plan.total_steps, epoch=_epochs_done(plan, step),
-                loss=loss, token_accuracy=float(sums[2] / sums[1]), grad_norm=grad_norm,
-                learning_rate=float(schedule.get_last_lr()[0]) if step + 1 < plan.total_steps else 0.0,
-                tokens=int(sums[3]), target_tokens=int(sums[1]),
-                tokens_per_second=float(sums[3]) / max(step_seconds, 1e-9), step_seconds=step_seconds,
-                estimated_end_time=datetime.now(timezone.utc) + timedelta(seconds=remaining),
-            ))
-        if is_checkpoint_step(plan, config.checkpoint_every, step):
-            last_checkpoint = _checkpoint(engine, tokenizer, config, reporter, evaluation, step)
+    try:
+        for step in range(start_step, plan.total_steps):
+            stop, uploading = _agree(reporter.stop_requested() if rank == 0 else STOP_NONE, publisher.uploading(),
+                                     world)
+            publisher.at_step_boundary(any_node_uploading=uploading)
+            if stop != STOP_NONE:
+                already_saved = last_checkpoint is not None and checkpoint.parse_name(last_checkpoint.name)[1] == step
+                if stop == STOP_AND_CHECKPOINT and step > 0 and not already_saved:
+                    last_checkpoint = _checkpoint(engine, tokenizer, config, reporter, evaluation, publisher, step - 1)
+                publisher.finish()
+                return TrainOutcome(final_checkpoint=last_checkpoint, steps_done=step, stopped=True)
+            step_started = time.monotonic()
+            all_rows = plan.step_rows(step)
+            step_targets = rows.target_tokens(all_rows[all_rows != EMPTY_ROW])
+            sums = torch.zeros(4, dtype=torch.float64)   # loss, targets, correct, real tokens (this rank)
+            for micro_rows in plan.rank_micro_batches(step, rank):
+                batch = make_batch(rows, micro_rows, width_multiple).to(device)
+                result = forward_loss(engine, batch, per_document)
+                # DeepSpeed averages gradients over ranks; multiplying by world undoes that, leaving sum/step_targets.
+                engine.backward(result.loss_sum * (world / step_targets), scale_wrt_gas=False)
+                if clips_here and engine.is_gradient_accumulation_boundary():   # the step's gradient, all-reduced
+                    grad_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), GRADIENT_CLIPPING)
+                engine.step()
+                sums += torch.tensor([result.loss_sum.item(), result.target_tokens, result.correct_tokens,
+                                      int((batch.segment_ids >= 0).sum())], dtype=torch.float64)
+            if world > 1:
+                sums = all_reduce(sums)
+            # The same on every rank (all-reduced), so every rank stops here together.
+            loss = float(sums[0] / sums[1])
+            grad_norm = float(grad_norm if clips_here else engine.get_global_grad_norm())
+            ensure_finite(step, plan.total_steps, loss, grad_norm, last_checkpoint)
+            if rank == 0:
+                elapsed = time.monotonic() - started
+                step_seconds = time.monotonic() - step_started
+                remaining = elapsed / (step + 1 - start_step) * (plan.total_steps - step - 1)
+                reporter.step_finished(StepReport(
+                    step=step + 1, total_steps=plan.total_steps, epoch=_epochs_done(plan, step),
+                    loss=loss, token_accuracy=float(sums[2] / sums[1]), grad_norm=grad_norm,
+                    learning_rate=float(schedule.get_last_lr()[0]) if step + 1 < plan.total_steps else 0.0,
+                    tokens=int(sums[3]), target_tokens=int(sums[1]),
+                    tokens_per_second=float(sums[3]) / max(step_seconds, 1e-9), step_seconds=step_seconds,
+                    estimated_end_time=datetime.now(timezone.utc) + timedelta(seconds=remaining),
+                ))
+            if is_checkpoint_step(plan, config.checkpoint_every, step):
+                last_checkpoint = _checkpoint(engine, tokenizer, config, reporter, evaluation, publisher, step)
+        publisher.finish()
+    except BaseException:
+        publisher.after_failure()   # a checkpoint written before the failure still completes when it can
+        raise
     return TrainOutcome(final_checkpoint=last_checkpoint, steps_done=plan.total_steps, stopped=False)
 
 
@@ -435,29 +448,32 @@ def _epochs_done(plan: TrainingPlan, step: int) -> int:
     return plan.epoch_of(step) + int(plan.is_epoch_end(step))
 
 
-def _agreed_stop(local: int, world: int) -> int:
-    """Rank 0 decides; every rank learns the decision at the same step boundary."""
+def _agree(stop: int, uploading: bool, world: int) -> tuple[int, bool]:
+    """What every rank learns at the same step boundary: rank 0's decision whether to stop, and whether any node's
+    files of the checkpoint in flight are still going up (publishing.py)."""
     if world == 1:
-        return local
-    return int(all_reduce(torch.tensor([local], dtype=torch.int64), "max"))
+        return stop, uploading
+    agreed = all_reduce(torch.tensor([stop, int(uploading)], dtype=torch.int64), "max")
+    return int(agreed[0]), bool(agreed[1])
 
 
 def _checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, reporter: Reporter, evaluation: Evaluation,
-                step: int) -> Path:
+                publisher: Publisher, step: int) -> Path:
     epoch = _epochs_done(config.plan, step)
     if config.rank == 0:
         # The steps' events made durable before their checkpoint exists: a run interrupted after writing it (the
         # head gone before the events of its last steps reached the log) resumes after those steps and would never
         # report them again, leaving a hole in the loss curve.
         reporter.saving_checkpoint(step + 1)
-    path = save_checkpoint(engine, tokenizer, config, epoch=epoch, step=step + 1)
-    if config.rank == 0:
-        reporter.checkpoint_saved(storage.location_of(path), epoch, step + 1)
+    path = save_checkpoint(engine, tokenizer, config, publisher, epoch=epoch, step=step + 1)
     _evaluate(evaluation, config, reporter, step=step + 1, epoch=epoch)
-    if config.rank == 0:
-        for removed in checkpoint.retain(path.parent, config.checkpoints_to_keep):
-            reporter.checkpoint_removed(storage.location_of(removed))
     return path
+
+
+def _report_published(reporter: Reporter, published: Published) -> None:
+    reporter.checkpoint_saved(published)
+    for removed in published.removed:
+        reporter.checkpoint_removed(storage.location_of(removed))
 
 
 def _evaluate(evaluation: Evaluation, config: TrainConfig, reporter: Reporter, step: int, epoch: int) -> None:
@@ -480,14 +496,15 @@ def resume(engine: Any, folder: Path) -> int:
     return int(client_state["step"])
 
 
-def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, *, epoch: int, step: int) -> Path:
-    """All ranks write their DeepSpeed shards into a staging folder; rank 0 adds the consolidated weights and the
-    trainer state, then publishes it (rename + pointer). Returns the published folder. On object storage each node
-    has its own staging folder: the nodes other than rank 0's push theirs before rank 0 publishes (the trainer
-    state, pushed last, must find every shard there)."""
-    directory = checkpoint.checkpoints_dir(config.save_folder, config.run_name)
+def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, publisher: Publisher, *, epoch: int,
+                    step: int) -> Path:
+    """All ranks write their DeepSpeed shards into a staging folder (on object storage: in their node's mirror);
+    rank 0 adds the consolidated weights and the trainer state; then `publisher` completes it: at once on a shared
+    folder, while training goes on on object storage. Returns the checkpoint's folder."""
+    publisher.finish()   # the checkpoint before it complete first: one in flight at a time
+    started = time.monotonic()
     name = checkpoint.checkpoint_name(epoch, step)
-    staging = directory / checkpoint.staging_name(name)
+    staging = publisher.staging(name)
     client_state = {
         "epoch": epoch, "step": step, "seed": config.seed, "torch_rng": torch.get_rng_state(),
         "numpy_rng": np.random.get_state(),
@@ -499,13 +516,7 @@ def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, *, epoch: 
             shutil.rmtree(staging, ignore_errors=True)   # left by an earlier, interrupted attempt
         _barrier(config.world_size)
         staging.mkdir(parents=True, exist_ok=True)
-        engine.save_checkpoint(str(directory), tag=staging.name, save_latest=False, client_state=client_state)
-        if storage.is_mirrored(staging) and config.world_size > 1:
-            acts_for_node, with_rank0 = first_of_its_folder(str(storage.mirror_root()))
-            if acts_for_node and not with_rank0:
-                storage.push(staging, to=directory / name)
-                storage.drop_local(staging)
-            _barrier(config.world_size)
+        engine.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False, client_state=client_state)
         if config.rank == 0:
             weights = staging / checkpoint.WEIGHTS_DIR
             engine.module.lm.save_pretrained(weights, state_dict=weights_state)
@@ -514,16 +525,14 @@ def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, *, epoch: 
             checkpoint.write_state(staging, {"epoch": epoch, "step": step, "plan": config.plan.as_dict(),
                                              "learning_rate": config.learning_rate,
                                              "packed_data": packed_data_id(config.train_rows_path)})
-            checkpoint.publish(directory, name)
-            # A node's mirror holds a checkpoint only while it is written or read: it is in the bucket now.
-            storage.drop_local(directory / name)
     except OSError as error:
         if config.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {name} under {directory}: {error.strerror or error} "
+        raise CheckpointError(f"could not write checkpoint {name} under {staging.parent}: {error.strerror or error} "
                               "(earlier checkpoints are intact)") from error
-    _barrier(config.world_size)
-    return directory / name
+    _barrier(config.world_size)   # every rank's files are written
+    publisher.start(name, epoch, step, write_seconds=time.monotonic() - started)
+    return publisher.directory / name
 
 
 def master_weights(module: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:

@@ -1,0 +1,152 @@
+"""What a checkpoint on object storage costs training: ray_finetune (written, then uploaded while training goes on)
+against uploading it before training goes on (ray_finetune before 2026-12-07) and against the plain-PyTorch peer
+(`torch.save` of model and optimizer to local disk, then the file put in the bucket: what a script around a
+Trainer does), in the same process, against an S3 server (moto's, in a process of its own on this machine).
+
+For each: the time from the checkpoint's start until training has done `--steps` more steps and the checkpoint is
+complete in the bucket, and what of it is lost to the checkpoint (that time minus `--steps` steps at the rate
+measured without any checkpoint).
+
+    python bench/upload_bench.py [--model HuggingFaceTB/SmolLM2-135M-Instruct] [--context 512] [--steps 6]
+
+Needs the test extra (moto[server]).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from checkpoint_bench import engine_for  # sets the single-process DeepSpeed environment first
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ray_finetune import storage  # noqa: E402
+from ray_finetune.data.formats import TokenizedExample  # noqa: E402
+from ray_finetune.data.packing import pack_examples  # noqa: E402
+from ray_finetune.spec import parse_duration  # noqa: E402
+from ray_finetune.train import loop  # noqa: E402
+from ray_finetune.train.distributed import free_port, join_process_group  # noqa: E402
+from ray_finetune.train.models import load_tokenizer, resolve_model  # noqa: E402
+from ray_finetune.train.plan import make_plan  # noqa: E402
+from ray_finetune.train.publishing import Publisher  # noqa: E402
+from ray_finetune.train.step import forward_loss, make_batch  # noqa: E402
+
+BUCKET = "bench"
+
+
+@contextlib.contextmanager
+def s3_server():
+    """moto's S3 server on loopback, in its own process; sets the AWS_* variables that reach it."""
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    try:
+        client = boto3.client("s3")
+        for _ in range(300):
+            try:
+                client.create_bucket(Bucket=BUCKET)
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                time.sleep(0.2)
+        yield
+    finally:
+        server.kill()
+        server.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=6, help="steps trained after each checkpoint")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    join_process_group(0, 1)
+    model_path = resolve_model(args.model).path
+    tokenizer = load_tokenizer(model_path)
+    rng = np.random.default_rng(0)
+    examples = [TokenizedExample(rng.integers(10, 40000, args.context - 8).tolist(), [True] * (args.context - 8))
+                for _ in range(4)]
+    rows, stats = pack_examples(examples, args.context, tokenizer.pad_token_id)
+    plan = make_plan(rows=len(rows), tokens=stats.tokens, duration=parse_duration("1000ba"), world_size=1, seed=0)
+    engine, optimizer = engine_for(model_path, plan)
+    step_number = 0
+
+    def train(steps: int) -> None:
+        nonlocal step_number
+        for _ in range(steps):
+            for micro in plan.rank_micro_batches(step_number, 0):
+                result = forward_loss(engine, make_batch(rows, micro))
+                engine.backward(result.loss_sum / max(result.target_tokens, 1), scale_wrt_gas=False)
+                engine.step()
+            step_number += 1
+
+    train(3)   # warm-up; optimizer state exists only after a step
+    started = time.perf_counter()
+    train(args.steps)
+    step_s = (time.perf_counter() - started) / args.steps
+
+    with s3_server(), tempfile.TemporaryDirectory(prefix="upload-bench-") as work:
+        os.environ[storage.MIRROR_ENV] = str(Path(work) / "mirror")
+        save_folder = f"s3://{BUCKET}/runs"
+        config = loop.TrainConfig(run_name="bench", model_path=str(model_path), init_weights_path=None,
+                                  train_rows_path="", plan=plan, learning_rate=1e-5, save_folder=save_folder,
+                                  rank=0, world_size=1, seed=0, checkpoints_to_keep=1)
+        published = []
+        publisher = Publisher(save_folder, "bench", rank=0, world=1, keep=1, report=published.append)
+
+        def ours(upload_first: bool) -> dict:
+            started = time.perf_counter()
+            loop.save_checkpoint(engine, tokenizer, config, publisher, epoch=0, step=step_number)
+            paused = time.perf_counter() - started
+            if upload_first:   # as before: training waits for the bucket
+                publisher.finish()
+                paused = time.perf_counter() - started
+            train(args.steps)
+            publisher.finish()
+            total = time.perf_counter() - started
+            return {"paused_s": round(paused, 2), "upload_s": round(published[-1].upload_seconds, 2),
+                    "total_s": round(total, 2), "lost_s": round(total - args.steps * step_s, 2)}
+
+        def peer() -> dict:
+            import fsspec
+
+            started = time.perf_counter()
+            local = Path(work) / "peer.pt"
+            torch.save({"model": engine.module.state_dict(), "optimizer": optimizer.state_dict()}, local)
+            fsspec.filesystem("s3").put_file(str(local), f"{BUCKET}/peer/step-{step_number}.pt")
+            paused = time.perf_counter() - started
+            train(args.steps)
+            total = time.perf_counter() - started
+            return {"paused_s": round(paused, 2), "total_s": round(total, 2),
+                    "lost_s": round(total - args.steps * step_s, 2)}
+
+        rounds = []
+        for _ in range(2):   # alternated, so that the box's drift reaches all three
+            rounds.append({"ours_background": ours(upload_first=False), "ours_upload_first": ours(upload_first=True),
+                           "peer_torch_save_then_put": peer()})
+        size_mb = storage.size(published[-1].path) / 2**20
+    for measured in rounds:
+        measured["lost_ratio_background_over_upload_first"] = round(
+            measured["ours_background"]["lost_s"] / measured["ours_upload_first"]["lost_s"], 2)
+        measured["lost_ratio_background_over_peer"] = round(
+            measured["ours_background"]["lost_s"] / measured["peer_torch_save_then_put"]["lost_s"], 2)
+    print(json.dumps({"model": args.model, "context": args.context, "step_s": round(step_s, 2),
+                      "steps_after_each_checkpoint": args.steps, "checkpoint_mb": round(size_mb, 1),
+                      "rounds": rounds}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
