@@ -3,7 +3,7 @@ through its chain of actor messages:
 
     CREATED → QUEUED → STARTED → data packer (DATA_PROGRESS…, DATA_VALIDATED) → trainer group
     (PLACED, MODEL_INITIALIZED, TRAIN_STARTED, baseline scores → evaluator, TRAIN_UPDATED… + metrics → evaluator,
-    CHECKPOINT_SAVED + scores → evaluator)
+    CHECKPOINT_SAVED (on object storage once uploaded, training going on meanwhile) + scores → evaluator)
     → TRAIN_FINISHED → registrar (REGISTERED) → COMPLETED
     a worker dies            → REQUEUED → STARTED again, resuming from the newest complete checkpoint
                                (after MAX_ATTEMPTS: FAILED_EXCEPTION with every attempt's reason → FAILED)
