@@ -43,7 +43,6 @@ from ray_finetune.train.plan import continued_plan, make_plan, trainer_group_siz
 
 ACTOR_NAME = "ray_finetune_scheduler"
 MAX_ATTEMPTS = 3            # a run that keeps dying is not retried forever
-STOP_GRACE_S = 60.0         # how long a cancel waits for a step boundary before killing the workers
 PLACEMENT_PATIENCE_S = 5.0  # a trainer group not placed by then is waiting for resources: say so in the log
 _INTERRUPTIONS = (ActorDiedError, RayActorError, NodeDiedError, OwnerDiedError)
 
@@ -222,7 +221,11 @@ class Scheduler:
         if group is not None:
             try:  # the trainers stop at the next step boundary and the supervisor records CANCELED
                 await asyncio.wait_for(group.request_stop(StopRequest(save_checkpoint=save_checkpoint)), 10)
-                await asyncio.wait({task}, timeout=STOP_GRACE_S)
+                await asyncio.wait({task}, timeout=self.settings.stop_grace_s)
+                # A checkpoint being written or uploaded (the final one asked for, or one uploading in the
+                # background since its step) is not cut short: a stop waits for it, a grace period at a time.
+                while not task.done() and await group.completing_checkpoint():
+                    await asyncio.wait({task}, timeout=self.settings.stop_grace_s)
             except (asyncio.TimeoutError, RayActorError):
                 pass
         if not task.done():

@@ -54,6 +54,12 @@ class EventReporter:
         self._unacknowledged: list[Any] = []
         self._metrics: list[tuple[int, int, dict[str, float]]] = []   # (step, time_ms, values)
         self._flushed_at = self._sent_at = time.monotonic()
+        self._checkpoints_in_progress: set[int] = set()   # steps of checkpoints begun and not complete yet
+
+    @property
+    def completing_checkpoint(self) -> bool:
+        """Whether a checkpoint is being written or uploaded (on object storage: while training goes on)."""
+        return bool(self._checkpoints_in_progress)
 
     def _send_updates(self) -> None:
         if self._updates:
@@ -116,6 +122,7 @@ class EventReporter:
         return self._stop_flag()
 
     def saving_checkpoint(self, step: int) -> None:
+        self._checkpoints_in_progress.add(step)
         self.flush()   # every step the checkpoint will hold is in the log before it exists (loop._checkpoint)
 
     def checkpoint_removed(self, path: str) -> None:
@@ -131,6 +138,7 @@ class EventReporter:
         self._sink.emit(EventType.CHECKPOINT_SAVED, f"checkpoint {os.path.basename(path)} ({how})",
                         {"path": path, "epoch": published.epoch, "step": published.step,
                          "write_seconds": published.write_seconds, "upload_seconds": published.upload_seconds})
+        self._checkpoints_in_progress.discard(published.step)
 
     def evaluated(self, step: int, epoch: int, result: EvalResult) -> None:
         """The evaluator records what the trainers evaluated (metrics, generations, an EVALUATED event)."""
@@ -190,6 +198,7 @@ class TrainerWorker:
         from ray_finetune.train import loop   # torch, transformers: imported while the group is placed
 
         self._stop = loop.STOP_NONE
+        self._reporter: EventReporter | None = None   # rank 0's, while it trains
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -200,6 +209,11 @@ class TrainerWorker:
 
     def rendezvous_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port(host="")
+
+    def completing_checkpoint(self) -> bool:
+        """Whether this rank 0 is writing or uploading a checkpoint now: a stop waits for it (one cut short is lost:
+        the run would resume from the checkpoint before)."""
+        return self._reporter is not None and self._reporter.completing_checkpoint
 
     def request_stop(self, request: StopRequest) -> None:
         """Stop at the next step boundary (after a final checkpoint if asked)."""
@@ -229,6 +243,7 @@ class TrainerWorker:
             task_type=request.run.spec.task_type, evaluate_first=request.attempt == 1 and not request.resume_from,
         )
         reporter = EventReporter(request, evaluator, lambda: self._stop) if self.rank == 0 else loop.SilentReporter()
+        self._reporter = reporter if isinstance(reporter, EventReporter) else None
         outcome = train_reporting(lambda: loop.train(config, reporter), reporter)
         dist.destroy_process_group()
         final = outcome.final_checkpoint
@@ -292,6 +307,13 @@ class TrainerGroup:
 
     async def request_stop(self, request: StopRequest) -> None:
         await self.workers[0].request_stop.remote(request)
+
+    async def completing_checkpoint(self) -> bool:
+        """Whether rank 0 is writing or uploading a checkpoint now (False when it does not answer)."""
+        try:
+            return await asyncio.wait_for(self.workers[0].completing_checkpoint.remote(), 10)
+        except (asyncio.TimeoutError, ray.exceptions.RayActorError):
+            return False
 
     async def train(self, request: TrainRequest, evaluator: Any) -> TrainResult:
         master = await self.workers[0].rendezvous_address.remote()

@@ -75,7 +75,7 @@ def main() -> None:
         config = loop.TrainConfig(run_name="bench", model_path=str(model_path), init_weights_path=None,
                                   train_rows_path="", plan=plan, learning_rate=1e-5, save_folder=str(work), rank=0,
                                   world_size=1, seed=0)
-        publisher = Publisher(config.save_folder, config.run_name, rank=0, world=1, keep=3, report=lambda _: None)
+        publisher = Publisher(config.save_folder, config.run_name, rank=0, keep=3, report=lambda _: None)
         started = time.perf_counter()
         ours = loop.save_checkpoint(engine, tokenizer, config, publisher, epoch=0, step=2)
         ours_save_s = time.perf_counter() - started

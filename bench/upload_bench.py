@@ -107,7 +107,7 @@ def main() -> None:
                                   train_rows_path="", plan=plan, learning_rate=1e-5, save_folder=save_folder,
                                   rank=0, world_size=1, seed=0, checkpoints_to_keep=1)
         published = []
-        publisher = Publisher(save_folder, "bench", rank=0, world=1, keep=1, report=published.append)
+        publisher = Publisher(save_folder, "bench", rank=0, keep=1, report=published.append)
 
         def ours(upload_first: bool) -> dict:
             started = time.perf_counter()

@@ -34,6 +34,9 @@ class Settings:
     # A run whose trainer group the cluster cannot place within this many seconds fails, saying what it waited
     # for (GPU nodes that never start, a cluster too small); 0 waits forever.
     placement_timeout_s: int = 3600
+    # How long a cancel waits for a running run to reach its next step boundary before its trainers are killed (a
+    # checkpoint being written or uploaded then is waited for as well, whatever it takes: actors/scheduler.py).
+    stop_grace_s: int = 60
     # GiB the CPU trainers of a run may take on each node (model state and activations, shared by the node's
     # trainers); 0: what the node has available when the run starts. A run that would need more recomputes
     # activations, or fails saying what it needs (train/memory.py), instead of being killed by the kernel.
@@ -81,6 +84,7 @@ class Settings:
             "RAY_FINETUNE_ACTIVATION_CHECKPOINTING": self.activation_checkpointing,
             "RAY_FINETUNE_COMPILE": self.compile,
             "RAY_FINETUNE_PLACEMENT_TIMEOUT_S": str(self.placement_timeout_s),
+            "RAY_FINETUNE_STOP_GRACE_S": str(self.stop_grace_s),
             "RAY_FINETUNE_CPU_MEMORY_GB": str(self.cpu_memory_gb),
             "RAY_FINETUNE_MICRO_BATCH_TOKENS": str(self.micro_batch_tokens),
             "RAY_FINETUNE_ALLOCATOR": self.allocator,
@@ -107,6 +111,7 @@ def load() -> Settings:
         activation_checkpointing=_one_of("RAY_FINETUNE_ACTIVATION_CHECKPOINTING", ("auto", "on", "off")),
         compile=_one_of("RAY_FINETUNE_COMPILE", ("off", "on")),
         placement_timeout_s=_count("RAY_FINETUNE_PLACEMENT_TIMEOUT_S", default=3600, least=0),
+        stop_grace_s=_count("RAY_FINETUNE_STOP_GRACE_S", default=60, least=1),
         cpu_memory_gb=_amount("RAY_FINETUNE_CPU_MEMORY_GB"),
         micro_batch_tokens=_count("RAY_FINETUNE_MICRO_BATCH_TOKENS", default=0, least=0),
         allocator=_one_of("RAY_FINETUNE_ALLOCATOR", ("auto", "system")),

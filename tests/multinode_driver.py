@@ -14,6 +14,8 @@
                                                                # then a run from its checkpoint's weights
     python multinode_driver.py unreached_storage TINY_MODEL WORK  # one run, to its end (its trainers' node does
                                                                   # not reach the head's storage)
+    python multinode_driver.py cancel_while_uploading TINY_MODEL WORK  # one run, cancelled once a checkpoint
+                                                                       # is going up (the file TEST_UPLOADING)
 
 Each prints JSON lines on stdout; the last one is the result.
 """
@@ -189,8 +191,34 @@ def unreached_storage(model: str, work: Path) -> None:
     say(result={"status": run.status.value, "details": run.details, "events": [e.type for e in log(run.name)]})
 
 
+def cancel_while_uploading(model: str, work: Path) -> None:
+    import os
+
+    from ray_finetune import foundation_model as fm
+    from ray_finetune import storage
+    from ray_finetune.train import checkpoint
+    from tiny_model import write_chat_jsonl
+
+    data = write_chat_jsonl(work / "far.jsonl", 24)
+    run = fm.create(model=model, train_data_path=str(data), register_to="main.tests.far", context_length=64,
+                    training_duration="5000ba", checkpoint_interval="50ba")
+    uploading, deadline = Path(os.environ["TEST_UPLOADING"]), time.time() + 300
+    while time.time() < deadline and not uploading.exists():
+        time.sleep(0.1)
+    fm.cancel(run)
+    run.wait(timeout=300)
+    folder = checkpoint.checkpoints_dir(run.save_folder, run.name)
+    newest = checkpoint.latest_complete(folder)
+    say(result={"status": run.status.value, "details": run.details,
+                "events": [(e.type, e.payload.get("step")) for e in log(run.name)],
+                "checkpoints": fm.get_checkpoints(run),
+                "pointer": storage.read_text(folder / checkpoint.POINTER_NAME).strip() if newest else None,
+                "complete": newest is not None})
+
+
 if __name__ == "__main__":
     scenario, model, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     work.mkdir(parents=True, exist_ok=True)
     {"span": span, "runs": runs, "job": job, "on_demand": on_demand,
-     "object_storage": object_storage, "unreached_storage": unreached_storage}[scenario](model, work)
+     "object_storage": object_storage, "unreached_storage": unreached_storage,
+     "cancel_while_uploading": cancel_while_uploading}[scenario](model, work)

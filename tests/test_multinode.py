@@ -10,7 +10,8 @@ users' scripts and submitted Ray jobs do.
 - with RAY_FINETUNE_TRAINER_DEVICE=gpu, a run on a cluster without GPU nodes waits for one (as under an
   autoscaler that starts GPU nodes on demand) instead of training on the head's CPUs;
 - with RAY_FINETUNE_STORAGE=s3://..., a run survives the loss of every node's disk; a node whose endpoint leads to
-  another object store is named, by the failing run and by `ray-finetune status`.
+  another object store is named, by the failing run and by `ray-finetune status`; a cancel waits for the
+  checkpoint that is going up in the background.
 """
 from __future__ import annotations
 
@@ -256,6 +257,86 @@ def test_a_node_that_reaches_another_object_store_is_named_before_the_run_trains
     assert shown["storage"] == "s3://finetune/team"
     assert sorted(node["state"] for node in shown["nodes"]) == [
         "reaches", f"{identity} is not there (on the object store this node's credentials reach)"]
+
+
+@contextlib.contextmanager
+def slow_uploads(aws: dict[str, str], slow_path: str, delay_s: float, first_seen: Path):
+    """A proxy in front of the S3 server of `aws` that holds every upload (PUT, POST) whose path holds `slow_path`
+    for `delay_s` first, as a far or busy object store does, and creates `first_seen` when the first arrives;
+    yields the AWS_* variables that reach the store through it."""
+    import http.client
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    store = urlsplit(aws["AWS_ENDPOINT_URL"])
+
+    class Forward(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                body = b""
+                while size := int(self.rfile.readline().split(b";")[0], 16):
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+                self.rfile.readline()
+                return body
+            return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+        def _forward(self) -> None:
+            body = self._body()
+            if self.command in ("PUT", "POST") and slow_path in self.path:
+                first_seen.touch()
+                time.sleep(delay_s)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "content-length")}
+            connection = http.client.HTTPConnection(store.hostname, store.port, timeout=60)
+            connection.request(self.command, self.path, body=body, headers={**headers, "Content-Length": str(len(body))})
+            answer = connection.getresponse()
+            data = answer.read()
+            self.send_response(answer.status)
+            for key, value in answer.getheaders():
+                if key.lower() not in ("transfer-encoding", "content-length", "connection"):
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            connection.close()
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        def log_message(self, *arguments) -> None:   # quiet
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        yield {**aws, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.server_address[1]}"}
+    finally:
+        proxy.shutdown()
+
+
+def test_a_cancel_waits_for_the_checkpoint_going_up_in_the_background(tiny_model, tmp_path):
+    """Object storage far away (each checkpoint file takes seconds to go up) and a cancel's grace of 1 s: a cancel
+    that comes while a checkpoint goes up in the background waits for it, so the run stops with that checkpoint
+    complete (and resumable), not killed with it half-uploaded."""
+    uploading = tmp_path / "uploading"
+    with s3_server("finetune") as aws, slow_uploads(aws, "/checkpoints/ep", 4.0, uploading) as far:
+        with head_node(RAY_FINETUNE_STORAGE="s3://finetune/team", RAY_FINETUNE_STOP_GRACE_S="1", **far) as cluster:
+            cluster.add_node("w1")
+            result = subprocess.run([sys.executable, str(DRIVER), "cancel_while_uploading", str(tiny_model),
+                                     str(tmp_path)], env={**cluster.env, "TEST_UPLOADING": str(uploading)},
+                                    capture_output=True, text=True, timeout=900, cwd=TESTS.parent)
+            assert result.returncode == 0, result.stderr[-4000:]
+    run = json.loads(result.stdout.strip().splitlines()[-1])["result"]
+    assert run["status"] == "STOPPED", run
+    types = [kind for kind, _ in run["events"]]
+    after_cancel = run["events"][types.index("CANCEL_REQUESTED"):]
+    saved = [step for kind, step in after_cancel if kind == "CHECKPOINT_SAVED"]
+    assert saved, run["events"]   # the checkpoint in flight when the cancel came was completed, then reported
+    assert run["checkpoints"][-1].endswith(f"-ba{saved[-1]}") and run["pointer"].endswith(f"-ba{saved[-1]}")
+    assert run["complete"]   # its trainer state is in the bucket
 
 
 def test_object_storage_serves_a_run_whose_nodes_share_no_disk(tiny_model, tmp_path):

@@ -201,7 +201,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     if config.evaluate_first and start_step == 0:
         _evaluate(evaluation, config, reporter, step=0, epoch=0)
     engine.train()
-    publisher = Publisher(config.save_folder, config.run_name, rank, world, config.checkpoints_to_keep,
+    publisher = Publisher(config.save_folder, config.run_name, rank, config.checkpoints_to_keep,
                           report=lambda published: _report_published(reporter, published) if rank == 0 else None)
     started = time.monotonic()
     last_checkpoint: Path | None = storage.local(config.resume_from) if config.resume_from else None

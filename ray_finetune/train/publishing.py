@@ -48,10 +48,10 @@ class Publisher:
     """Completes the checkpoints one rank writes. Every rank of the group makes one (together: the ranks learn which
     of them acts for each node) and calls `at_step_boundary` at every step boundary, together."""
 
-    def __init__(self, save_folder: str, run_name: str, rank: int, world: int, keep: int,
+    def __init__(self, save_folder: str, run_name: str, rank: int, keep: int,
                  report: Callable[[Published], None]) -> None:
         self.directory = checkpoint.checkpoints_dir(save_folder, run_name)
-        self.rank, self.world, self.keep, self._report = rank, world, keep, report
+        self.rank, self.keep, self._report = rank, keep, report
         self.background = storage.is_mirrored(self.directory)
         if self.background:
             role = first_of_its_folder(str(storage.mirror_root()))
@@ -78,22 +78,19 @@ class Publisher:
             return
         try:
             checkpoint.place(self.directory, name)
+            if not self.background:   # nothing to upload: complete at once
+                self._complete(name, epoch, step, write_seconds)
         except OSError as error:
             raise CheckpointError(f"could not write checkpoint {name} under {self.directory}: "
                                   f"{error.strerror or error} (earlier checkpoints are intact)") from error
+        if not self.background:
+            self._report_published()
+            return
         if self.nodes > 1:
             self._others_up.clear()
         else:
             self._others_up.set()
-        if self.background:
-            self._in_background(self._complete, name, epoch, step, write_seconds)
-        else:
-            try:
-                self._complete(name, epoch, step, write_seconds)
-            except OSError as error:
-                raise CheckpointError(f"could not complete checkpoint {name} under {self.directory}: "
-                                      f"{error.strerror or error} (earlier checkpoints are intact)") from error
-            self._report_published()
+        self._in_background(self._complete, name, epoch, step, write_seconds)
 
     def uploading(self) -> bool:
         """Whether this node's files of the checkpoint in flight are still going up (rank 0's node needs no say:
