@@ -46,29 +46,45 @@ def engine_for(model_path: Path, plan, learning_rate: float = 1e-5):
     return engine, optimizer
 
 
+class Training:
+    """A model trained in this process (a group of one) on random tokens, `context` per row, one row a step."""
+
+    def __init__(self, model: str, context: int, steps: int) -> None:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        join_process_group(0, 1)
+        self.model_path = resolve_model(model).path
+        self.tokenizer = load_tokenizer(self.model_path)
+        rng = np.random.default_rng(0)
+        vocabulary = min(40000, len(self.tokenizer))
+        examples = [TokenizedExample(rng.integers(10, vocabulary, context - 8).tolist(), [True] * (context - 8))
+                    for _ in range(4)]
+        self.rows, stats = pack_examples(examples, context, self.tokenizer.pad_token_id)
+        self.plan = make_plan(rows=len(self.rows), tokens=stats.tokens, duration=parse_duration(f"{steps}ba"),
+                              world_size=1, seed=0)
+        self.engine, self.optimizer = engine_for(self.model_path, self.plan)
+        self.steps_done = 0
+
+    def train(self, steps: int) -> float:
+        """Train `steps` optimizer steps; returns the seconds they took."""
+        started = time.perf_counter()
+        for _ in range(steps):
+            for micro in self.plan.rank_micro_batches(self.steps_done, 0):
+                result = forward_loss(self.engine, make_batch(self.rows, micro))
+                self.engine.backward(result.loss_sum / max(result.target_tokens, 1), scale_wrt_gas=False)
+                self.engine.step()
+            self.steps_done += 1
+        return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--context", type=int, default=512)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    join_process_group(0, 1)
-    model_path = resolve_model(args.model).path
-    tokenizer = load_tokenizer(model_path)
-    rng = np.random.default_rng(0)
-    examples = [TokenizedExample(rng.integers(10, 40000, args.context - 8).tolist(), [True] * (args.context - 8))
-                for _ in range(4)]
-    rows, stats = pack_examples(examples, args.context, tokenizer.pad_token_id)
-    plan = make_plan(rows=len(rows), tokens=stats.tokens, duration=parse_duration("4ba"), world_size=1, seed=0)
-    engine, optimizer = engine_for(model_path, plan)
-
-    started = time.perf_counter()
-    for step in range(2):   # optimizer state exists only after a step
-        for micro in plan.rank_micro_batches(step, 0):
-            result = forward_loss(engine, make_batch(rows, micro))
-            engine.backward(result.loss_sum / max(result.target_tokens, 1), scale_wrt_gas=False)
-            engine.step()
-    step_s = (time.perf_counter() - started) / 2
+    training = Training(args.model, args.context, steps=4)
+    model_path, tokenizer, plan, engine, optimizer = (training.model_path, training.tokenizer, training.plan,
+                                                      training.engine, training.optimizer)
+    step_s = training.train(2) / 2   # optimizer state exists only after a step
 
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as folder:   # two checkpoints of the model
         work = Path(folder)

@@ -25,21 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from checkpoint_bench import engine_for  # sets the single-process DeepSpeed environment first
+from checkpoint_bench import Training  # sets the single-process DeepSpeed environment first
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ray_finetune import storage  # noqa: E402
-from ray_finetune.data.formats import TokenizedExample  # noqa: E402
-from ray_finetune.data.packing import pack_examples  # noqa: E402
-from ray_finetune.spec import parse_duration  # noqa: E402
 from ray_finetune.train import loop  # noqa: E402
-from ray_finetune.train.distributed import free_port, join_process_group  # noqa: E402
-from ray_finetune.train.models import load_tokenizer, resolve_model  # noqa: E402
-from ray_finetune.train.plan import make_plan  # noqa: E402
+from ray_finetune.train.distributed import free_port  # noqa: E402
 from ray_finetune.train.publishing import Publisher  # noqa: E402
-from ray_finetune.train.step import forward_loss, make_batch  # noqa: E402
 
 BUCKET = "bench"
 
@@ -74,44 +67,23 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=6, help="steps trained after each checkpoint")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    join_process_group(0, 1)
-    model_path = resolve_model(args.model).path
-    tokenizer = load_tokenizer(model_path)
-    rng = np.random.default_rng(0)
-    examples = [TokenizedExample(rng.integers(10, 40000, args.context - 8).tolist(), [True] * (args.context - 8))
-                for _ in range(4)]
-    rows, stats = pack_examples(examples, args.context, tokenizer.pad_token_id)
-    plan = make_plan(rows=len(rows), tokens=stats.tokens, duration=parse_duration("1000ba"), world_size=1, seed=0)
-    engine, optimizer = engine_for(model_path, plan)
-    step_number = 0
-
-    def train(steps: int) -> None:
-        nonlocal step_number
-        for _ in range(steps):
-            for micro in plan.rank_micro_batches(step_number, 0):
-                result = forward_loss(engine, make_batch(rows, micro))
-                engine.backward(result.loss_sum / max(result.target_tokens, 1), scale_wrt_gas=False)
-                engine.step()
-            step_number += 1
-
+    training = Training(args.model, args.context, steps=1000)
+    engine, tokenizer, optimizer, train = training.engine, training.tokenizer, training.optimizer, training.train
     train(3)   # warm-up; optimizer state exists only after a step
-    started = time.perf_counter()
-    train(args.steps)
-    step_s = (time.perf_counter() - started) / args.steps
+    step_s = train(args.steps) / args.steps
 
     with s3_server(), tempfile.TemporaryDirectory(prefix="upload-bench-") as work:
         os.environ[storage.MIRROR_ENV] = str(Path(work) / "mirror")
         save_folder = f"s3://{BUCKET}/runs"
-        config = loop.TrainConfig(run_name="bench", model_path=str(model_path), init_weights_path=None,
-                                  train_rows_path="", plan=plan, learning_rate=1e-5, save_folder=save_folder,
+        config = loop.TrainConfig(run_name="bench", model_path=str(training.model_path), init_weights_path=None,
+                                  train_rows_path="", plan=training.plan, learning_rate=1e-5, save_folder=save_folder,
                                   rank=0, world_size=1, seed=0, checkpoints_to_keep=1)
         published = []
         publisher = Publisher(save_folder, "bench", rank=0, keep=1, report=published.append)
 
         def ours(upload_first: bool) -> dict:
             started = time.perf_counter()
-            loop.save_checkpoint(engine, tokenizer, config, publisher, epoch=0, step=step_number)
+            loop.save_checkpoint(engine, tokenizer, config, publisher, epoch=0, step=training.steps_done)
             paused = time.perf_counter() - started
             client_cpu_s = None
             if upload_first:   # as before: training waits for the bucket
@@ -132,7 +104,7 @@ def main() -> None:
             started = time.perf_counter()
             local = Path(work) / "peer.pt"
             torch.save({"model": engine.module.state_dict(), "optimizer": optimizer.state_dict()}, local)
-            fsspec.filesystem("s3").put_file(str(local), f"{BUCKET}/peer/step-{step_number}.pt")
+            fsspec.filesystem("s3").put_file(str(local), f"{BUCKET}/peer/step-{training.steps_done}.pt")
             paused = time.perf_counter() - started
             train(args.steps)
             total = time.perf_counter() - started
