@@ -10,6 +10,11 @@ reading, checksums, HTTP), against its wall time (the rest is waiting for the st
 shares this machine's cores: on a small box its work takes the cores training would use.
 
     python bench/upload_bench.py [--model HuggingFaceTB/SmolLM2-135M-Instruct] [--context 512] [--steps 6]
+                                 [--server-apart]
+
+`--server-apart` gives the S3 server a core of its own (the last; training gets the others), as a real object store
+runs on machines of its own; otherwise, on a small box, the server's work (moto is Python) takes the cores training
+would use, and what the background saves is spent there.
 
 Needs the test extra (moto[server]).
 """
@@ -38,13 +43,15 @@ BUCKET = "bench"
 
 
 @contextlib.contextmanager
-def s3_server():
-    """moto's S3 server on loopback, in its own process; sets the AWS_* variables that reach it."""
+def s3_server(cores: set[int] | None = None):
+    """moto's S3 server on loopback, in its own process (on `cores` when given); sets the AWS_* variables that
+    reach it."""
     import boto3
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                       AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
     try:
@@ -66,13 +73,22 @@ def main() -> None:
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=6, help="steps trained after each checkpoint")
+    parser.add_argument("--server-apart", action="store_true", help="the S3 server on a core of its own")
     args = parser.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    server_cores = {cores[-1]} if args.server_apart and len(cores) > 1 else None
+    if server_cores:   # before the training threads start
+        os.sched_setaffinity(0, set(cores) - server_cores)
+        import fsspec.config
+
+        # moto on one core takes minutes to assemble a multipart upload: the client must wait for its answer
+        fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", {})["read_timeout"] = 1800
     training = Training(args.model, args.context, steps=1000)
     engine, tokenizer, optimizer, train = training.engine, training.tokenizer, training.optimizer, training.train
     train(3)   # warm-up; optimizer state exists only after a step
     step_s = train(args.steps) / args.steps
 
-    with s3_server(), tempfile.TemporaryDirectory(prefix="upload-bench-") as work:
+    with s3_server(server_cores), tempfile.TemporaryDirectory(prefix="upload-bench-") as work:
         os.environ[storage.MIRROR_ENV] = str(Path(work) / "mirror")
         save_folder = f"s3://{BUCKET}/runs"
         config = loop.TrainConfig(run_name="bench", model_path=str(training.model_path), init_weights_path=None,
@@ -121,7 +137,8 @@ def main() -> None:
             measured["ours_background"]["lost_s"] / measured["ours_upload_first"]["lost_s"], 2)
         measured["lost_ratio_background_over_peer"] = round(
             measured["ours_background"]["lost_s"] / measured["peer_torch_save_then_put"]["lost_s"], 2)
-    print(json.dumps({"model": args.model, "context": args.context, "step_s": round(step_s, 2),
+    print(json.dumps({"model": args.model, "context": args.context, "server_apart": bool(server_cores),
+                      "training_threads": torch.get_num_threads(), "step_s": round(step_s, 2),
                       "steps_after_each_checkpoint": args.steps, "checkpoint_mb": round(size_mb, 1),
                       "rounds": rounds}, indent=2))
 
