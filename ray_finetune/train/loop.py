@@ -525,13 +525,13 @@ def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, publisher:
             checkpoint.write_state(staging, {"epoch": epoch, "step": step, "plan": config.plan.as_dict(),
                                              "learning_rate": config.learning_rate,
                                              "packed_data": packed_data_id(config.train_rows_path)})
+        _barrier(config.world_size)   # every rank's files are written
+        publisher.start(name, epoch, step, write_seconds=time.monotonic() - started)
     except OSError as error:
         if config.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {name} under {staging.parent}: {error.strerror or error} "
                               "(earlier checkpoints are intact)") from error
-    _barrier(config.world_size)   # every rank's files are written
-    publisher.start(name, epoch, step, write_seconds=time.monotonic() - started)
     return publisher.directory / name
 
 

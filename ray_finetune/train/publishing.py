@@ -70,20 +70,16 @@ class Publisher:
         return self.directory / checkpoint.staging_name(name)
 
     def start(self, name: str, epoch: int, step: int, write_seconds: float) -> None:
-        """Every rank, once every rank has written its files of checkpoint `name` into its staging folder."""
+        """Every rank, once every rank has written its files of checkpoint `name` into its staging folder. On a
+        shared folder rank 0 completes it here (an OSError is the caller's to report, as for the write)."""
         if not self._acts_for_node:
             return
         if self.rank != 0:
             self._in_background(self._push_node_files, name)
             return
-        try:
-            checkpoint.place(self.directory, name)
-            if not self.background:   # nothing to upload: complete at once
-                self._complete(name, epoch, step, write_seconds)
-        except OSError as error:
-            raise CheckpointError(f"could not write checkpoint {name} under {self.directory}: "
-                                  f"{error.strerror or error} (earlier checkpoints are intact)") from error
-        if not self.background:
+        checkpoint.place(self.directory, name)
+        if not self.background:   # nothing to upload: complete at once
+            self._complete(name, epoch, step, write_seconds)
             self._report_published()
             return
         if self.nodes > 1:
