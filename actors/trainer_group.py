@@ -242,8 +242,8 @@ class TrainerWorker:
             eval_rows_path=request.data.eval_rows_path, eval_prompts=tuple(request.run.spec.eval_prompts),
             task_type=request.run.spec.task_type, evaluate_first=request.attempt == 1 and not request.resume_from,
         )
-        reporter = EventReporter(request, evaluator, lambda: self._stop) if self.rank == 0 else loop.SilentReporter()
-        self._reporter = reporter if isinstance(reporter, EventReporter) else None
+        self._reporter = EventReporter(request, evaluator, lambda: self._stop) if self.rank == 0 else None
+        reporter = self._reporter or loop.SilentReporter()
         outcome = train_reporting(lambda: loop.train(config, reporter), reporter)
         dist.destroy_process_group()
         final = outcome.final_checkpoint
