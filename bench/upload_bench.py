@@ -21,10 +21,8 @@ Needs the test extra (moto[server]).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,38 +32,13 @@ from checkpoint_bench import Training  # sets the single-process DeepSpeed envir
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from object_store import s3_server  # noqa: E402
 from ray_finetune import storage  # noqa: E402
 from ray_finetune.train import loop  # noqa: E402
-from ray_finetune.train.distributed import free_port  # noqa: E402
 from ray_finetune.train.publishing import Publisher  # noqa: E402
 
 BUCKET = "bench"
-
-
-@contextlib.contextmanager
-def s3_server(cores: set[int] | None = None):
-    """moto's S3 server on loopback, in its own process (on `cores` when given); sets the AWS_* variables that
-    reach it."""
-    import boto3
-
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
-    try:
-        client = boto3.client("s3")
-        for _ in range(300):
-            try:
-                client.create_bucket(Bucket=BUCKET)
-                break
-            except Exception:  # noqa: BLE001 - not listening yet
-                time.sleep(0.2)
-        yield
-    finally:
-        server.kill()
-        server.wait()
 
 
 def main() -> None:
@@ -88,7 +61,8 @@ def main() -> None:
     train(3)   # warm-up; optimizer state exists only after a step
     step_s = train(args.steps) / args.steps
 
-    with s3_server(server_cores), tempfile.TemporaryDirectory(prefix="upload-bench-") as work:
+    with s3_server(BUCKET, server_cores) as aws, tempfile.TemporaryDirectory(prefix="upload-bench-") as work:
+        os.environ.update(aws)
         os.environ[storage.MIRROR_ENV] = str(Path(work) / "mirror")
         save_folder = f"s3://{BUCKET}/runs"
         config = loop.TrainConfig(run_name="bench", model_path=str(training.model_path), init_weights_path=None,

@@ -32,6 +32,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
+from object_store import s3_server, slow_uploads
 from ray_finetune import storage
 from ray_finetune.train.distributed import free_port, free_ports
 
@@ -203,37 +204,6 @@ def test_a_run_whose_gpus_never_come_fails_saying_what_it_waited_for(tiny_model,
         assert "RAY_FINETUNE_PLACEMENT_TIMEOUT_S=0 waits forever" in result["details"]
 
 
-@contextlib.contextmanager
-def s3_server(bucket: str | None = None):
-    """A real S3 server (moto's) on loopback with `bucket` created; yields the AWS_* variables that reach it. In a
-    process of its own: moto keeps its buckets per process, so two servers of one process would be one store."""
-    import boto3
-
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-        client = boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                              aws_access_key_id="test", aws_secret_access_key="test")
-        deadline = time.time() + 60
-        while True:
-            try:
-                client.list_buckets()
-                break
-            except Exception:   # not listening yet
-                if time.time() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.2)
-        if bucket:
-            client.create_bucket(Bucket=bucket)
-        yield aws
-    finally:
-        server.kill()
-        server.wait()
-
-
 def test_a_node_that_reaches_another_object_store_is_named_before_the_run_trains(tiny_model, tmp_path):
     """The trainers' node is started with an endpoint that leads to another S3 (a worker set up with the wrong
     credentials or region, or a shared folder not mounted, looks the same to it): the run fails before it trains,
@@ -257,64 +227,6 @@ def test_a_node_that_reaches_another_object_store_is_named_before_the_run_trains
     assert shown["storage"] == "s3://finetune/team"
     assert sorted(node["state"] for node in shown["nodes"]) == [
         "reaches", f"{identity} is not there (on the object store this node's credentials reach)"]
-
-
-@contextlib.contextmanager
-def slow_uploads(aws: dict[str, str], slow_path: str, delay_s: float, first_seen: Path):
-    """A proxy in front of the S3 server of `aws` that holds every upload (PUT, POST) whose path holds `slow_path`
-    for `delay_s` first, as a far or busy object store does, and creates `first_seen` when the first arrives;
-    yields the AWS_* variables that reach the store through it."""
-    import http.client
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from urllib.parse import urlsplit
-
-    store = urlsplit(aws["AWS_ENDPOINT_URL"])
-
-    class Forward(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                body = b""
-                while size := int(self.rfile.readline().split(b";")[0], 16):
-                    body += self.rfile.read(size)
-                    self.rfile.readline()
-                self.rfile.readline()
-                return body
-            return self.rfile.read(int(self.headers.get("Content-Length", 0)))
-
-        def _forward(self) -> None:
-            body = self._body()
-            if self.command in ("PUT", "POST") and slow_path in self.path:
-                first_seen.touch()
-                time.sleep(delay_s)
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "content-length")}
-            connection = http.client.HTTPConnection(store.hostname, store.port, timeout=60)
-            connection.request(self.command, self.path, body=body, headers={**headers, "Content-Length": str(len(body))})
-            answer = connection.getresponse()
-            data = answer.read()
-            self.send_response(answer.status)
-            for key, value in answer.getheaders():
-                if key.lower() not in ("transfer-encoding", "content-length", "connection"):
-                    self.send_header(key, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-            connection.close()
-
-        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
-
-        def log_message(self, *arguments) -> None:   # quiet
-            pass
-
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
-        yield {**aws, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.server_address[1]}"}
-    finally:
-        proxy.shutdown()
 
 
 def test_a_cancel_waits_for_the_checkpoint_going_up_in_the_background(tiny_model, tmp_path):
