@@ -220,12 +220,17 @@ def fetch(location: str) -> Path:
     return pull(local(location))
 
 
-def remove(path: str | Path) -> None:
-    """Remove a file or folder from the mirror and from the object store."""
+def remove(path: str | Path, first: tuple[str, ...] = ()) -> None:
+    """Remove a file or folder from the mirror and from the object store; the files of the folder named in `first`
+    go before the rest (the file whose presence makes the folder complete: a removal cut short then leaves a folder
+    that reads as incomplete, never one that reads as complete with files missing). Raises OSError when the
+    storage refuses."""
     target = Path(path)
+    for name in first:
+        remove(target / name)
     url = _url(target)
     if target.is_dir():
-        shutil.rmtree(target, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=url is not None)   # a mirror copy: the object store's is what counts
     else:
         target.unlink(missing_ok=True)
     if url is not None:

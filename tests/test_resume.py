@@ -1,6 +1,7 @@
 """Runs that survive: a killed trainer, a killed scheduler or a killed head node; the resumed run reproduces the
 uninterrupted one exactly (per-step losses and final weights, bitwise on CPU), a run that keeps dying ends
-FAILED with every attempt's reason, and a run whose registration failed is registered by resuming it."""
+FAILED with every attempt's reason, a run whose registration failed is registered by resuming it, and an old
+checkpoint the storage will not remove costs a run nothing but a line in its events."""
 from __future__ import annotations
 
 import os
@@ -203,6 +204,39 @@ def test_unwritable_checkpoint_storage_fails_the_run_with_a_clear_reason(cluster
     assert finished.details.startswith("CheckpointError: could not write checkpoint ep1-ba")
     assert "earlier checkpoints are intact" in finished.details
     assert "REQUEUED" not in [e.type for e in fm.get_events(run.name)]   # a disk problem is not retried blindly
+
+
+def test_an_old_checkpoint_the_storage_will_not_remove_is_reported_and_the_run_goes_on(cluster, tiny_model,
+                                                                                       chat_data):
+    """Retention (removing checkpoints beyond checkpoints_to_keep, and what interrupted attempts left) meets a file
+    the storage refuses to delete: the run trains on and completes, and each checkpoint's event names what stays
+    and why. A staging folder an interrupted attempt left goes."""
+    run = create(tiny_model, chat_data, training_duration="160ba")
+    checkpoints = Path(run.save_folder) / run.name / "checkpoints"
+    torn = checkpoints / "ep0-ba1" / "model" / "model.safetensors"   # no trainer state: an attempt killed writing
+    torn.parent.mkdir(parents=True)
+    torn.write_bytes(b"x")
+    staging = checkpoints / ".tmp-ep0-ba2" / "rank_0.pt"
+    staging.parent.mkdir(parents=True)
+    staging.write_bytes(b"x")
+    if subprocess.run(["chattr", "+i", str(torn)], capture_output=True).returncode:
+        fm.cancel([run.name])
+        pytest.skip("this file system does not let root make a file undeletable (chattr +i)")
+    try:
+        finished = run.wait(timeout=300)
+    finally:
+        subprocess.run(["chattr", "-i", str(torn)], check=True)
+    assert finished.status == RunStatus.COMPLETED, finished.details
+    saved = events_of(run.name, "CHECKPOINT_SAVED")
+    assert [e.payload["step"] for e in saved] == [80, 160]
+    for event in saved:
+        assert event.message.endswith("; retention could not remove ep0-ba1: PermissionError: [Errno 1] Operation "
+                                      "not permitted: 'model.safetensors' -- it stays, and the next checkpoint tries "
+                                      "again")
+        assert event.payload["not_removed"] == ["ep0-ba1: PermissionError: [Errno 1] Operation not permitted: "
+                                                "'model.safetensors'"]
+    assert torn.exists() and not staging.parent.exists()
+    assert fm.get_checkpoints(run.name) == [e.payload["path"] for e in saved]
 
 
 def test_a_run_whose_registration_failed_is_registered_by_resume_without_training_again(cluster, tiny_model,

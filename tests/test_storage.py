@@ -106,7 +106,7 @@ def test_checkpoints_are_found_and_retired_in_the_bucket(s3, mirror):
     with pytest.raises(ValidationError, match="is not a checkpoint folder"):
         checkpoint.weights_folder("custom_weights_path", "s3://training-data/artifacts/abc/run-x/ep9-ba9")
 
-    assert checkpoint.retain(directory, keep=1) == [directory / "ep0-ba2"]
+    assert checkpoint.retain(directory, keep=1).removed == (directory / "ep0-ba2",)
     assert storage.children(directory) == ["ep0-ba4", "ep0-ba6", checkpoint.POINTER_NAME]
 
 

@@ -70,9 +70,7 @@ def removable(found: list[CacheEntry], in_use: set[str], unused_for_s: float = 0
 def remove(cache_dir: Path, entry: CacheEntry) -> None:
     """The stats file goes first: from then on the entry is incomplete, so a preparation packs the data again
     rather than read rows that are being removed."""
-    folder = cache_dir / entry.key
-    storage.remove(folder / STATS_FILE)
-    storage.remove(folder)
+    storage.remove(cache_dir / entry.key, first=(STATS_FILE,))
 
 
 def in_use_by_runs() -> dict[str, list[str]]:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from ray_finetune import storage
@@ -104,12 +105,14 @@ def latest_complete(directory: Path) -> Path | None:
             return named
     except OSError:   # no pointer yet, or no checkpoints folder (a file in its place, say): the listing decides
         pass
-    return max(_complete(directory), key=lambda f: parse_name(f.name)[1], default=None)  # type: ignore[index]
+    complete = _complete(directory, storage.children(directory))
+    return complete[-1] if complete else None
 
 
-def _complete(directory: Path) -> list[Path]:
-    return [directory / name for name in storage.children(directory)
-            if parse_name(name) is not None and is_complete(directory / name)]
+def _complete(directory: Path, names: list[str]) -> list[Path]:
+    """The complete checkpoints among `names` (the listing of `directory`), oldest first."""
+    complete = [directory / name for name in names if parse_name(name) is not None and is_complete(directory / name)]
+    return sorted(complete, key=lambda folder: _step_of(folder.name))
 
 
 def read_state(folder: Path, pulled: bool = False) -> dict:
@@ -131,13 +134,39 @@ def ensure_same_data(folder: Path, state: dict, data_id: str) -> None:
             "to start from these weights")
 
 
-def retain(directory: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints (and any stale staging folders); returns what went."""
-    complete = sorted(_complete(directory), key=lambda f: parse_name(f.name)[1])  # type: ignore[index]
-    doomed = complete[:-keep] if keep > 0 else []
-    for folder in doomed:
-        storage.remove(folder)
-    return doomed
+@dataclass(frozen=True)
+class Retention:
+    removed: tuple[Path, ...]   # what retention removed
+    refused: tuple[str, ...]    # "<name>: <why>" for each folder the storage would not remove (it stays)
+
+
+def retain(directory: Path, keep: int) -> Retention:
+    """Remove all but the newest `keep` complete checkpoints, and what interrupted attempts left older than the
+    newest complete one (torn checkpoints, staging folders). Never raises: a checkpoint complete already stays so
+    whatever an older one's removal meets; what the storage refuses is named in the result, stays, and is tried again
+    by the next retention. A checkpoint loses its trainer state first, so a removal cut short leaves a torn
+    checkpoint, never resumed from (and removed next time)."""
+    names = storage.children(directory)
+    complete = _complete(directory, names)
+    if not complete:
+        return Retention((), ())
+    newest = _step_of(complete[-1].name)
+    leftovers = [directory / name for name in names
+                 if directory / name not in complete and (step := _step_of(name)) is not None and step < newest]
+    removed, refused = [], []
+    for folder in leftovers + (complete[:-keep] if keep > 0 else []):
+        try:
+            storage.remove(folder, first=(STATE_FILE,))
+            removed.append(folder)
+        except Exception as error:  # noqa: BLE001 - any refusal of the storage (OSError, or its client's own)
+            refused.append(f"{folder.name}: {type(error).__name__}: {error}")
+    return Retention(tuple(removed), tuple(refused))
+
+
+def _step_of(name: str) -> int | None:
+    """The step of a checkpoint's folder, or of its staging folder; None for any other name."""
+    parsed = parse_name(name.removeprefix(staging_name("")))
+    return parsed[1] if parsed else None
 
 
 def initial_weights(parameter: str, path: str | Path) -> Path:

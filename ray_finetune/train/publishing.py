@@ -6,7 +6,8 @@ over the network). So the first rank of each node (the one that acts for the nod
 wrote on a thread of its own, and rank 0 completes the checkpoint on the object store once every node's files are
 there: its trainer state (whose presence makes a checkpoint complete, checkpoint.is_complete), then the pointer,
 then retention of older checkpoints. Only then is it reported: a CHECKPOINT_SAVED event always names a checkpoint
-that a resumed run can load.
+that a resumed run can load. (What retention meets never fails the upload: an older checkpoint the storage refuses to
+remove is reported with the new one, and stays.)
 
 Rank 0 learns that the other nodes' files are up at a step boundary, from the value every rank exchanges there
 anyway (loop._agree), so the threads need no messages and no polling of their own. At most one checkpoint is in
@@ -36,6 +37,7 @@ class Published:
     epoch: int
     step: int
     removed: tuple[Path, ...]        # older checkpoints that retention removed after it
+    not_removed: tuple[str, ...]     # "<name>: <why>" for each the storage refused to remove (retried next time)
     write_seconds: float             # training paused while the ranks wrote it
     upload_seconds: float | None     # uploaded while training went on (None: the storage is a folder)
 
@@ -140,10 +142,10 @@ class Publisher:
         checkpoint.point(self.directory, name)
         uploaded = time.monotonic() - started
         storage.drop_local(folder)   # a node's mirror holds a checkpoint only while it is written or read
-        removed = tuple(checkpoint.retain(self.directory, self.keep))
+        retention = checkpoint.retain(self.directory, self.keep)   # never raises: the checkpoint is complete
         with self._lock:
-            self._published.append(Published(folder, epoch, step, removed, write_seconds,
-                                             uploaded if self.background else None))
+            self._published.append(Published(folder, epoch, step, retention.removed, retention.refused,
+                                             write_seconds, uploaded if self.background else None))
 
     def _push_node_files(self, name: str) -> None:
         """A node other than rank 0's: its ranks' files, from its staging folder to the checkpoint's place."""
