@@ -223,21 +223,32 @@ def data_cache(
     cache_dir = settings.load().packed_data_dir
     found = cache.entries(cache_dir)
     users = _guarded(cache.in_use_by_runs) if found else {}
-    removed = cache.removable(found, set(users), unused_days * 86400.0) if clear else []
-    for entry in removed:
-        cache.remove(cache_dir, entry)
+    doomed = cache.removable(found, set(users), unused_days * 86400.0) if clear else []
+    refused: dict[str, str] = {}   # entry key -> why the storage would not remove it
+    for entry in doomed:
+        try:
+            cache.remove(cache_dir, entry)
+        except OSError as error:
+            refused[entry.key] = f"{type(error).__name__}: {error}"
+    removed = [e for e in doomed if e.key not in refused]
     if as_json:
-        _print_json({"entries": [{**asdict(e), "in_use_by": users.get(e.key, []), "removed": e in removed}
-                                 for e in found]})
-        return
-    _table(f"packed data in {storage.location_of(cache_dir)}",
-           ["entry", "examples", "tokens", "size", "last used", "read by"],
-           [[e.key, f"{e.examples:,}", f"{e.tokens:,}", _size(e.bytes), e.last_used.astimezone(),
-             "removed" if e in removed else ", ".join(users.get(e.key, []))] for e in found])
-    total = sum(e.bytes for e in found)
-    freed = sum(e.bytes for e in removed)
-    console.print(f"{len(found)} entries, {_size(total)}" + (f"; removed {len(removed)}, {_size(freed)} freed"
-                                                             if clear else ""))
+        _print_json({"entries": [{**asdict(e), "in_use_by": users.get(e.key, []), "removed": e in removed,
+                                  "not_removed": refused.get(e.key)} for e in found]})
+    else:
+        _table(f"packed data in {storage.location_of(cache_dir)}",
+               ["entry", "examples", "tokens", "size", "last used", "read by"],
+               [[e.key, f"{e.examples:,}", f"{e.tokens:,}", _size(e.bytes), e.last_used.astimezone(),
+                 "removed" if e in removed else "not removed" if e.key in refused else
+                 ", ".join(users.get(e.key, []))] for e in found])
+        total = sum(e.bytes for e in found)
+        freed = sum(e.bytes for e in removed)
+        console.print(f"{len(found)} entries, {_size(total)}" + (f"; removed {len(removed)}, {_size(freed)} freed"
+                                                                 if clear else ""))
+    for key, why in refused.items():
+        errors.print(f"[red]error:[/red] could not remove {storage.location_of(cache_dir / key)}: {why}",
+                     soft_wrap=True)
+    if refused:
+        raise typer.Exit(1)
 
 
 def _size(count: float) -> str:

@@ -156,9 +156,10 @@ def test_status_without_a_cluster_says_so_and_starts_none(tmp_path, address):
 
 def test_the_packed_data_cache_is_listed_and_cleared_keeping_what_runs_under_way_read(cluster, tiny_model, tmp_path):
     """`data cache` lists each packed dataset with its size and the runs under way that read it; `--clear` removes
-    the entries no run under way reads (here: only those unused for half a day), and a run on removed data packs it
-    again."""
+    the entries no run under way reads (here: only those unused for half a day), saying which the storage refused
+    to delete (exit code 1), and a run on removed data packs it again."""
     import os
+    import subprocess
     import time
 
     from ray_finetune import foundation_model as fm
@@ -187,6 +188,16 @@ def test_the_packed_data_cache_is_listed_and_cleared_keeping_what_runs_under_way
         for entry in (finished_entry, running_entry):   # as if no run had asked for either since yesterday
             os.utime(cluster.packed_data_dir / entry / "stats.json", (day_ago, day_ago))
 
+        stats = cluster.packed_data_dir / finished_entry / "stats.json"
+        if not subprocess.run(["chattr", "+i", str(stats)], capture_output=True).returncode:
+            try:   # the storage refuses to delete it: one line saying so, exit code 1, no traceback
+                table = invoke("data", "cache", "--clear", "--unused-days", "0.5")
+            finally:
+                subprocess.run(["chattr", "-i", str(stats)], check=True)
+            assert table.exit_code == 1 and "removed 0," in table.stdout and "Traceback" not in table.output
+            assert f"error: could not remove {cluster.packed_data_dir / finished_entry}: PermissionError: [Errno 1] " \
+                   "Operation not permitted" in " ".join(table.stderr.split())
+            assert stats.exists()
         table = invoke("data", "cache", "--clear", "--unused-days", "0.5")
         assert table.exit_code == 0 and "removed 1," in table.stdout, table.output
         assert not (cluster.packed_data_dir / finished_entry).exists()
