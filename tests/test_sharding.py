@@ -332,6 +332,26 @@ def test_reusing_a_cache_entry_marks_it_used_and_only_idle_entries_not_in_use_ar
     assert prepare("train_data_path", str(data), context_length=64, **arguments).cached is False   # packed again
 
 
+def test_rows_a_cut_short_removal_left_are_packed_again_not_used(tmp_path, tiny_model):
+    """Removing an entry takes its stats first (it is no longer complete), then its rows; when the storage stops
+    that half-way, the next preparation of the same data packs the rows again instead of taking what is left."""
+    from ray_finetune.data import cache
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in conversations(10)))
+    arguments = dict(task_type="CHAT_COMPLETION", model_path=str(tiny_model), tokenizer=load_tokenizer(tiny_model),
+                     cache_dir=tmp_path / "cache", context_length=96)
+    first = prepare("train_data_path", str(data), **arguments)
+    rows = PackedRows.load(first.rows_path)
+    packed = {name: np.array(getattr(rows, name)) for name in PackedRows.FIELDS}
+    (Path(first.rows_path).parent / cache.STATS_FILE).unlink()                 # as a removal cut short leaves it
+    (Path(first.rows_path) / f"{PackedRows.FIELDS[-1]}.npy").unlink()
+    again = prepare("train_data_path", str(data), **arguments)
+    assert not again.cached and again.rows_path == first.rows_path
+    repacked = PackedRows.load(again.rows_path)
+    assert all((getattr(repacked, name) == packed[name]).all() for name in PackedRows.FIELDS)
+
+
 def test_a_malformed_record_found_by_a_task_on_the_cluster_fails_preparation_with_its_line(cluster, tmp_path,
                                                                                          tiny_model):
     """The same refusal as in one process, from a tokenize task: its error reaches the caller as it was raised."""

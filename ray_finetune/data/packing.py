@@ -90,6 +90,11 @@ class PackedRows:
                 array.flush()
 
     @classmethod
+    def is_whole(cls, folder: str | Path) -> bool:
+        """Whether a rows folder holds every array (a removal cut short leaves some)."""
+        return all((Path(folder) / f"{name}.npy").is_file() for name in cls.FIELDS)
+
+    @classmethod
     def load(cls, folder: str | Path) -> "PackedRows":
         return cls(**{name: np.load(Path(folder) / f"{name}.npy", mmap_mode="r") for name in cls.FIELDS})
 

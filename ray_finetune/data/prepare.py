@@ -175,6 +175,9 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
         except OSError:
             if not rows_dir.is_dir():   # not "another preparation of the same data got there first"
                 raise
+            if not packing.PackedRows.is_whole(rows_dir):   # what a removal cut short left: replaced, never used
+                shutil.rmtree(rows_dir)
+                (work / "rows").rename(rows_dir)
         temporary_stats = work / "stats.json"
         temporary_stats.write_text(json.dumps(stats.as_dict()))
         temporary_stats.replace(stats_file)
