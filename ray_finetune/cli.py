@@ -9,7 +9,8 @@ import os
 import sys
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -18,12 +19,18 @@ from rich.table import Table
 
 from ray_finetune.errors import RayFinetuneError
 
+if TYPE_CHECKING:
+    from ray_finetune.cluster import NodeAnswer
+
 app = typer.Typer(help="Fine-tune foundation models on Ray (Databricks FM fine-tuning API compatible).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 runs_app = typer.Typer(help="List, inspect, cancel and delete runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 console = Console()
 errors = Console(stderr=True)
+# `data cache --clear` waits this long for each node to remove its copies (gigabytes may take a while to delete),
+# then names the nodes that have not answered instead of waiting for a hung mount.
+CLEAR_NODE_WITHIN_S = 120.0
 
 
 def _fm():
@@ -216,7 +223,7 @@ def data_cache(
 ) -> None:
     """Packed data cached on RAY_FINETUNE_STORAGE (16 bytes a token): each entry's size, when a run last asked
     for it and which runs under way read it; --clear removes the others (a run that needs one again packs it
-    again)."""
+    again), and on object storage also the copies of them that trainers pulled to their nodes."""
     from ray_finetune import settings, storage
     from ray_finetune.data import cache
 
@@ -231,9 +238,12 @@ def data_cache(
         except OSError as error:
             refused[entry.key] = f"{type(error).__name__}: {error}"
     removed = [e for e in doomed if e.key not in refused]
+    nodes = _drop_node_copies(cache_dir, frozenset(e.key for e in found if e not in removed)) if clear else []
     if as_json:
         _print_json({"entries": [{**asdict(e), "in_use_by": users.get(e.key, []), "removed": e in removed,
-                                  "not_removed": refused.get(e.key)} for e in found]})
+                                  "not_removed": refused.get(e.key)} for e in found],
+                     "nodes": [{"node_ip": n.address, "freed_bytes": n.value, "not_cleared": n.failure}
+                               for n in nodes]})
     else:
         _table(f"packed data in {storage.location_of(cache_dir)}",
                ["entry", "examples", "tokens", "size", "last used", "read by"],
@@ -244,11 +254,27 @@ def data_cache(
         freed = sum(e.bytes for e in removed)
         console.print(f"{len(found)} entries, {_size(total)}" + (f"; removed {len(removed)}, {_size(freed)} freed"
                                                                  if clear else ""))
-    for key, why in refused.items():
-        errors.print(f"[red]error:[/red] could not remove {storage.location_of(cache_dir / key)}: {why}",
-                     soft_wrap=True)
-    if refused:
+        if nodes:
+            console.print(f"copies trainers had pulled to their nodes: {_size(sum(n.value or 0 for n in nodes))} "
+                          f"freed on {len(nodes)} node(s)")
+    problems = [f"could not remove {storage.location_of(cache_dir / key)}: {why}" for key, why in refused.items()]
+    problems += [f"could not clear the copies on node {n.address}: {n.failure}" for n in nodes if n.failure]
+    for problem in problems:
+        errors.print(f"[red]error:[/red] {problem}", soft_wrap=True)
+    if problems:
         raise typer.Exit(1)
+
+
+def _drop_node_copies(cache_dir: Path, keep: frozenset[str]) -> list[NodeAnswer]:
+    """On object storage, each node of the cluster removes its mirror's copies of the entries the object store no
+    longer holds (cache.drop_node_copies); nothing to do on a shared folder, or with no cluster running."""
+    from ray_finetune import cluster, storage
+    from ray_finetune.data import cache
+
+    if not storage.is_mirrored(cache_dir) or not cluster.join_if_running():
+        return []
+    return cluster.on_every_node(cache.drop_node_copies, storage.location_of(cache_dir), keep,
+                                 within_s=CLEAR_NODE_WITHIN_S)
 
 
 def _size(count: float) -> str:

@@ -9,7 +9,9 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import ray
 
@@ -160,3 +162,36 @@ def down() -> bool:
     subprocess.run([_ray_command(), "stop", "--force"], capture_output=True, text=True)
     record.unlink(missing_ok=True)
     return was_running
+
+
+@dataclass(frozen=True)
+class NodeAnswer:
+    address: str            # the node's IP
+    node_id: str
+    value: Any              # what the function returned there (None when it did not answer)
+    failure: str | None     # why it did not answer: no answer in time, or the error it raised
+
+
+def on_every_node(function: Callable[..., Any], *arguments: Any, within_s: float) -> list[NodeAnswer]:
+    """`function(*arguments)` once on every alive node (what only each node can see: its disk, its mounts), as a
+    task pinned to the node that takes no CPU, so that a node busy training still answers. A node that does not
+    answer within `within_s` is named, not waited for: a hung mount must not hang the command that asks."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    task = ray.remote(num_cpus=0)(function)
+    asked = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+             .remote(*arguments) for node in alive]
+    ready, _ = ray.wait(asked, num_returns=len(asked), timeout=within_s)
+    answers = []
+    for node, reference in zip(alive, asked):
+        value, failure = None, None
+        if reference not in ready:
+            failure = f"no answer within {within_s:g} s (a hung mount, or a node too busy to start a task)"
+        else:
+            try:
+                value = ray.get(reference)
+            except ray.exceptions.RayError as error:
+                failure = f"failed: {str(error).strip().splitlines()[0]}"
+        answers.append(NodeAnswer(node["NodeManagerAddress"], node["NodeID"], value, failure))
+    return answers

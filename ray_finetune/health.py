@@ -108,12 +108,10 @@ def _active_runs(names: list[str], store: Any) -> list[ActiveRun]:
 def _nodes_storage(scheduler: Any) -> tuple[str, list[NodeStorage]]:
     """RAY_FINETUNE_STORAGE, and whether each alive node reads the identity the head wrote into it and writes there
     (as a run's trainers are checked before they train)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     from ray_finetune import storage
+    from ray_finetune.cluster import on_every_node
     from ray_finetune.errors import ConfigError
 
-    alive = [node for node in ray.nodes() if node.get("Alive")]
     try:
         location, identity = ray.get(scheduler.storage.remote(), timeout=READ_STORAGE_WITHIN_S)
     except (ray.exceptions.RayError, AttributeError) as error:
@@ -124,22 +122,11 @@ def _nodes_storage(scheduler: Any) -> tuple[str, list[NodeStorage]]:
             why = str(error.cause)  # type: ignore[union-attr]
         elif isinstance(error, AttributeError):
             why = "the scheduler runs an older ray_finetune (restart the head to check)"
-        return "", [NodeStorage(node["NodeManagerAddress"], node["NodeID"], f"not checked: {why}") for node in alive]
-    unreached = ray.remote(num_cpus=0)(storage.unreached)
-    asked = [unreached.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
-             .remote(location, identity) for node in alive]
-    ready, _ = ray.wait(asked, num_returns=len(asked), timeout=READ_STORAGE_WITHIN_S)
-    states = []
-    for node, reference in zip(alive, asked):
-        if reference not in ready:
-            state = f"no answer within {READ_STORAGE_WITHIN_S:g} s (a hung mount, or a node too busy to start a task)"
-        else:
-            try:
-                state = ray.get(reference) or REACHES
-            except ray.exceptions.RayError as error:
-                state = f"could not check: {str(error).strip().splitlines()[0]}"
-        states.append(NodeStorage(node["NodeManagerAddress"], node["NodeID"], state))
-    return location, states
+        return "", [NodeStorage(node["NodeManagerAddress"], node["NodeID"], f"not checked: {why}")
+                    for node in ray.nodes() if node.get("Alive")]
+    return location, [NodeStorage(answer.address, answer.node_id, answer.failure or answer.value or REACHES)
+                      for answer in on_every_node(storage.unreached, location, identity,
+                                                  within_s=READ_STORAGE_WITHIN_S)]
 
 
 def cluster_status() -> ClusterStatus:

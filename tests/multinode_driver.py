@@ -11,7 +11,9 @@
     python multinode_driver.py object_storage TINY_MODEL WORK  # with RAY_FINETUNE_STORAGE=s3://...: one run across
                                                                # two nodes, cancelled with a checkpoint, every node's
                                                                # mirror (TEST_MIRRORS) removed, resumed to the end;
-                                                               # then a run from its checkpoint's weights
+                                                               # then a run from its checkpoint's weights; then
+                                                               # its data removed from the bucket and `data cache
+                                                               # --clear` run
     python multinode_driver.py unreached_storage TINY_MODEL WORK  # one run, to its end (its trainers' node does
                                                                   # not reach the head's storage)
     python multinode_driver.py cancel_while_uploading TINY_MODEL WORK  # one run, cancelled once a checkpoint
@@ -169,7 +171,9 @@ def object_storage(model: str, work: Path) -> None:
     pointer = f"{folder}/checkpoints/latest-sharded-rank0.symlink"
     follower = fm.create(model=model, train_data_path=str(data), register_to="main.tests.from_s3_weights",
                          training_duration="1ba", context_length=64, custom_weights_path=pointer).wait(timeout=600)
-    say(result={
+    cleared = clear_removed_entry_from_nodes([e.payload["packed_data"] for e in log(run.name)
+                                              if e.type == "DATA_VALIDATED"][-1])
+    say(result={"cleared": cleared,
         "models_logged": [path for path in bucket.find("finetune") if path.endswith("/MLmodel")],
         "stopped": stopped, "left_in_mirrors": left_in_mirrors, "status": finished.status.value, "details": finished.details,
         "save_folder": finished.save_folder, "stopped_checkpoints": stopped_checkpoints,
@@ -179,6 +183,31 @@ def object_storage(model: str, work: Path) -> None:
         "follower": follower.status.value, "follower_details": follower.details,
         "follower_weights": [e.payload["weights_from"] for e in log(follower.name) if e.type == "MODEL_INITIALIZED"],
     })
+
+
+def clear_removed_entry_from_nodes(key: str) -> dict:
+    """The run's packed training data removed from the bucket (as `data cache --clear` removes an idle entry), the
+    nodes' copies aged an hour (as if pulled then); then `data cache --clear`: every node drops its copy of it, and
+    keeps its copies of what the bucket still holds."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from ray_finetune import settings
+    from ray_finetune.cli import app
+    from ray_finetune.data import cache
+
+    cache_dir = settings.load().packed_data_dir
+    [entry] = [e for e in cache.entries(cache_dir) if e.key == key]
+    cache.remove(cache_dir, entry)
+    hour_ago = time.time() - 3600
+    copies = [folder for mirror in os.environ["TEST_MIRRORS"].split(",") for folder in Path(mirror).rglob("packed/*")]
+    for folder in copies:
+        os.utime(folder, (hour_ago, hour_ago))
+    shell = CliRunner().invoke(app, ["data", "cache", "--clear", "--json"], catch_exceptions=False)
+    return {"exit_code": shell.exit_code, "output": shell.stdout, "errors": shell.stderr, "key": key,
+            "copies_before": sorted(str(folder) for folder in copies),
+            "copies_after": sorted(str(folder) for folder in copies if folder.exists())}
 
 
 def unreached_storage(model: str, work: Path) -> None:

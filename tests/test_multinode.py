@@ -255,7 +255,8 @@ def test_object_storage_serves_a_run_whose_nodes_share_no_disk(tiny_model, tmp_p
     """RAY_FINETUNE_STORAGE=s3://... against a real S3 server (moto's), each node with a mirror of its own: a run of
     two workers on two nodes checkpoints into the bucket, is cancelled at a checkpoint, loses every node's copy of
     everything, resumes from the bucket and is registered from it; a second run starts from the first's weights
-    named by their s3:// pointer."""
+    named by their s3:// pointer; once its data is removed from the bucket, `data cache --clear` removes the copies
+    the trainers pulled to their nodes."""
     with s3_server("finetune") as aws:
         with head_node(RAY_FINETUNE_STORAGE="s3://finetune/team", RAY_FINETUNE_TRAINER_WORKERS="2",
                        RAY_FINETUNE_ZERO_STAGE="2",   # each rank writes its own optimizer shard
@@ -290,3 +291,10 @@ def test_object_storage_serves_a_run_whose_nodes_share_no_disk(tiny_model, tmp_p
     assert len(run["models_logged"]) == 2            # both runs' registered models, as MLflow logged them
     assert run["follower"] == "COMPLETED", run["follower_details"]
     assert run["follower_weights"][0].startswith(run["save_folder"])
+    cleared = run["cleared"]   # the data removed from the bucket: every node's copy of it goes with `--clear`
+    assert cleared["exit_code"] == 0, cleared["errors"]
+    nodes = json.loads(cleared["output"])["nodes"]
+    assert len(nodes) == 3 and all(n["not_cleared"] is None for n in nodes) and sum(n["freed_bytes"] for n in nodes)
+    removed = [c for c in cleared["copies_before"] if c.endswith(cleared["key"])]
+    assert len(removed) >= 2 and not set(removed) & set(cleared["copies_after"])   # both trainer nodes had pulled it
+    assert set(cleared["copies_after"]) == set(cleared["copies_before"]) - set(removed)   # the eval data's stay

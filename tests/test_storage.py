@@ -4,8 +4,10 @@ is tested in test_multinode.py."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import fsspec
@@ -125,6 +127,32 @@ def test_packed_data_is_shared_through_the_bucket(s3, mirror, tiny_model, chat_d
     assert entry.bytes > 0
     cache.remove(cache_dir, entry)
     assert cache.entries(cache_dir) == [] and storage.children(cache_dir) == []
+
+
+def test_a_node_drops_its_copies_of_entries_the_bucket_no_longer_holds(mirror, tmp_path):
+    """What trainers pulled into a node's mirror goes once the object store no longer holds it, unless a preparation
+    on the node is writing it or it was pulled or published just now; on a shared folder nothing is a copy."""
+    def entry(cache_dir, key, size, age_s, writing=False):
+        rows = cache_dir / key / "rows"
+        rows.mkdir(parents=True)
+        (rows / "input_ids.npy").write_bytes(b"x" * size)
+        if writing:
+            (cache_dir / key / "work-host-1-abc").mkdir()
+        then = time.time() - age_s
+        os.utime(cache_dir / key, (then, then))
+
+    location = "s3://training-data/team/packed"
+    cache_dir = storage.local(location)
+    entry(cache_dir, "held", 10, 3600)
+    entry(cache_dir, "removed", 1000, 3600)
+    entry(cache_dir, "pulled-just-now", 100, 5)
+    entry(cache_dir, "being-packed", 100, 3600, writing=True)
+    assert cache.drop_node_copies(location, frozenset({"held"})) == 1000
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["being-packed", "held", "pulled-just-now"]
+
+    shared = tmp_path / "shared" / "packed"
+    entry(shared, "removed", 1000, 3600)
+    assert cache.drop_node_copies(str(shared), frozenset()) == 0 and (shared / "removed").is_dir()
 
 
 def test_a_checkpoint_in_a_bucket_that_does_not_answer_is_refused_naming_the_parameter(monkeypatch, mirror, tiny_model):

@@ -73,6 +73,30 @@ def remove(cache_dir: Path, entry: CacheEntry) -> None:
     storage.remove(cache_dir / entry.key, first=(STATS_FILE,))
 
 
+def drop_node_copies(location: str, keep: frozenset[str], now: float | None = None) -> int:
+    """On one node: remove this node's mirror copies of the entries of the cache at `location` (on object storage)
+    that are not in `keep` (the entries the object store still holds), and return the bytes freed. Trainers pull the
+    rows they train on into their node's mirror, so removing an entry from the object store alone would leave a copy
+    on every node that trained on it. A copy a preparation on this node is writing (a work folder inside it), or
+    changed in the last RECENT_USE_S (one published, or pulled, just now), stays."""
+    cache_dir = storage.local(location)
+    if not storage.is_mirrored(cache_dir) or not cache_dir.is_dir():   # a shared folder is the cache itself
+        return 0
+    now = time.time() if now is None else now
+    freed = 0
+    for folder in cache_dir.iterdir():
+        if folder.name in keep or not folder.is_dir() or any(folder.glob("work-*")):
+            continue
+        stats_file = folder / STATS_FILE
+        changed = max(folder.stat().st_mtime, stats_file.stat().st_mtime if stats_file.exists() else 0.0)
+        if now - changed < RECENT_USE_S:
+            continue
+        size = sum(file.stat().st_size for file in folder.rglob("*") if file.is_file())
+        storage.drop_local(folder)
+        freed += size
+    return freed
+
+
 def in_use_by_runs() -> dict[str, list[str]]:
     """Entry key -> the runs not yet ended that train or evaluate on it, from their DATA_VALIDATED events (connects
     to the cluster, as every reading of the event log does). Raises ConfigError when a run under way was validated
