@@ -172,24 +172,15 @@ def push(path: str | Path, to: str | Path | None = None, last: tuple[str, ...] =
 def pull(path: str | Path) -> Path:
     """Make a mirror file or folder present on this node, downloaded whole from the object store unless the mirror
     has it; returns the path. A folder arrives under a temporary name renamed into place, so a folder in the
-    mirror is always complete. Ranks of one node pulling the same thing wait for the first instead of each
-    downloading it. Raises FileNotFoundError when the object store does not have it either."""
+    mirror is always complete (unless pull_some made it). Ranks of one node pulling the same thing wait for the
+    first instead of each downloading it. Raises FileNotFoundError when the object store does not have it either."""
     target = Path(path)
     url = _url(target)
     if target.exists() or url is None:
         if not target.exists():
             raise FileNotFoundError(f"{target} does not exist")
         return target
-    import hashlib
-
-    from filelock import FileLock
-
-    # Lock files stay (removing one another process may be waiting on would let a third in): kept apart, not among
-    # the files they guard.
-    locks = mirror_root() / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(locks / f"{hashlib.sha256(str(target).encode()).hexdigest()[:32]}.lock")):
+    with _node_lock(target):
         if target.exists():   # another rank of this node pulled it meanwhile
             return target
         fs, remote = _filesystem(url)
@@ -200,12 +191,7 @@ def pull(path: str | Path) -> Path:
             if fs.isfile(remote):
                 fs.get_file(remote, str(staging))
             else:
-                prefix = fs._strip_protocol(remote).rstrip("/") + "/"
-                files = fs.find(remote)
-                destinations = [staging / file[len(prefix):] for file in files]
-                for destination in destinations:
-                    destination.parent.mkdir(parents=True, exist_ok=True)
-                fs.get(files, [str(d) for d in destinations])   # at once, as push puts them
+                _download(fs, remote, fs.find(remote), staging)
             staging.rename(target)
         finally:
             if staging.is_dir():
@@ -213,6 +199,61 @@ def pull(path: str | Path) -> Path:
             elif staging.exists():
                 staging.unlink()
     return target
+
+
+def pull_some(path: str | Path, wanted: Callable[[str], bool]) -> Path:
+    """Make present on this node the files of a mirror folder that `wanted` accepts (it is given each file's path
+    relative to the folder), downloaded together unless the mirror has them, each renamed into place whole; returns
+    the folder. For a reader that needs part of a folder only: the folder is then partial on this node, and pull()
+    would take it for complete, so drop it (drop_local) once read. Raises FileNotFoundError when the object store
+    has no such folder."""
+    target = Path(path)
+    url = _url(target)
+    if url is None:
+        return pull(target)
+    with _node_lock(target):
+        fs, remote = _filesystem(url)
+        files = fs.find(remote)
+        if not files:
+            raise FileNotFoundError(f"{url} does not exist")
+        prefix = fs._strip_protocol(remote).rstrip("/") + "/"
+        missing = [file for file in files
+                   if wanted(file[len(prefix):]) and not (target / file[len(prefix):]).exists()]
+        staging = target.parent / f".pull-{uuid.uuid4().hex}-{target.name}"
+        try:
+            _download(fs, remote, missing, staging)
+            for file in missing:
+                place = target / file[len(prefix):]
+                place.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / file[len(prefix):], place)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _node_lock(target: Path) -> Any:
+    """The lock the ranks of this node take to pull `target` (a file lock in the mirror)."""
+    import hashlib
+
+    from filelock import FileLock
+
+    # Lock files stay (removing one another process may be waiting on would let a third in): kept apart, not among
+    # the files they guard.
+    locks = mirror_root() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(locks / f"{hashlib.sha256(str(target).encode()).hexdigest()[:32]}.lock"))
+
+
+def _download(fs: Any, remote: str, files: list[str], staging: Path) -> None:
+    """Download `files` (all under the folder `remote`) into `staging`, at their paths relative to `remote`, at
+    once (as push puts them)."""
+    prefix = fs._strip_protocol(remote).rstrip("/") + "/"
+    destinations = [staging / file[len(prefix):] for file in files]
+    for destination in destinations:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    if files:
+        fs.get(files, [str(d) for d in destinations])
 
 
 def fetch(location: str) -> Path:

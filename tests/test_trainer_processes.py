@@ -56,6 +56,15 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
             push(path, *more, **options)
 
         storage.push = push_as_told
+    # What this rank's node holds of the checkpoint it resumes from, once pulled for it (it is dropped after loading)
+    pull_some, resume_files = storage.pull_some, []
+
+    def pull_and_look(path, wanted):
+        folder = pull_some(path, wanted)
+        resume_files.extend(sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()))
+        return folder
+
+    storage.pull_some = pull_and_look
     torch.set_num_threads(1)
     join_process_group(rank, world, ("127.0.0.1", port))
     stats = arguments.pop("stats")
@@ -96,6 +105,7 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
         Path(out).with_name(f"failed-{rank}.txt").write_text(json.dumps({"error": str(failed), "losses": losses}))
         dist.destroy_process_group()
         return
+    Path(out).with_name(f"resume-files-{rank}.json").write_text(json.dumps(resume_files))
     if rank == 0:
         Path(out).write_text(json.dumps({"losses": losses, "grad_norms": grad_norms, "initialized": initialized,
                                          "evaluations": evaluations, "saving": saving,
@@ -176,6 +186,38 @@ def test_a_checkpoint_in_a_bucket_resumes_on_another_node_with_another_number_of
     assert not list((tmp_path / "node-b").rglob("*.pt"))   # loaded, then dropped: the bucket has it
     assert sorted(one["losses"]) == [s for s in sorted(two["losses"]) if s > resumed_at]
     for step, loss in one["losses"].items():
+        assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
+
+
+def test_a_node_resuming_on_as_many_workers_pulls_only_its_own_ranks_partitions(s3, tiny_model, tmp_path):
+    """Object storage, two ZeRO-2 workers on two "nodes" (a mirror each): resumed on two workers again, on nodes
+    whose mirrors hold nothing, each node downloads the checkpoint's shared files and its own rank's optimizer
+    partition -- not the other rank's, nor the consolidated weights -- and the run goes on with the losses it had."""
+    rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
+    common = dict(model_path=str(tiny_model), init_weights_path=None, train_rows_path=rows_path,
+                  stats=stats.as_dict(), zero_stage="2")
+    two = train_ranks(2, tmp_path / "two.json", run_name="two", save_folder="s3://training-data/runs",
+                      mirrors=[str(tmp_path / "a"), str(tmp_path / "b")], **common)
+    folder = checkpoint.checkpoints_dir("s3://training-data/runs", "two")
+    first = min((folder / name for name in storage.children(folder) if checkpoint.parse_name(name)),
+                key=lambda path: checkpoint.parse_name(path.name)[1])
+    resumed_at = checkpoint.parse_name(first.name)[1]
+    stored = storage.children(first)
+    assert any(name.startswith("zero_pp_rank_1_") for name in stored) and checkpoint.WEIGHTS_DIR in stored
+
+    again = train_ranks(2, tmp_path / "again.json", run_name="again", save_folder=str(tmp_path / "again"),
+                        mirrors=[str(tmp_path / "c"), str(tmp_path / "d")],
+                        resume_from=f"s3://training-data/runs/two/checkpoints/{first.name}", **common)
+    assert again["initialized"]["resumed_at_step"] == resumed_at > 0
+    for rank in (0, 1):
+        pulled = json.loads((tmp_path / f"resume-files-{rank}.json").read_text())
+        assert f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in pulled, pulled
+        assert "mp_rank_00_model_states.pt" in pulled and checkpoint.STATE_FILE in pulled
+        assert not [name for name in pulled if name.startswith((f"zero_pp_rank_{1 - rank}_", "model/"))], pulled
+    for node in "cd":
+        assert not list((tmp_path / node).rglob("*.pt"))   # loaded, then dropped: the bucket has it
+    assert sorted(again["losses"]) == [s for s in sorted(two["losses"]) if s > resumed_at]
+    for step, loss in again["losses"].items():
         assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
 
 

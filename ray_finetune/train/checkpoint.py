@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,26 @@ def universal(folder: Path) -> Path:
     return target
 
 
+# DeepSpeed's files of one rank's partition (ZeRO-1/2: its optimizer state; ZeRO-3: its weights too).
+_RANK_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_")
+
+
+def pull_to_resume(folder: Path, ranks: Collection[int] | None) -> Path:
+    """This node's copy of what DeepSpeed reads to resume from checkpoint `folder` on object storage (a shared folder
+    is read where it is): not the consolidated weights (model/, for serving and for runs started from them), and,
+    given this node's `ranks` (loading on as many ranks as wrote it), neither the other ranks' partitions nor an
+    earlier universal conversion: ZeRO keeps the optimizer state by rank, so a node of an N-node group would
+    otherwise download N times its share. The copy is partial: drop it (storage.drop_local) once loaded."""
+    def wanted(relative: str) -> bool:
+        top = relative.split("/", 1)[0]
+        if top == WEIGHTS_DIR or (top == UNIVERSAL_DIR and ranks is not None):
+            return False
+        owner = _RANK_FILE.match(top)
+        return ranks is None or owner is None or int(owner.group(1)) in ranks
+
+    return storage.pull_some(folder, wanted)
+
+
 def write_state(folder: Path, state: dict) -> None:
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
 
@@ -115,11 +136,9 @@ def _complete(directory: Path, names: list[str]) -> list[Path]:
     return sorted(complete, key=lambda folder: _step_of(folder.name))
 
 
-def read_state(folder: Path, pulled: bool = False) -> dict:
-    """A checkpoint's trainer state: from the object store (for a mirror path), or from this node's `pulled` copy,
-    the one DeepSpeed loads."""
-    file = folder / STATE_FILE
-    return json.loads(file.read_text() if pulled else storage.read_text(file))
+def read_state(folder: Path) -> dict:
+    """A checkpoint's trainer state (from the object store, for a mirror path)."""
+    return json.loads(storage.read_text(folder / STATE_FILE))
 
 
 def ensure_same_data(folder: Path, state: dict, data_id: str) -> None:

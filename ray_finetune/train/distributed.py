@@ -146,9 +146,10 @@ def ranks_on_this_node() -> int:
 
 
 class FolderRole(NamedTuple):
-    first: bool         # this rank is the first of the ranks that share the folder
-    with_rank0: bool    # rank 0 is one of them
-    folders: int        # how many different folders the group's ranks have
+    first: bool                 # this rank is the first of the ranks that share the folder
+    with_rank0: bool            # rank 0 is one of them
+    folders: int                # how many different folders the group's ranks have
+    sharing: tuple[int, ...]    # the ranks that share it (this one included)
 
 
 def first_of_its_folder(folder: str) -> FolderRole:
@@ -160,7 +161,8 @@ def first_of_its_folder(folder: str) -> FolderRole:
 
     places = _gathered(f"{socket.gethostname()}:{folder}")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return FolderRole(places.index(places[rank]) == rank, places[rank] == places[0], len(set(places)))
+    sharing = tuple(other for other, place in enumerate(places) if place == places[rank])
+    return FolderRole(sharing[0] == rank, places[rank] == places[0], len(set(places)), sharing)
 
 
 def _gathered(value: str) -> list[str]:

@@ -30,7 +30,7 @@ from ray_finetune.train.loss import CHUNK_LOGIT_ELEMENTS
 from ray_finetune.train.hardware import (BF16, GRADIENT_CLIPPING, batch_width_multiple, choose_attention,
                                          choose_precision, deepspeed_config, engine_reports_gradient_norm,
                                          host_memory, training_device, zero_stage)
-from ray_finetune.train.distributed import all_reduce, first_of_its_folder, ranks_on_this_node
+from ray_finetune.train.distributed import FolderRole, all_reduce, first_of_its_folder, ranks_on_this_node
 from ray_finetune.train.evaluation import EvalResult, Evaluation
 from ray_finetune.train.memory import (CpuMemoryNeed, activation_bytes, checkpoint_activations, fit_cpu_memory,
                                        fit_micro_batch, micro_batch_rows_limit, saved_for_backward,
@@ -138,6 +138,10 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     chosen = settings.load()
     device = training_device(chosen.trainer_device)
     precision = choose_precision(device, chosen.precision)
+    # On object storage each node has a mirror of its own, and one rank of each acts for it.
+    node = (first_of_its_folder(str(storage.mirror_root()))
+            if storage.is_mirrored(checkpoint.checkpoints_dir(config.save_folder, config.run_name))
+            or (config.resume_from and storage.is_mirrored(storage.local(config.resume_from))) else None)
     # On object storage, what this node has not got yet comes down first (one rank of a node downloads each).
     rows = PackedRows.load(storage.fetch(config.train_rows_path))
     eval_rows = PackedRows.load(storage.fetch(config.eval_rows_path)) if config.eval_rows_path else None
@@ -163,7 +167,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=BETAS, weight_decay=0.0,
                                   fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan.total_steps))
-    resume_from = _resumable_state(config, stage)
+    resume_from = _resumable_state(config, stage, node)
     engine_config = deepspeed_config(plan, stage, precision)
     if resume_from is not None and resume_from.name == checkpoint.UNIVERSAL_DIR:
         engine_config["checkpoint"] = {"load_universal": True}
@@ -182,9 +186,9 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     clips_here = not engine_reports_gradient_norm(stage, precision)
     width_multiple = batch_width_multiple(device)
     start_step = resume(engine, resume_from) if resume_from else 0
-    if config.resume_from and storage.is_mirrored(resume_from):   # loaded by every rank: this node's copy can go
-        _barrier(world)
-        if first_of_its_folder(str(storage.mirror_root()))[0]:
+    if node and config.resume_from and storage.is_mirrored(resume_from):   # loaded by every rank: this node's
+        _barrier(world)                                                    # (partial) copy goes
+        if node.first:
             storage.drop_local(storage.local(config.resume_from))
     if rank == 0:
         reporter.model_initialized({
@@ -202,7 +206,8 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
         _evaluate(evaluation, config, reporter, step=0, epoch=0)
     engine.train()
     publisher = Publisher(config.save_folder, config.run_name, rank, config.checkpoints_to_keep,
-                          report=lambda published: _report_published(reporter, published) if rank == 0 else None)
+                          report=lambda published: _report_published(reporter, published) if rank == 0 else None,
+                          node=node)
     started = time.monotonic()
     last_checkpoint: Path | None = storage.local(config.resume_from) if config.resume_from else None
     try:
@@ -422,15 +427,17 @@ def _cpu_need(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows,
         context_length=rows.input_ids.shape[1])
 
 
-def _resumable_state(config: TrainConfig, stage: int) -> Path | None:
-    """The DeepSpeed state to resume from. ZeRO-1/2/3 save the optimizer state (ZeRO-3 also the weights)
-    partitioned by rank; on a different number of workers (a requeued run placed on fewer or more GPUs) it loads
-    from the universal conversion."""
+def _resumable_state(config: TrainConfig, stage: int, node: FolderRole | None) -> Path | None:
+    """The DeepSpeed state to resume from (on object storage, pulled to this node: the partitions of its ranks).
+    ZeRO-1/2/3 save the optimizer state (ZeRO-3 also the weights) partitioned by rank; on a different number of
+    workers (a requeued run placed on fewer or more GPUs) it loads from the universal conversion."""
     if not config.resume_from:
         return None
-    folder = storage.fetch(config.resume_from)
-    saved_world = int(checkpoint.read_state(folder, pulled=True)["plan"]["world_size"])
-    if stage == 0 or saved_world == config.world_size:
+    folder = storage.local(config.resume_from)
+    saved_world = int(checkpoint.read_state(folder)["plan"]["world_size"])
+    same_ranks = saved_world == config.world_size
+    checkpoint.pull_to_resume(folder, node.sharing if node and same_ranks else None)
+    if stage == 0 or same_ranks:
         return folder
     failure = ""
     if config.rank == 0:

@@ -27,7 +27,7 @@ from typing import Callable
 from ray_finetune import storage
 from ray_finetune.errors import CheckpointError
 from ray_finetune.train import checkpoint
-from ray_finetune.train.distributed import first_of_its_folder
+from ray_finetune.train.distributed import FolderRole, first_of_its_folder
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,14 @@ class Publisher:
     of them acts for each node) and calls `at_step_boundary` at every step boundary, together."""
 
     def __init__(self, save_folder: str, run_name: str, rank: int, keep: int,
-                 report: Callable[[Published], None]) -> None:
+                 report: Callable[[Published], None], node: FolderRole | None = None) -> None:
+        """`node`: this rank's role for its node's mirror (first_of_its_folder of it), worked out here when not
+        given (a collective: every rank then makes its Publisher at the same point)."""
         self.directory = checkpoint.checkpoints_dir(save_folder, run_name)
         self.rank, self.keep, self._report = rank, keep, report
         self.background = storage.is_mirrored(self.directory)
         if self.background:
-            role = first_of_its_folder(str(storage.mirror_root()))
+            role = node or first_of_its_folder(str(storage.mirror_root()))
             self._acts_for_node, self._with_rank0, self.nodes = role.first, role.with_rank0, role.folders
         else:   # one folder for all: rank 0 completes what all wrote
             self._acts_for_node, self._with_rank0, self.nodes = rank == 0, True, 1
