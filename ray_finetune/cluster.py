@@ -188,6 +188,7 @@ def on_every_node(function: Callable[..., Any], *arguments: Any, within_s: float
         value, failure = None, None
         if reference not in ready:
             failure = f"no answer within {within_s:g} s (a hung mount, or a node too busy to start a task)"
+            ray.cancel(reference, force=True)   # asked again next time: one stuck task a node, not one a question
         else:
             try:
                 value = ray.get(reference)

@@ -138,6 +138,30 @@ def test_status_against_a_scheduler_of_an_older_version_says_so_instead_of_a_tra
                                                "head to check)"}
 
 
+def test_a_node_that_does_not_answer_in_time_is_named_and_its_task_stopped(cluster, tmp_path):
+    """What `status` and `data cache --clear` ask of every node: a node whose answer does not come in time (a hung
+    mount) is named, and the task asked of it is stopped rather than left to pile up, one per question."""
+    import time
+
+    from ray_finetune.cluster import on_every_node
+
+    late = tmp_path / "answered-late"
+
+    def hangs(seconds: float) -> str:
+        time.sleep(seconds)
+        late.write_text("done")
+        return "done"
+
+    [answer] = on_every_node(hangs, 5.0, within_s=1.0)
+    assert (answer.value, answer.failure) == (None, "no answer within 1 s (a hung mount, or a node too busy to start "
+                                                    "a task)")
+    [answer] = on_every_node(hangs, 0.0, within_s=30.0)
+    assert (answer.value, answer.failure) == ("done", None)
+    late.unlink()
+    time.sleep(6)
+    assert not late.exists()   # the first was stopped, not left to finish
+
+
 @pytest.mark.parametrize("address", [None, "127.0.0.1:9"])   # none set; set to a port where nothing listens
 def test_status_without_a_cluster_says_so_and_starts_none(tmp_path, address):
     import os
