@@ -124,7 +124,8 @@ def create(
     custom_weights_path: Optional[str] = typer.Option(None),
     validate_inputs: bool = typer.Option(True, "--validate-inputs/--no-validate-inputs"),
     checkpoint_interval: Optional[str] = typer.Option(None, help="e.g. 1ep (default) or 50ba"),
-    checkpoints_to_keep: Optional[int] = typer.Option(None, help="newest N kept (default 3) plus the final"),
+    checkpoints_to_keep: Optional[int] = typer.Option(None, help="the newest N checkpoints are kept (default 3; the "
+                                                                 "final one is the newest)"),
     wait: bool = typer.Option(False, "--wait", help="follow the run with a progress bar until it ends"),
     dry_run: bool = typer.Option(False, "--dry-run", help="estimate tokens, steps and time; queue nothing"),
     as_json: bool = typer.Option(False, "--json"),

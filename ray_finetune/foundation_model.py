@@ -44,7 +44,7 @@ def create(
     """Validate everything, queue the run, and return at once (status PENDING).
 
     Beyond the original API: `checkpoint_interval` ('1ep' by default, or e.g. '50ba') and `checkpoints_to_keep`
-    (3 by default; the final checkpoint is always kept too)."""
+    (the newest N are kept, 3 by default; the final checkpoint, the newest, always is)."""
     spec = spec_module.resolve(**locals())   # exactly create()'s arguments, by name
     cluster.connect()
     from actors import scheduler
