@@ -191,7 +191,7 @@ def pull(path: str | Path) -> Path:
             if fs.isfile(remote):
                 fs.get_file(remote, str(staging))
             else:
-                _download(fs, remote, fs.find(remote), staging)
+                _download(fs, remote, _files_under(fs, remote), staging)
             staging.rename(target)
         finally:
             if staging.is_dir():
@@ -213,19 +213,16 @@ def pull_some(path: str | Path, wanted: Callable[[str], bool]) -> Path:
         return pull(target)
     with _node_lock(target):
         fs, remote = _filesystem(url)
-        files = fs.find(remote)
+        files = _files_under(fs, remote)
         if not files:
             raise FileNotFoundError(f"{url} does not exist")
-        prefix = fs._strip_protocol(remote).rstrip("/") + "/"
-        missing = [file for file in files
-                   if wanted(file[len(prefix):]) and not (target / file[len(prefix):]).exists()]
+        missing = [file for file in files if wanted(file) and not (target / file).exists()]
         staging = target.parent / f".pull-{uuid.uuid4().hex}-{target.name}"
         try:
             _download(fs, remote, missing, staging)
             for file in missing:
-                place = target / file[len(prefix):]
-                place.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staging / file[len(prefix):], place)
+                (target / file).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / file, target / file)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -245,15 +242,20 @@ def _node_lock(target: Path) -> Any:
     return FileLock(str(locks / f"{hashlib.sha256(str(target).encode()).hexdigest()[:32]}.lock"))
 
 
-def _download(fs: Any, remote: str, files: list[str], staging: Path) -> None:
-    """Download `files` (all under the folder `remote`) into `staging`, at their paths relative to `remote`, at
-    once (as push puts them)."""
+def _files_under(fs: Any, remote: str) -> list[str]:
+    """The files in the object store's folder `remote`, by their paths relative to it."""
     prefix = fs._strip_protocol(remote).rstrip("/") + "/"
-    destinations = [staging / file[len(prefix):] for file in files]
-    for destination in destinations:
-        destination.parent.mkdir(parents=True, exist_ok=True)
+    return [file[len(prefix):] for file in fs.find(remote)]
+
+
+def _download(fs: Any, remote: str, files: list[str], staging: Path) -> None:
+    """Download `files` (paths relative to the object store's folder `remote`) into the same paths under `staging`,
+    at once (as push puts them)."""
+    for file in files:
+        (staging / file).parent.mkdir(parents=True, exist_ok=True)
     if files:
-        fs.get(files, [str(d) for d in destinations])
+        folder = fs._strip_protocol(remote).rstrip("/")
+        fs.get([f"{folder}/{file}" for file in files], [str(staging / file) for file in files])
 
 
 def fetch(location: str) -> Path:
