@@ -11,6 +11,7 @@ import multiprocessing
 import os
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from ray_finetune import storage
@@ -166,7 +167,7 @@ def test_a_checkpoint_in_a_bucket_resumes_on_another_node_with_another_number_of
                                                                                         monkeypatch):
     """Object storage: two ZeRO-2 workers write their checkpoints into the bucket from one node's mirror; one worker
     on a node whose mirror has nothing resumes from the s3:// URL (the per-rank state converted to the universal
-    layout, which goes up too) with the losses the run had."""
+    layout, which goes up too) with the losses the run had; and again after that conversion's upload was cut short."""
     rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
     common = dict(model_path=str(tiny_model), init_weights_path=None, train_rows_path=rows_path,
                   stats=stats.as_dict(), zero_stage="2")
@@ -187,6 +188,18 @@ def test_a_checkpoint_in_a_bucket_resumes_on_another_node_with_another_number_of
     assert sorted(one["losses"]) == [s for s in sorted(two["losses"]) if s > resumed_at]
     for step, loss in one["losses"].items():
         assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
+
+    # The conversion's upload cut short (its marker, written last, and a file of it missing from the bucket): the
+    # next attempt, on a node that has nothing, converts again instead of loading the part that went up.
+    converted = f"training-data/runs/two/checkpoints/{first.name}/{checkpoint.UNIVERSAL_DIR}"
+    bucket = fsspec.filesystem("s3")
+    bucket.rm(f"{converted}/{checkpoint.CONVERTED_FILE}")
+    bucket.rm(sorted(path for path in bucket.find(converted) if path.endswith(".pt"))[-1])
+    monkeypatch.setenv(storage.MIRROR_ENV, str(tmp_path / "node-c"))
+    again = train_ranks(1, tmp_path / "again.json", run_name="again", save_folder=str(tmp_path / "again"),
+                        resume_from=f"s3://training-data/runs/two/checkpoints/{first.name}", **common)
+    assert again["losses"] == pytest.approx(one["losses"], rel=1e-6)
+    assert bucket.exists(f"{converted}/{checkpoint.CONVERTED_FILE}")
 
 
 def test_a_node_resuming_on_as_many_workers_pulls_only_its_own_ranks_partitions(s3, tiny_model, tmp_path):

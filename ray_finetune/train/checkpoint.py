@@ -64,26 +64,31 @@ def point(directory: Path, name: str) -> None:
 
 
 UNIVERSAL_DIR = "universal"
+CONVERTED_FILE = "converted"   # written last into universal/: its presence makes the conversion complete
 
 
 def universal(folder: Path) -> Path:
     """The checkpoint's DeepSpeed state in DeepSpeed's universal layout (optimizer state by parameter instead of by
     rank), which loads on any number of ranks: what a ZeRO-1/2 run resumed on a different number of workers needs.
-    Converted once, into `folder/universal`, under a temporary name renamed into place when complete."""
+    Converted once, into `folder/universal`, under a temporary name renamed into place when complete; on object
+    storage pushed with CONVERTED_FILE last, so that a push cut short (the run interrupted) is converted again by
+    the next attempt instead of taken as done."""
     target = folder / UNIVERSAL_DIR
-    if target.is_dir():
-        return target
+    if storage.exists(target / CONVERTED_FILE):
+        return storage.pull_some(target, lambda _: True)   # what this node lacks of it
     import argparse
 
     from deepspeed.checkpoint import ds_to_universal
 
     staging = folder / f".tmp-{UNIVERSAL_DIR}"   # one converter per run (rank 0); a failed attempt's is replaced
     shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)    # this node's copy of a conversion whose push was cut short
     ds_to_universal.main(argparse.Namespace(
         input_folder=str(folder), output_folder=str(staging), num_extract_workers=1, num_merge_workers=1,
         keep_temp_folder=False, strict=True, inject_missing_state=True))
+    (staging / CONVERTED_FILE).write_text("")
     staging.rename(target)
-    storage.push(target)   # on object storage: for the ranks of other nodes
+    storage.push(target, last=(CONVERTED_FILE,))   # on object storage: for the ranks of other nodes
     return target
 
 
@@ -94,12 +99,12 @@ _RANK_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_")
 def pull_to_resume(folder: Path, ranks: Collection[int] | None) -> Path:
     """This node's copy of what DeepSpeed reads to resume from checkpoint `folder` on object storage (a shared folder
     is read where it is): not the consolidated weights (model/, for serving and for runs started from them), and,
-    given this node's `ranks` (loading on as many ranks as wrote it), neither the other ranks' partitions nor an
-    earlier universal conversion: ZeRO keeps the optimizer state by rank, so a node of an N-node group would
-    otherwise download N times its share. The copy is partial: drop it (storage.drop_local) once loaded."""
+    given this node's `ranks` (loading on as many ranks as wrote it), not the other ranks' partitions: ZeRO keeps
+    the optimizer state by rank, so a node of an N-node group would otherwise download N times its share. The copy
+    is partial: drop it (storage.drop_local) once loaded."""
     def wanted(relative: str) -> bool:
         top = relative.split("/", 1)[0]
-        if top == WEIGHTS_DIR or (top == UNIVERSAL_DIR and ranks is not None):
+        if top in (WEIGHTS_DIR, UNIVERSAL_DIR):   # a conversion is universal()'s to pull, once it is complete
             return False
         owner = _RANK_FILE.match(top)
         return ranks is None or owner is None or int(owner.group(1)) in ranks

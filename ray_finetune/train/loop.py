@@ -448,7 +448,7 @@ def _resumable_state(config: TrainConfig, stage: int, node: FolderRole | None) -
     if int(all_reduce(torch.tensor([1 if failure else 0]), "max")):
         raise CheckpointError(f"checkpoint {folder} was written by {saved_world} workers and could not be converted "
                               f"to load on {config.world_size}: {failure or 'see rank 0'}")
-    return storage.pull(folder / checkpoint.UNIVERSAL_DIR)   # on object storage, rank 0 has pushed it
+    return checkpoint.universal(folder)   # converted (and on object storage pushed) by rank 0: this node's copy
 
 
 def _epochs_done(plan: TrainingPlan, step: int) -> int:
