@@ -136,13 +136,14 @@ class EventReporter:
         if published.upload_seconds is not None:
             how += f", uploaded in {published.upload_seconds:.1f} s while training went on"
         message = f"checkpoint {os.path.basename(path)} ({how})"
-        if published.not_removed:   # the storage keeps more than asked: said where the operator looks, not fatal
-            message += ("; retention could not remove " + "; ".join(published.not_removed)
+        refused = published.retention.refused
+        if refused:   # the storage keeps more than asked: said where the operator looks, not fatal
+            message += ("; retention could not remove " + "; ".join(refused)
                         + " -- it stays, and the next checkpoint tries again")
         self._sink.emit(EventType.CHECKPOINT_SAVED, message,
                         {"path": path, "epoch": published.epoch, "step": published.step,
                          "write_seconds": published.write_seconds, "upload_seconds": published.upload_seconds,
-                         "not_removed": list(published.not_removed)})
+                         "not_removed": list(refused)})
         self._checkpoints_in_progress.discard(published.step)
 
     def evaluated(self, step: int, epoch: int, result: EvalResult) -> None:

@@ -74,10 +74,6 @@ def write_checkpoint(rank: int, port: int, model: str, context: int, environment
     publisher.finish()
 
 
-def on_disk(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -131,7 +127,7 @@ def main() -> None:
                 started = time.perf_counter()
                 pull(folder)
                 seconds = time.perf_counter() - started
-                results[name].append({"bytes": on_disk(folder), "seconds": round(seconds, 2)})
+                results[name].append({"bytes": storage.size_here(folder), "seconds": round(seconds, 2)})
                 print(json.dumps({"round": round_ + 1, "contender": name, **results[name][-1]}), flush=True)
                 shutil.rmtree(mirror, ignore_errors=True)
         whole = results["whole folder"]

@@ -139,11 +139,16 @@ def size(path: str | Path) -> int:
     """The bytes of a file, or of every file under a folder."""
     url = _url(Path(path))
     if url is None:
-        local_path = Path(path)
-        files = [local_path] if local_path.is_file() else [f for f in local_path.rglob("*") if f.is_file()]
-        return sum(f.stat().st_size for f in files)
+        return size_here(path)
     fs, remote = _filesystem(url)
     return int(fs.du(remote, total=True))
+
+
+def size_here(path: str | Path) -> int:
+    """The bytes of a file, or of every file under a folder, on this node's disk (for a mirror path: its copy)."""
+    local_path = Path(path)
+    files = [local_path] if local_path.is_file() else [f for f in local_path.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files)
 
 
 def push(path: str | Path, to: str | Path | None = None, last: tuple[str, ...] = (),

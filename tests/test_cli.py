@@ -178,7 +178,8 @@ def test_status_without_a_cluster_says_so_and_starts_none(tmp_path, address):
     assert not (tmp_path / "head.json").exists()
 
 
-def test_the_packed_data_cache_is_listed_and_cleared_keeping_what_runs_under_way_read(cluster, tiny_model, tmp_path):
+def test_the_packed_data_cache_is_listed_and_cleared_keeping_what_runs_under_way_read(cluster, tiny_model, tmp_path,
+                                                                                      monkeypatch):
     """`data cache` lists each packed dataset with its size and the runs under way that read it; `--clear` removes
     the entries no run under way reads (here: only those unused for half a day), saying which the storage refused
     to delete (exit code 1), and a run on removed data packs it again."""
@@ -212,6 +213,18 @@ def test_the_packed_data_cache_is_listed_and_cleared_keeping_what_runs_under_way
         for entry in (finished_entry, running_entry):   # as if no run had asked for either since yesterday
             os.utime(cluster.packed_data_dir / entry / "stats.json", (day_ago, day_ago))
 
+        from botocore.exceptions import NoCredentialsError
+
+        from ray_finetune.data import cache
+
+        def without_credentials(*_):   # an object store that does not take this machine's credentials
+            raise NoCredentialsError()
+
+        with monkeypatch.context() as patched:
+            patched.setattr(cache, "remove", without_credentials)
+            table = invoke("data", "cache", "--clear", "--unused-days", "0.5")
+        assert table.exit_code == 1 and "Traceback" not in table.output
+        assert "NoCredentialsError: Unable to locate credentials" in " ".join(table.stderr.split())
         stats = cluster.packed_data_dir / finished_entry / "stats.json"
         if not subprocess.run(["chattr", "+i", str(stats)], capture_output=True).returncode:
             try:   # the storage refuses to delete it: one line saying so, exit code 1, no traceback

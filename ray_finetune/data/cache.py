@@ -91,7 +91,7 @@ def drop_node_copies(location: str, keep: frozenset[str], now: float | None = No
         changed = max(folder.stat().st_mtime, stats_file.stat().st_mtime if stats_file.exists() else 0.0)
         if now - changed < RECENT_USE_S:
             continue
-        size = sum(file.stat().st_size for file in folder.rglob("*") if file.is_file())
+        size = storage.size_here(folder)
         storage.drop_local(folder)
         freed += size
     return freed

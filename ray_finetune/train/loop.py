@@ -439,16 +439,16 @@ def _resumable_state(config: TrainConfig, stage: int, node: FolderRole | None) -
     checkpoint.pull_to_resume(folder, node.sharing if node and same_ranks else None)
     if stage == 0 or same_ranks:
         return folder
-    failure = ""
+    failure, converted = "", None
     if config.rank == 0:
         try:
-            checkpoint.universal(folder)
+            converted = checkpoint.universal(folder)
         except Exception as error:  # noqa: BLE001 - every rank must learn it failed, or the others wait forever
             failure = f"{type(error).__name__}: {error}"
     if int(all_reduce(torch.tensor([1 if failure else 0]), "max")):
         raise CheckpointError(f"checkpoint {folder} was written by {saved_world} workers and could not be converted "
                               f"to load on {config.world_size}: {failure or 'see rank 0'}")
-    return checkpoint.universal(folder)   # converted (and on object storage pushed) by rank 0: this node's copy
+    return converted or checkpoint.universal(folder)   # the others: rank 0's conversion, this node's copy of it
 
 
 def _epochs_done(plan: TrainingPlan, step: int) -> int:
@@ -479,7 +479,7 @@ def _checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, reporter: Repo
 
 def _report_published(reporter: Reporter, published: Published) -> None:
     reporter.checkpoint_saved(published)
-    for removed in published.removed:
+    for removed in published.retention.removed:
         reporter.checkpoint_removed(storage.location_of(removed))
 
 

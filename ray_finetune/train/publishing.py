@@ -36,8 +36,7 @@ class Published:
     path: Path                       # this node's path of it (a mirror path on object storage)
     epoch: int
     step: int
-    removed: tuple[Path, ...]        # older checkpoints that retention removed after it
-    not_removed: tuple[str, ...]     # "<name>: <why>" for each the storage refused to remove (retried next time)
+    retention: checkpoint.Retention  # what retention removed after it, and what the storage refused to remove
     write_seconds: float             # training paused while the ranks wrote it
     upload_seconds: float | None     # uploaded while training went on (None: the storage is a folder)
 
@@ -146,8 +145,8 @@ class Publisher:
         storage.drop_local(folder)   # a node's mirror holds a checkpoint only while it is written or read
         retention = checkpoint.retain(self.directory, self.keep)   # never raises: the checkpoint is complete
         with self._lock:
-            self._published.append(Published(folder, epoch, step, retention.removed, retention.refused,
-                                             write_seconds, uploaded if self.background else None))
+            self._published.append(Published(folder, epoch, step, retention, write_seconds,
+                                             uploaded if self.background else None))
 
     def _push_node_files(self, name: str) -> None:
         """A node other than rank 0's: its ranks' files, from its staging folder to the checkpoint's place."""
