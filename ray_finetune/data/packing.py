@@ -58,6 +58,11 @@ class PackedRows:
 
     FIELDS = ("input_ids", "labels", "position_ids", "segment_ids")
 
+    @staticmethod
+    def file_of(folder: str | Path, field: str) -> Path:
+        """Where a rows folder holds one field's array."""
+        return Path(folder) / f"{field}.npy"
+
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
@@ -72,7 +77,7 @@ class PackedRows:
                 arrays[name] = np.full((rows, context_length), fill[name], dtype=np.int32)
             else:
                 Path(folder).mkdir(parents=True, exist_ok=True)
-                array = np.lib.format.open_memmap(Path(folder) / f"{name}.npy", mode="w+", dtype=np.int32,
+                array = np.lib.format.open_memmap(cls.file_of(folder, name), mode="w+", dtype=np.int32,
                                                   shape=(rows, context_length))
                 array[:] = fill[name]
                 arrays[name] = array
@@ -81,7 +86,7 @@ class PackedRows:
     def save(self, folder: str | Path) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         for name in self.FIELDS:
-            np.save(Path(folder) / f"{name}.npy", getattr(self, name))
+            np.save(self.file_of(folder, name), getattr(self, name))
 
     def flush(self) -> None:
         for name in self.FIELDS:
@@ -92,11 +97,11 @@ class PackedRows:
     @classmethod
     def is_whole(cls, folder: str | Path) -> bool:
         """Whether a rows folder holds every array (a removal cut short leaves some)."""
-        return all((Path(folder) / f"{name}.npy").is_file() for name in cls.FIELDS)
+        return all(cls.file_of(folder, name).is_file() for name in cls.FIELDS)
 
     @classmethod
     def load(cls, folder: str | Path) -> "PackedRows":
-        return cls(**{name: np.load(Path(folder) / f"{name}.npy", mmap_mode="r") for name in cls.FIELDS})
+        return cls(**{name: np.load(cls.file_of(folder, name), mmap_mode="r") for name in cls.FIELDS})
 
     def target_tokens(self, rows: Iterable[int]) -> int:
         return int((self.labels[list(rows)] != IGNORE_INDEX).sum())
