@@ -62,7 +62,8 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
 
     def pull_and_look(path, wanted):
         folder = pull_some(path, wanted)
-        resume_files.extend(sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()))
+        within = "universal/" if folder.name == checkpoint.UNIVERSAL_DIR else ""   # else the checkpoint's own
+        resume_files.extend(sorted(within + str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()))
         return folder
 
     storage.pull_some = pull_and_look
@@ -72,7 +73,7 @@ def _rank(rank: int, world: int, port: int, arguments: dict, out: str) -> None:
     resume_from = arguments.get("resume_from")   # as the scheduler does: a resumed run keeps its checkpoint's plan
     plan = (continued_plan(checkpoint.read_state(storage.local(resume_from))["plan"], world) if resume_from else
             make_plan(rows=stats["rows"], tokens=stats["tokens"], duration=Duration(value=2, unit="ep"),
-                      world_size=world, seed=0))
+                      world_size=world, seed=0, global_batch_rows=arguments.pop("global_batch_rows", None)))
     losses: dict[int, float] = {}
     grad_norms: dict[int, float] = {}
     initialized: dict = {}
@@ -157,6 +158,9 @@ def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_s
     assert one["initialized"]["resumed_at_step"] == resumed_at > 0
     # ZeRO-2/3's per-rank state went through DeepSpeed's universal layout; ZeRO-0's needs no conversion
     assert (first_epoch / checkpoint.UNIVERSAL_DIR).is_dir() == (zero_stage != "0")
+    if zero_stage == "2":   # the optimizer state by parameter (weights, two moments), not the model once per weight
+        weights = sum(f.stat().st_size for f in (first_epoch / checkpoint.WEIGHTS_DIR).glob("*.safetensors"))
+        assert storage.size_here(first_epoch / checkpoint.UNIVERSAL_DIR) < 4 * weights
     assert sorted(one["losses"]) == [s for s in sorted(two["losses"]) if s > resumed_at]
     for step, loss in one["losses"].items():
         assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
@@ -232,6 +236,36 @@ def test_a_node_resuming_on_as_many_workers_pulls_only_its_own_ranks_partitions(
     assert sorted(again["losses"]) == [s for s in sorted(two["losses"]) if s > resumed_at]
     for step, loss in again["losses"].items():
         assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
+
+
+def test_on_another_number_of_workers_only_rank_0_s_node_pulls_the_partitions_it_converts(s3, tiny_model, tmp_path):
+    """Object storage: a ZeRO-2 checkpoint of one worker resumed on two workers on two "nodes" whose mirrors hold
+    nothing: rank 0's node pulls the per-rank state and converts it to the universal layout; the other node pulls
+    that conversion only (a node of an N-node group would otherwise download every rank's partition to load none
+    of them), and the run goes on with the losses it had."""
+    rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
+    common = dict(model_path=str(tiny_model), init_weights_path=None, train_rows_path=rows_path,
+                  stats=stats.as_dict(), zero_stage="2")
+    one = train_ranks(1, tmp_path / "one.json", run_name="one", save_folder="s3://training-data/runs",
+                      mirrors=[str(tmp_path / "a")], global_batch_rows=2, **common)
+    folder = checkpoint.checkpoints_dir("s3://training-data/runs", "one")
+    first = min((folder / name for name in storage.children(folder) if checkpoint.parse_name(name)),
+                key=lambda path: checkpoint.parse_name(path.name)[1])
+    resumed_at = checkpoint.parse_name(first.name)[1]
+
+    two = train_ranks(2, tmp_path / "two.json", run_name="two", save_folder=str(tmp_path / "two"),
+                      mirrors=[str(tmp_path / "c"), str(tmp_path / "d")],
+                      resume_from=f"s3://training-data/runs/one/checkpoints/{first.name}", **common)
+    assert two["initialized"]["resumed_at_step"] == resumed_at > 0 and two["initialized"]["world_size"] == 2
+    converter, other = (json.loads((tmp_path / f"resume-files-{rank}.json").read_text()) for rank in (0, 1))
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in converter, converter
+    assert f"universal/{checkpoint.CONVERTED_FILE}" in other and "universal/mp_rank_00_model_states.pt" in other
+    assert all(name.startswith("universal/") for name in other), other
+    for node in "cd":
+        assert not list((tmp_path / node).rglob("*.pt"))   # loaded, then dropped: the bucket has it
+    assert sorted(two["losses"]) == [s for s in sorted(one["losses"]) if s > resumed_at]
+    for step, loss in two["losses"].items():
+        assert loss == pytest.approx(one["losses"][step], rel=1e-4), step
 
 
 def test_training_goes_on_while_a_checkpoint_goes_up_and_it_counts_once_every_node_s_files_are_there(

@@ -70,9 +70,10 @@ CONVERTED_FILE = "converted"   # written last into universal/: its presence make
 def universal(folder: Path) -> Path:
     """The checkpoint's DeepSpeed state in DeepSpeed's universal layout (optimizer state by parameter instead of by
     rank), which loads on any number of ranks: what a ZeRO-1/2 run resumed on a different number of workers needs.
-    Converted once, into `folder/universal`, under a temporary name renamed into place when complete; on object
-    storage pushed with CONVERTED_FILE last, so that a push cut short (the run interrupted) is converted again by
-    the next attempt instead of taken as done."""
+    Converted once, into `folder/universal` (which holds all DeepSpeed then reads), under a temporary name renamed
+    into place when complete; on object storage the converter pulls every rank's partition first, and pushes the
+    conversion with CONVERTED_FILE last, so that a push cut short (the run interrupted) is converted again by the
+    next attempt instead of taken as done. The other nodes pull the conversion only."""
     target = folder / UNIVERSAL_DIR
     if storage.exists(target / CONVERTED_FILE):
         return storage.pull_some(target, lambda _: True)   # what this node lacks of it
@@ -80,16 +81,49 @@ def universal(folder: Path) -> Path:
 
     from deepspeed.checkpoint import ds_to_universal
 
+    pull_to_resume(folder, None)   # on object storage: every rank's partition, which only the converter reads
     staging = folder / f".tmp-{UNIVERSAL_DIR}"   # one converter per run (rank 0); a failed attempt's is replaced
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(target, ignore_errors=True)    # this node's copy of a conversion whose push was cut short
-    ds_to_universal.main(argparse.Namespace(
-        input_folder=str(folder), output_folder=str(staging), num_extract_workers=1, num_merge_workers=1,
-        keep_temp_folder=False, strict=True, inject_missing_state=True))
+    source = folder / f".tmp-{UNIVERSAL_DIR}-input"
+    for stale in (staging, source, target):      # target: this node's copy of a conversion whose push was cut short
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        ds_to_universal.main(argparse.Namespace(
+            input_folder=str(_without_module_weights(folder, source)), output_folder=str(staging),
+            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+            inject_missing_state=True))
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
     (staging / CONVERTED_FILE).write_text("")
     staging.rename(target)
     storage.push(target, last=(CONVERTED_FILE,))   # on object storage: for the ranks of other nodes
     return target
+
+
+# DeepSpeed's engine state of a ZeRO-0/1/2 checkpoint, with the module's weights (ZeRO-3's are per rank, weightless)
+_MODEL_STATES = re.compile(r"^mp_rank_\d+_model_states\.pt$")
+
+
+def _without_module_weights(folder: Path, view: Path) -> Path:
+    """Checkpoint `folder` as the universal converter is to read it, in `view`: its DeepSpeed files linked, but its
+    model-states files written again without the module's weights. Why: the converter saves every module weight it
+    finds no optimizer fragment for, each with its whole storage -- under ZeRO-1/2 the flat buffer all the weights
+    share -- and CausalLMLoss gives its module's weights the HF model's names (`model.norm.weight`, so that the file
+    loads into the bare model) while the fragments carry the engine's (`lm.model.norm.weight`): every weight would
+    be saved as a copy of the whole model (273 x 538 MB for SmolLM2-135M; the disk fills and the resume fails).
+    Loading the universal layout takes the weights from the fragments, never from the module."""
+    import torch
+
+    view.mkdir()
+    for entry in folder.iterdir():
+        if entry.name in (WEIGHTS_DIR, UNIVERSAL_DIR) or entry.name.startswith("."):
+            continue
+        if _MODEL_STATES.match(entry.name):
+            state = torch.load(entry, map_location="cpu", weights_only=False, mmap=True)
+            state["module"] = None
+            torch.save(state, view / entry.name)
+        else:
+            (view / entry.name).symlink_to(entry.resolve())
+    return view
 
 
 # DeepSpeed's files of one rank's partition (ZeRO-1/2: its optimizer state; ZeRO-3: its weights too).
@@ -100,8 +134,9 @@ def pull_to_resume(folder: Path, ranks: Collection[int] | None) -> Path:
     """This node's copy of what DeepSpeed reads to resume from checkpoint `folder` on object storage (a shared folder
     is read where it is): not the consolidated weights (model/, for serving and for runs started from them), and,
     given this node's `ranks` (loading on as many ranks as wrote it), not the other ranks' partitions: ZeRO keeps
-    the optimizer state by rank, so a node of an N-node group would otherwise download N times its share. The copy
-    is partial: drop it (storage.drop_local) once loaded."""
+    the optimizer state by rank, so a node of an N-node group would otherwise download N times its share (on
+    another number of ranks the nodes load universal()'s conversion instead). The copy is partial: drop it
+    (storage.drop_local) once loaded."""
     def wanted(relative: str) -> bool:
         top = relative.split("/", 1)[0]
         if top in (WEIGHTS_DIR, UNIVERSAL_DIR):   # a conversion is universal()'s to pull, once it is complete
