@@ -430,14 +430,15 @@ def _cpu_need(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows,
 def _resumable_state(config: TrainConfig, stage: int, node: FolderRole | None) -> Path | None:
     """The DeepSpeed state to resume from (on object storage, pulled to this node: the partitions of its ranks).
     ZeRO-1/2/3 save the optimizer state (ZeRO-3 also the weights) partitioned by rank; on a different number of
-    workers (a requeued run placed on fewer or more GPUs) it loads from the universal conversion."""
+    workers (a requeued run placed on fewer or more GPUs) it loads from the universal conversion, which rank 0
+    makes (and so alone pulls every rank's partition) and the other nodes pull."""
     if not config.resume_from:
         return None
     folder = storage.local(config.resume_from)
     saved_world = int(checkpoint.read_state(folder)["plan"]["world_size"])
     same_ranks = saved_world == config.world_size
-    checkpoint.pull_to_resume(folder, node.sharing if node and same_ranks else None)
     if stage == 0 or same_ranks:
+        checkpoint.pull_to_resume(folder, node.sharing if node and same_ranks else None)
         return folder
     failure, converted = "", None
     if config.rank == 0:
