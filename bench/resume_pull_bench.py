@@ -6,7 +6,9 @@ process, against an S3 server (moto's, in a process of its own on this machine).
 A real checkpoint is written first: two ranks (two processes, one gloo group) train one ZeRO-2 step of the model
 and save it through ray_finetune's own save path into the bucket. Then each contender pulls it into an empty mirror
 (a node that has nothing), two rounds, alternated: bytes on the node's disk and seconds. Also printed: the
-checkpoint's files by kind, from which a node's share in a group of N nodes (one rank each) follows.
+checkpoint's files by kind, from which a node's share in a group of N nodes (one rank each) follows. Then the same
+for a run resumed on another number of workers, once rank 0 has converted the checkpoint to DeepSpeed's universal
+layout: what a node other than rank 0's downloads (the conversion only, against every rank's partition as well).
 
     python bench/resume_pull_bench.py [--model HuggingFaceTB/SmolLM2-135M-Instruct] [--context 256]
 
@@ -113,28 +115,47 @@ def main() -> None:
             kinds[kind] += size
         print(json.dumps({"checkpoint_bytes": kinds}), flush=True)
 
-        contenders = {
+        def compare(contenders: dict) -> None:
+            """Each contender pulls into an empty mirror, rounds alternated; the first is the baseline."""
+            results: dict[str, list[dict]] = {name: [] for name in contenders}
+            for round_ in range(args.rounds):
+                for name, pull in (contenders.items() if round_ % 2 == 0 else reversed(contenders.items())):
+                    mirror = Path(work) / f"node-{round_}-{len(results[name])}-{list(contenders).index(name)}"
+                    os.environ[storage.MIRROR_ENV] = str(mirror)
+                    folder = checkpoint_folder()
+                    started = time.perf_counter()
+                    pull(folder)
+                    seconds = time.perf_counter() - started
+                    results[name].append({"bytes": storage.size_here(folder), "seconds": round(seconds, 2)})
+                    print(json.dumps({"round": round_ + 1, "contender": name, **results[name][-1]}), flush=True)
+                    shutil.rmtree(mirror, ignore_errors=True)
+            baseline = results[next(iter(contenders))]
+            for name in list(contenders)[1:]:
+                print(json.dumps({"contender": name,
+                                  "bytes_ratio": round(results[name][0]["bytes"] / baseline[0]["bytes"], 3),
+                                  "seconds_ratios": [round(ours["seconds"] / theirs["seconds"], 2)
+                                                     for ours, theirs in zip(results[name], baseline)]}), flush=True)
+
+        print("resuming on as many workers (2), one per node:", flush=True)
+        compare({
             "whole folder": lambda folder: storage.pull(folder),
             "ours, rank 0's node": lambda folder: checkpoint.pull_to_resume(folder, (0,)),
             "ours, rank 1's node": lambda folder: checkpoint.pull_to_resume(folder, (1,)),
-        }
-        results: dict[str, list[dict]] = {name: [] for name in contenders}
-        for round_ in range(args.rounds):
-            for name, pull in (contenders.items() if round_ % 2 == 0 else reversed(contenders.items())):
-                mirror = Path(work) / f"node-{round_}-{len(results[name])}-{name.split()[-2]}"
-                os.environ[storage.MIRROR_ENV] = str(mirror)
-                folder = checkpoint_folder()
-                started = time.perf_counter()
-                pull(folder)
-                seconds = time.perf_counter() - started
-                results[name].append({"bytes": storage.size_here(folder), "seconds": round(seconds, 2)})
-                print(json.dumps({"round": round_ + 1, "contender": name, **results[name][-1]}), flush=True)
-                shutil.rmtree(mirror, ignore_errors=True)
-        whole = results["whole folder"]
-        for name in list(contenders)[1:]:
-            print(json.dumps({"contender": name, "bytes_ratio": round(results[name][0]["bytes"] / whole[0]["bytes"], 3),
-                              "seconds_ratios": [round(ours["seconds"] / theirs["seconds"], 2)
-                                                 for ours, theirs in zip(results[name], whole)]}), flush=True)
+        })
+        # On another number of workers rank 0 converts the checkpoint to DeepSpeed's universal layout and pushes it
+        # (timed here once); every other node loads that conversion.
+        os.environ[storage.MIRROR_ENV] = str(Path(work) / "converter")
+        started = time.perf_counter()
+        converted = checkpoint.universal(checkpoint_folder())
+        print(json.dumps({"universal_conversion": {"seconds_with_its_pull_and_push": round(
+            time.perf_counter() - started, 1), "bytes": storage.size_here(converted)}}), flush=True)
+        shutil.rmtree(Path(work) / "converter", ignore_errors=True)
+        print("resuming on another number of workers, a node other than rank 0's:", flush=True)
+        compare({
+            "every partition and the conversion (before 2026-12-07, a later session)":
+                lambda folder: (checkpoint.pull_to_resume(folder, None), checkpoint.universal(folder)),
+            "ours, the conversion only": lambda folder: checkpoint.universal(folder),
+        })
         # A node of a group of N nodes, one rank each, resuming on as many: the shared files and 1/N of the
         # partitions (ZeRO divides the optimizer state evenly), against the whole folder
         total = sum(kinds.values())
