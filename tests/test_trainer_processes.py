@@ -1,6 +1,7 @@
 """The training loop run as its trainer workers run it (one process per rank, one gloo group), without Ray:
 a checkpoint written by two workers resumes on one with the losses the run would have had, under ZeRO-0 (the CPU
-default), ZeRO-2 (the GPU default) and ZeRO-3 (the per-rank state of both converted to be re-sharded); ZeRO-3 trains
+default), ZeRO-2 (the GPU default), ZeRO-3 and bf16's ZeRO-1 (the CPU's bf16 default; the per-rank state of the
+last three converted to be re-sharded); ZeRO-3 trains
 and saves what ZeRO-0 does; a bf16 run's checkpoint holds its fp32 master weights, not their bf16 rounding; and CPU
 trainers on one machine share its memory budget."""
 from __future__ import annotations
@@ -136,11 +137,11 @@ def train_ranks(world: int, out: Path, **arguments) -> dict:
             "published": result["published"]}
 
 
-@pytest.mark.parametrize("zero_stage", ["0", "2", "3"])
-def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_stage):
+@pytest.mark.parametrize("zero_stage, precision", [("0", "auto"), ("2", "auto"), ("3", "auto"), ("1", "bf16")])
+def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_stage, precision):
     rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
     common = dict(model_path=str(tiny_model), init_weights_path=None, train_rows_path=rows_path,
-                  stats=stats.as_dict(), zero_stage=zero_stage)
+                  stats=stats.as_dict(), zero_stage=zero_stage, precision=precision)
     two = train_ranks(2, tmp_path / "two.json", run_name="two", save_folder=str(tmp_path / "two"), **common)
     assert two["initialized"]["zero_stage"] == int(zero_stage) and two["initialized"]["world_size"] == 2
     # Every step a checkpoint holds was reported (and so, by a trainer, sent to the log and acknowledged) before
@@ -158,7 +159,7 @@ def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_s
     assert one["initialized"]["resumed_at_step"] == resumed_at > 0
     # ZeRO-2/3's per-rank state went through DeepSpeed's universal layout; ZeRO-0's needs no conversion
     assert (first_epoch / checkpoint.UNIVERSAL_DIR).is_dir() == (zero_stage != "0")
-    if zero_stage == "2":   # the optimizer state by parameter (weights, two moments), not the model once per weight
+    if zero_stage in ("1", "2"):   # the optimizer state by parameter (weights, moments), not the model per weight
         weights = sum(f.stat().st_size for f in (first_epoch / checkpoint.WEIGHTS_DIR).glob("*.safetensors"))
         assert storage.size_here(first_epoch / checkpoint.UNIVERSAL_DIR) < 4 * weights
     assert sorted(one["losses"]) == [s for s in sorted(two["losses"]) if s > resumed_at]
