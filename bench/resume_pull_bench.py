@@ -10,7 +10,7 @@ checkpoint's files by kind, from which a node's share in a group of N nodes (one
 for a run resumed on another number of workers, once rank 0 has converted the checkpoint to DeepSpeed's universal
 layout: what a node other than rank 0's downloads (the conversion only, against every rank's partition as well).
 
-    python bench/resume_pull_bench.py [--model HuggingFaceTB/SmolLM2-135M-Instruct] [--context 256]
+    python bench/resume_pull_bench.py [--model HuggingFaceTB/SmolLM2-135M-Instruct] [--context 256] [--zero-stage 2]
 
 Needs the test extra (moto[server]).
 """
@@ -32,8 +32,9 @@ BUCKET, RUNS = "bench", "s3://bench/runs"
 WORLD = 2
 
 
-def write_checkpoint(rank: int, port: int, model: str, context: int, environment: dict[str, str]) -> None:
-    """One rank of a two-rank ZeRO-2 group: one step on random tokens, then ray_finetune's checkpoint into the
+def write_checkpoint(rank: int, port: int, model: str, context: int, stage: int,
+                     environment: dict[str, str]) -> None:
+    """One rank of a two-rank ZeRO group: one step on random tokens, then ray_finetune's checkpoint into the
     bucket (both ranks on one "node": one mirror)."""
     os.environ.update(environment, DS_ACCELERATOR="cpu")
     import numpy as np
@@ -63,7 +64,7 @@ def write_checkpoint(rank: int, port: int, model: str, context: int, environment
     module = load_model(model_path)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, betas=loop.BETAS, weight_decay=0.0)
     engine, _, _, _ = deepspeed.initialize(model=CausalLMLoss(module), optimizer=optimizer,
-                                           config=hardware.deepspeed_config(plan, 2, hardware.FP32))
+                                           config=hardware.deepspeed_config(plan, stage, hardware.FP32))
     for micro in plan.rank_micro_batches(0, rank):
         result = forward_loss(engine, make_batch(rows, micro))
         engine.backward(result.loss_sum / max(result.target_tokens, 1), scale_wrt_gas=False)
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--zero-stage", type=int, default=2, choices=(1, 2, 3))
     args = parser.parse_args()
     from object_store import s3_server
 
@@ -93,7 +95,8 @@ def main() -> None:
         environment = {**aws, storage.MIRROR_ENV: str(Path(work) / "writer")}
         context = multiprocessing.get_context("spawn")
         port = free_port()
-        ranks = [context.Process(target=write_checkpoint, args=(rank, port, args.model, args.context, environment))
+        ranks = [context.Process(target=write_checkpoint,
+                                 args=(rank, port, args.model, args.context, args.zero_stage, environment))
                  for rank in range(WORLD)]
         for process in ranks:
             process.start()
