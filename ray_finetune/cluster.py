@@ -2,8 +2,10 @@
 outlives the driver (so a run goes on after the script exits). `ray-finetune down` stops it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 import ray
 
 from ray_finetune import settings as settings_module
@@ -153,15 +156,50 @@ def _settings_not_set_by_the_job(config: Settings) -> dict[str, str]:
 
 
 def down() -> bool:
-    """Stop the local head this home started. Returns whether one was running."""
+    """Stop the local head this home started, and nothing else: another Ray on this machine (a user's own, or the
+    head of another RAY_FINETUNE_HOME) goes on, where `ray stop` would stop every one. Returns whether one was
+    running."""
     config = settings_module.load()
     record = config.home / HEAD_FILE
     if ray.is_initialized():
         ray.shutdown()
     was_running = local_head_address(config) is not None
-    subprocess.run([_ray_command(), "stop", "--force"], capture_output=True, text=True)
+    if record.exists():
+        stop_head(json.loads(record.read_text())["address"])
     record.unlink(missing_ok=True)
     return was_running
+
+
+def head_processes(address: str) -> list[psutil.Process]:
+    """The processes on this machine of the Ray head whose GCS listens at `address` (host:port): those whose command
+    line names that port (the GCS, raylet, dashboard, monitors, client server) and their descendants (the workers
+    and agents, which rename themselves `ray::IDLE`, `ray::DashboardAgent`, ...)."""
+    names_the_port = re.compile(rf"[:=]{re.escape(address.rpartition(':')[2])}(?!\d)")
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        # Ray's own programs only: a head that died long ago may have left its port to something else
+        if process.pid != os.getpid() and names_the_port.search(command) and re.search(r"\bray\b", command):
+            try:
+                for member in [process, *process.children(recursive=True)]:
+                    found[member.pid] = member
+            except psutil.NoSuchProcess:
+                continue
+    return list(found.values())
+
+
+def stop_head(address: str, grace_s: float = 5.0) -> None:
+    """Stop the head at `address`, every process of it: asked to exit first (SIGTERM, as `ray stop` without --force
+    does), killed when still there after `grace_s`."""
+    processes = head_processes(address)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, still_there = psutil.wait_procs(processes, timeout=grace_s)
+    for process in still_there:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(still_there, timeout=grace_s)
 
 
 @dataclass(frozen=True)

@@ -244,3 +244,52 @@ def test_the_packed_data_cache_is_listed_and_cleared_keeping_what_runs_under_way
     again = run_on(tmp_path / "finished.jsonl", "1ba").wait(timeout=300)
     assert again.status == RunStatus.COMPLETED
     assert validated(again.name)[0]["packed_data"] == finished_entry and not validated(again.name)[0]["cached"]
+
+
+def test_down_stops_the_head_it_started_and_no_other_ray_on_the_machine(cluster):
+    """A machine where a user runs a Ray of their own (`ray start --head`) beside ray_finetune's local head:
+    `ray-finetune down` stops every process of ray_finetune's head, and the user's Ray goes on."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import psutil
+
+    from ray_finetune import cluster as cluster_module
+    from ray_finetune import foundation_model as fm
+    from ray_finetune.train.distributed import free_ports
+
+    def alive(process: psutil.Process) -> bool:
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    ours = cluster_module.local_head_address(cluster)
+    assert ours and cluster_module.head_processes(ours)
+    port, agent_port, client_port, dashboard_port = free_ports(4)
+    theirs = f"127.0.0.1:{port}"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}   # not our head's token
+    started = subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={port}", "--num-cpus=1",
+         "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--dashboard-agent-listen-port={agent_port}",
+         f"--ray-client-server-port={client_port}", f"--dashboard-port={dashboard_port}"],
+        env={**env, **cluster_module.SINGLE_MACHINE}, capture_output=True, text=True, timeout=120)
+    try:
+        assert started.returncode == 0, started.stderr[-3000:]
+        their_gcs = [p for p in cluster_module.head_processes(theirs) if p.name() == "gcs_server"]
+        ours_before = cluster_module.head_processes(ours)
+        assert len(their_gcs) == 1 and not {p.pid for p in ours_before} & {p.pid for p in
+                                                                            cluster_module.head_processes(theirs)}
+        result = invoke("down")
+        assert result.exit_code == 0 and "stopped the local Ray head" in result.stdout, result.output
+        assert not [p for p in ours_before if alive(p)]   # every process of ours, its workers and agents too
+        assert cluster_module.local_head_address(cluster) is None
+        assert alive(their_gcs[0]) and cluster_module._reachable(theirs)   # theirs goes on
+        assert "no local Ray head was running" in invoke("down").stdout
+    finally:
+        cluster_module.stop_head(theirs)
+    # the next call starts a new local head, as after any `down`
+    fm.list()
+    assert cluster_module.local_head_address(cluster)

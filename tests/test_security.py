@@ -85,18 +85,16 @@ def test_a_driver_without_the_token_is_refused(cluster, tmp_path):
 def test_the_local_head_listens_on_loopback_only(cluster):
     """Every server of the head ray_finetune started (GCS, raylet, object manager, agents, idle workers) accepts
     connections from this machine only."""
-    import json
-
     import psutil
 
-    port = json.loads((cluster.home / "head.json").read_text())["address"].rsplit(":", 1)[1]
+    from ray_finetune import cluster as cluster_module
+
+    address = cluster_module.local_head_address(cluster)
+    port = address.rsplit(":", 1)[1]
     listening = []
-    for process in psutil.process_iter(["cmdline", "name"]):
-        if f":{port}" not in " ".join(process.info["cmdline"] or []) and \
-                f"port={port}" not in " ".join(process.info["cmdline"] or []):
-            continue
+    for process in cluster_module.head_processes(address):
         try:
-            listening += [(c.laddr.ip, c.laddr.port, process.info["name"])
+            listening += [(c.laddr.ip, c.laddr.port, process.name())
                           for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
         except psutil.NoSuchProcess:
             continue
