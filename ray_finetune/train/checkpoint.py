@@ -101,8 +101,8 @@ def universal(folder: Path) -> Path:
 
 
 def _drop_rank_0s_partition(global_state: Path) -> None:
-    """The converter's optimizer state common to all parameters, without rank 0's partition of the parameters'
-    state. For ZeRO-3 it copies rank 0's whole optimizer file there (its fp32 weights and moments: 1/N of the
+    """Write the conversion's optimizer state common to all parameters again, without rank 0's partition of the
+    parameters' state. For ZeRO-3 DeepSpeed's converter copies rank 0's whole optimizer file there (its fp32 weights and moments: 1/N of the
     run's optimizer state, 807 MB for SmolLM2-135M on 2 ranks), which every rank of the resumed run then downloads
     and loads into memory; universal loading reads only the scalars from it (loss scale, overflow, the step) and
     takes every tensor from the per-parameter files. (For ZeRO-1/2 the converter drops that partition itself.)"""
