@@ -212,7 +212,7 @@ def data_check(
 
     count = _guarded(lambda: check_data("path", path, task_type, data_prep_cluster_id))
     console.print(f"{path}: {count:,} {'files' if task_type == 'CONTINUED_PRETRAIN' else 'records'}, all valid "
-                  f"for {task_type}")
+                  f"for {task_type}", soft_wrap=True)   # one line, whatever the path's length: greppable
 
 
 @data_app.command("cache")

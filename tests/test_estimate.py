@@ -136,7 +136,7 @@ def test_estimate_and_data_check_from_the_shell(tiny_model, chat_data):
     assert json.loads(result.stdout[result.stdout.index("{"):])["examples"] == 24
     assert "Loading weights" not in result.stderr   # the probe's model load draws no bar through the spinner
     checked = runner.invoke(app, ["data", "check", str(chat_data[0])])
-    assert checked.exit_code == 0 and "24 records, all valid" in checked.stdout
+    assert checked.exit_code == 0 and checked.stdout == f"{chat_data[0]}: 24 records, all valid for CHAT_COMPLETION\n"
     bad = runner.invoke(app, ["data", "check", str(chat_data[0]), "--task-type", "INSTRUCTION_FINETUNE"])
     assert bad.exit_code == 2 and "24 of 24 records are malformed" in bad.stderr
 
