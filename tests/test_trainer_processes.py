@@ -169,6 +169,55 @@ def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_s
         assert one["grad_norms"][step] == pytest.approx(two["grad_norms"][step], rel=1e-3), step
 
 
+@pytest.mark.parametrize("stage_before, stage_after, workers_after", [("2", "3", 1), ("3", "2", 2)])
+def test_a_checkpoint_resumes_under_another_zero_stage(tiny_model, tmp_path, stage_before, stage_after,
+                                                       workers_after):
+    """A requeued run may train under another ZeRO stage than the one that wrote its checkpoint: on GPUs the stage
+    is chosen for the number of workers and their memory (on fewer GPUs, ZeRO-3 where ZeRO-2 fitted before), or an
+    operator sets another. It resumes through the universal conversion, with the losses the run had."""
+    rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
+    common = dict(model_path=str(tiny_model), init_weights_path=None, train_rows_path=rows_path,
+                  stats=stats.as_dict())
+    two = train_ranks(2, tmp_path / "two.json", run_name="two", save_folder=str(tmp_path / "two"),
+                      zero_stage=stage_before, **common)
+    folder = checkpoint.checkpoints_dir(tmp_path / "two", "two")
+    first = min((p for p in folder.iterdir() if checkpoint.is_complete(p)),
+                key=lambda p: checkpoint.parse_name(p.name)[1])
+    assert checkpoint.read_state(first)["deepspeed"] == {"zero_stage": int(stage_before), "bf16": False}
+    resumed = train_ranks(workers_after, tmp_path / "resumed.json", run_name="resumed",
+                          save_folder=str(tmp_path / "resumed"), resume_from=str(first), zero_stage=stage_after,
+                          **common)
+    at = resumed["initialized"]["resumed_at_step"]
+    assert at > 0 and resumed["initialized"]["zero_stage"] == int(stage_after)
+    assert (first / checkpoint.UNIVERSAL_DIR).is_dir()
+    assert sorted(resumed["losses"]) == [s for s in sorted(two["losses"]) if s > at]
+    for step, loss in resumed["losses"].items():   # weights, both moments and the step came through
+        assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
+        assert resumed["grad_norms"][step] == pytest.approx(two["grad_norms"][step], rel=1e-3), step
+
+
+def test_a_zero_0_checkpoint_is_not_resumed_under_another_stage_and_the_error_says_what_to_set(tiny_model,
+                                                                                                tmp_path):
+    """DeepSpeed converts no ZeRO-0 state (the CPU's fp32 default) to another stage: the attempt fails before it
+    trains, naming both layouts, the settings that resume it and the weights a new run can start from."""
+    rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
+    common = dict(model_path=str(tiny_model), init_weights_path=None, train_rows_path=rows_path,
+                  stats=stats.as_dict())
+    train_ranks(1, tmp_path / "one.json", run_name="one", save_folder=str(tmp_path / "one"), zero_stage="0",
+                **common)
+    newest = checkpoint.latest_complete(checkpoint.checkpoints_dir(tmp_path / "one", "one"))
+    out = tmp_path / "resumed.json"
+    run_ranks(_rank, 1, dict(run_name="resumed", save_folder=str(tmp_path / "resumed"), resume_from=str(newest),
+                             zero_stage="2", **common), str(out))
+    failed = json.loads(out.with_name("failed-0.txt").read_text())
+    assert failed["losses"] == {} and not out.exists()
+    assert failed["error"] == (
+        f"checkpoint {newest.name} holds DeepSpeed state of ZeRO-0 fp32 and this attempt trains under ZeRO-2 fp32: "
+        "DeepSpeed loads ZeRO-0 state under the same precision and ZeRO-0 only, and converts none into it. Set "
+        "RAY_FINETUNE_ZERO_STAGE and RAY_FINETUNE_PRECISION as they were when it was written to resume the run, or "
+        f"create a new run with custom_weights_path='{newest}' to start from its weights")
+
+
 def test_a_checkpoint_in_a_bucket_resumes_on_another_node_with_another_number_of_workers(s3, tiny_model, tmp_path,
                                                                                         monkeypatch):
     """Object storage: two ZeRO-2 workers write their checkpoints into the bucket from one node's mirror; one worker

@@ -63,6 +63,23 @@ def point(directory: Path, name: str) -> None:
     storage.push(pointer)
 
 
+@dataclass(frozen=True)
+class EngineLayout:
+    """How DeepSpeed lays out a checkpoint's engine state: its optimizer, and so the files and what they hold,
+    differ by ZeRO stage and precision. An engine loads its own layout as it is; every ZeRO stage >= 1 loads the
+    universal conversion (below) of any layout but ZeRO-0's."""
+    zero_stage: int
+    bf16: bool
+
+    def __str__(self) -> str:
+        return f"ZeRO-{self.zero_stage} {'bf16' if self.bf16 else 'fp32'}"
+
+    @staticmethod
+    def saved(state: dict) -> "EngineLayout | None":
+        """The layout a checkpoint's trainer `state` records (None: written before checkpoints recorded it)."""
+        return EngineLayout(**state["deepspeed"]) if "deepspeed" in state else None
+
+
 UNIVERSAL_DIR = "universal"
 CONVERTED_FILE = "converted"   # written last into universal/: its presence makes the conversion complete
 
@@ -93,29 +110,53 @@ def universal(folder: Path) -> Path:
             inject_missing_state=True))
     finally:
         shutil.rmtree(source, ignore_errors=True)
-    _drop_rank_0s_partition(staging / "zero" / "optimizer_state.pt")
+    _loadable_by_every_stage(staging)
     (staging / CONVERTED_FILE).write_text("")
     staging.rename(target)
     storage.push(target, last=(CONVERTED_FILE,))   # on object storage: for the ranks of other nodes
     return target
 
 
-def _drop_rank_0s_partition(global_state: Path) -> None:
-    """Write the conversion's optimizer state common to all parameters again, without rank 0's partition of the
-    parameters' state. For ZeRO-3 DeepSpeed's converter copies rank 0's whole optimizer file there (its fp32 weights and moments: 1/N of the
-    run's optimizer state, 807 MB for SmolLM2-135M on 2 ranks), which every rank of the resumed run then downloads
-    and loads into memory; universal loading reads only the scalars from it (loss scale, overflow, the step) and
-    takes every tensor from the per-parameter files. (For ZeRO-1/2 the converter drops that partition itself.)"""
+def _loadable_by_every_stage(converted: Path) -> None:
+    """Make DeepSpeed's conversion load under every ZeRO stage >= 1, not only the one that wrote it: a run requeued
+    onto fewer or more GPUs may get another stage (memory.gpu_zero_stage), or an operator may set another. The
+    per-parameter files are the same for every stage; what each stage's loader reads besides differs:
+    - the engine state, from `mp_rank_00_model_states.pt` under ZeRO-1/2 and `zero_pp_rank_0_mp_rank_00_...`
+      under ZeRO-3 (the module's weights in neither: universal loading takes them from the parameters' files);
+    - in `zero/optimizer_state.pt`, the ZeRO-1/2 loaders need `ds_version` and `param_groups`, ZeRO-3's the
+      optimizer's step under `optimizer_state_dict`; ZeRO-1/2 take the step from each parameter's `step.pt`;
+    - a parameter's weights and moments: ZeRO-1/2 read `{"param": <in the parameter's shape>, ...}`, ZeRO-3 that
+      or the flat tensor its converter writes.
+    And for ZeRO-3 the converter copies rank 0's whole optimizer file into `zero/optimizer_state.pt` (its fp32
+    weights and moments: 1/N of the run's optimizer state, 807 MB for SmolLM2-135M on 2 ranks), which every
+    resuming rank would load into memory for those few scalars: it is written again without them."""
     import torch
-    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
+    from deepspeed.checkpoint.constants import (CAT_DIM, DS_VERSION, FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT, PARAM,
+                                                PARAM_GROUPS, PARAM_SHAPES)
+    from deepspeed.git_version_info import version as deepspeed_version
 
-    state = torch.load(global_state, map_location="cpu", weights_only=False)
-    if FP32_FLAT_GROUPS not in state:
-        return
-    del state[FP32_FLAT_GROUPS]
-    base = state[OPTIMIZER_STATE_DICT]
-    base["state"] = {index: {"step": moments["step"]} for index, moments in base["state"].items()}
-    torch.save(state, global_state)
+    engine_state = sorted(converted.glob("*model_states.pt"))[0]   # mp_rank_00_..., or ZeRO-3 rank 0's
+    state = torch.load(engine_state, map_location="cpu", weights_only=False)
+    state["module"] = None
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        torch.save(state, converted / name)
+    zero = converted / "zero"
+    parameters = [entry for entry in zero.iterdir() if entry.is_dir()]
+    common = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    from_zero_3 = OPTIMIZER_STATE_DICT in common
+    step = (next(iter(common[OPTIMIZER_STATE_DICT]["state"].values()))["step"] if from_zero_3 else
+            torch.load(parameters[0] / "step.pt", weights_only=False))
+    common.pop(FP32_FLAT_GROUPS, None)
+    common[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, PARAM_GROUPS: common[PARAM_GROUPS]}
+    common.setdefault(DS_VERSION, deepspeed_version)
+    torch.save(common, zero / "optimizer_state.pt")
+    if from_zero_3:
+        shapes = {name: shape for group in state[PARAM_SHAPES] for name, shape in group.items()}
+        for parameter in parameters:
+            for flat_file in parameter.glob("*.pt"):
+                flat = torch.load(flat_file, map_location="cpu", weights_only=False)
+                torch.save({PARAM: flat.view(shapes[parameter.name]), CAT_DIM: 0}, flat_file)
+            torch.save(step, parameter / "step.pt")
 
 
 # DeepSpeed's engine state of a ZeRO-0/1/2 checkpoint, with the module's weights (ZeRO-3's are per rank, weightless)

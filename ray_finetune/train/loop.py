@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -167,7 +167,7 @@ def train(config: TrainConfig, reporter: Reporter) -> TrainOutcome:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=BETAS, weight_decay=0.0,
                                   fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan.total_steps))
-    resume_from = _resumable_state(config, stage, node)
+    resume_from = _resumable_state(config, checkpoint.EngineLayout(stage, precision == BF16), node)
     engine_config = deepspeed_config(plan, stage, precision)
     if resume_from is not None and resume_from.name == checkpoint.UNIVERSAL_DIR:
         engine_config["checkpoint"] = {"load_universal": True}
@@ -427,19 +427,28 @@ def _cpu_need(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows,
         context_length=rows.input_ids.shape[1])
 
 
-def _resumable_state(config: TrainConfig, stage: int, node: FolderRole | None) -> Path | None:
-    """The DeepSpeed state to resume from (on object storage, pulled to this node: the partitions of its ranks).
-    ZeRO-1/2/3 save the optimizer state (ZeRO-3 also the weights) partitioned by rank; on a different number of
-    workers (a requeued run placed on fewer or more GPUs) it loads from the universal conversion, which rank 0
-    makes (and so alone pulls every rank's partition) and the other nodes pull."""
+def _resumable_state(config: TrainConfig, layout: checkpoint.EngineLayout, node: FolderRole | None) -> Path | None:
+    """The DeepSpeed state to resume from, for an engine of `layout` (on object storage, pulled to this node: the
+    partitions of its ranks). ZeRO-1/2/3 save the optimizer state (ZeRO-3 also the weights) partitioned by rank; on
+    a different number of workers (a requeued run placed on fewer or more GPUs), or under another layout (another
+    ZeRO stage chosen for them, or set), it loads from the universal conversion, which rank 0 makes (and so alone
+    pulls every rank's partition) and the other nodes pull."""
     if not config.resume_from:
         return None
     folder = storage.local(config.resume_from)
-    saved_world = int(checkpoint.read_state(folder)["plan"]["world_size"])
+    state = checkpoint.read_state(folder)
+    saved_world = int(state["plan"]["world_size"])
     same_ranks = saved_world == config.world_size
-    if stage == 0 or same_ranks:
+    saved = checkpoint.EngineLayout.saved(state) or layout   # not recorded (older checkpoints): taken to be this
+    if saved == layout and (layout.zero_stage == 0 or same_ranks):
         checkpoint.pull_to_resume(folder, node.sharing if node and same_ranks else None)
         return folder
+    if 0 in (saved.zero_stage, layout.zero_stage):
+        raise CheckpointError(
+            f"checkpoint {folder.name} holds DeepSpeed state of {saved} and this attempt trains under {layout}: "
+            "DeepSpeed loads ZeRO-0 state under the same precision and ZeRO-0 only, and converts none into it. Set "
+            "RAY_FINETUNE_ZERO_STAGE and RAY_FINETUNE_PRECISION as they were when it was written to resume the run, "
+            f"or create a new run with custom_weights_path='{storage.location_of(folder)}' to start from its weights")
     failure, converted = "", None
     if config.rank == 0:
         try:
@@ -447,8 +456,8 @@ def _resumable_state(config: TrainConfig, stage: int, node: FolderRole | None) -
         except Exception as error:  # noqa: BLE001 - every rank must learn it failed, or the others wait forever
             failure = f"{type(error).__name__}: {error}"
     if int(all_reduce(torch.tensor([1 if failure else 0]), "max")):
-        raise CheckpointError(f"checkpoint {folder} was written by {saved_world} workers and could not be converted "
-                              f"to load on {config.world_size}: {failure or 'see rank 0'}")
+        raise CheckpointError(f"checkpoint {folder} was written by {saved_world} workers under {saved} and could not "
+                              f"be converted to load on {config.world_size} under {layout}: {failure or 'see rank 0'}")
     return converted or checkpoint.universal(folder)   # the others: rank 0's conversion, this node's copy of it
 
 
@@ -531,6 +540,8 @@ def save_checkpoint(engine: Any, tokenizer: Any, config: TrainConfig, publisher:
             tokenizer.save_pretrained(weights)
             # Written last: its presence is what makes the checkpoint complete.
             checkpoint.write_state(staging, {"epoch": epoch, "step": step, "plan": config.plan.as_dict(),
+                                             "deepspeed": asdict(checkpoint.EngineLayout(
+                                                 engine.zero_optimization_stage(), engine.bfloat16_enabled())),
                                              "learning_rate": config.learning_rate,
                                              "packed_data": packed_data_id(config.train_rows_path)})
         _barrier(config.world_size)   # every rank's files are written
