@@ -44,11 +44,14 @@ def _reachable(address: str) -> bool:
 
 def local_head_address(config: Settings) -> str | None:
     """The address of the head this home started, if it is still up."""
+    address = _recorded_address(config)
+    return address if address and _reachable(address) else None
+
+
+def _recorded_address(config: Settings) -> str | None:
+    """The address of the head this home started, as recorded when it started (it may have gone since)."""
     record = config.home / HEAD_FILE
-    if not record.exists():
-        return None
-    address = json.loads(record.read_text())["address"]
-    return address if _reachable(address) else None
+    return json.loads(record.read_text())["address"] if record.exists() else None
 
 
 def _auth_env(config: Settings) -> dict[str, str]:
@@ -164,8 +167,9 @@ def down() -> bool:
     if ray.is_initialized():
         ray.shutdown()
     was_running = local_head_address(config) is not None
-    if record.exists():
-        stop_head(json.loads(record.read_text())["address"])
+    recorded = _recorded_address(config)
+    if recorded:
+        stop_head(recorded)
     record.unlink(missing_ok=True)
     return was_running
 
@@ -183,21 +187,21 @@ def head_processes(address: str) -> list[psutil.Process]:
             try:
                 for member in [process, *process.children(recursive=True)]:
                     found[member.pid] = member
-            except psutil.NoSuchProcess:
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
     return list(found.values())
 
 
 def stop_head(address: str, grace_s: float = 5.0) -> None:
     """Stop the head at `address`, every process of it: asked to exit first (SIGTERM, as `ray stop` without --force
-    does), killed when still there after `grace_s`."""
+    does), killed when still there after `grace_s`. A process this user may not signal (another user's) is left."""
     processes = head_processes(address)
     for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             process.terminate()
     _, still_there = psutil.wait_procs(processes, timeout=grace_s)
     for process in still_there:
-        with contextlib.suppress(psutil.NoSuchProcess):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             process.kill()
     psutil.wait_procs(still_there, timeout=grace_s)
 

@@ -137,6 +137,15 @@ def train_ranks(world: int, out: Path, **arguments) -> dict:
             "published": result["published"]}
 
 
+def assert_goes_on_as_it_would_have(resumed: dict, uninterrupted: dict, resumed_at: int) -> None:
+    """The resumed run trains the steps after `resumed_at`, each with the loss and gradient norm the uninterrupted
+    run had (its weights, both moments and the optimizer's step came through)."""
+    assert sorted(resumed["losses"]) == [s for s in sorted(uninterrupted["losses"]) if s > resumed_at]
+    for step, loss in resumed["losses"].items():
+        assert loss == pytest.approx(uninterrupted["losses"][step], rel=1e-4), step
+        assert resumed["grad_norms"][step] == pytest.approx(uninterrupted["grad_norms"][step], rel=1e-3), step
+
+
 @pytest.mark.parametrize("zero_stage, precision", [("0", "auto"), ("2", "auto"), ("3", "auto"), ("1", "bf16")])
 def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_stage, precision):
     rows_path, stats, _ = packed_chat_run(tiny_model, tmp_path)
@@ -150,8 +159,7 @@ def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_s
     saved_steps = sorted(checkpoint.parse_name(p.name)[1] for p in folder.iterdir() if checkpoint.is_complete(p))
     assert [step for step, _, _ in two["saving"]][-len(saved_steps):] == saved_steps
     assert all(reported == step and not existed for step, reported, existed in two["saving"])
-    first_epoch = min((p for p in folder.iterdir() if checkpoint.is_complete(p)),
-                      key=lambda p: checkpoint.parse_name(p.name)[1])
+    first_epoch = checkpoint.complete_checkpoints(folder)[0]
     resumed_at = checkpoint.parse_name(first_epoch.name)[1]
     one = train_ranks(1, tmp_path / "one.json", run_name="one", save_folder=str(tmp_path / "one"),
                       resume_from=str(first_epoch), **common)
@@ -163,10 +171,7 @@ def test_a_checkpoint_of_two_workers_resumes_on_one(tiny_model, tmp_path, zero_s
         # (ZeRO-1/2), nor rank 0's partition of it besides (ZeRO-3)
         weights = sum(f.stat().st_size for f in (first_epoch / checkpoint.WEIGHTS_DIR).glob("*.safetensors"))
         assert storage.size_here(first_epoch / checkpoint.UNIVERSAL_DIR) < 4 * weights
-    assert sorted(one["losses"]) == [s for s in sorted(two["losses"]) if s > resumed_at]
-    for step, loss in one["losses"].items():
-        assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
-        assert one["grad_norms"][step] == pytest.approx(two["grad_norms"][step], rel=1e-3), step
+    assert_goes_on_as_it_would_have(one, two, resumed_at)
 
 
 @pytest.mark.parametrize("stage_before, stage_after, workers_after", [("2", "3", 1), ("3", "2", 2)])
@@ -181,8 +186,7 @@ def test_a_checkpoint_resumes_under_another_zero_stage(tiny_model, tmp_path, sta
     two = train_ranks(2, tmp_path / "two.json", run_name="two", save_folder=str(tmp_path / "two"),
                       zero_stage=stage_before, **common)
     folder = checkpoint.checkpoints_dir(tmp_path / "two", "two")
-    first = min((p for p in folder.iterdir() if checkpoint.is_complete(p)),
-                key=lambda p: checkpoint.parse_name(p.name)[1])
+    first = checkpoint.complete_checkpoints(folder)[0]
     assert checkpoint.read_state(first)["deepspeed"] == {"zero_stage": int(stage_before), "bf16": False}
     resumed = train_ranks(workers_after, tmp_path / "resumed.json", run_name="resumed",
                           save_folder=str(tmp_path / "resumed"), resume_from=str(first), zero_stage=stage_after,
@@ -190,10 +194,7 @@ def test_a_checkpoint_resumes_under_another_zero_stage(tiny_model, tmp_path, sta
     at = resumed["initialized"]["resumed_at_step"]
     assert at > 0 and resumed["initialized"]["zero_stage"] == int(stage_after)
     assert (first / checkpoint.UNIVERSAL_DIR).is_dir()
-    assert sorted(resumed["losses"]) == [s for s in sorted(two["losses"]) if s > at]
-    for step, loss in resumed["losses"].items():   # weights, both moments and the step came through
-        assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
-        assert resumed["grad_norms"][step] == pytest.approx(two["grad_norms"][step], rel=1e-3), step
+    assert_goes_on_as_it_would_have(resumed, two, at)
 
 
 def test_a_zero_0_checkpoint_is_not_resumed_under_another_stage_and_the_error_says_what_to_set(tiny_model,
@@ -229,8 +230,7 @@ def test_a_checkpoint_in_a_bucket_resumes_on_another_node_with_another_number_of
     monkeypatch.setenv(storage.MIRROR_ENV, str(tmp_path / "node-a"))
     two = train_ranks(2, tmp_path / "two.json", run_name="two", save_folder="s3://training-data/runs", **common)
     folder = checkpoint.checkpoints_dir("s3://training-data/runs", "two")
-    first = min((folder / name for name in storage.children(folder) if checkpoint.parse_name(name)),
-                key=lambda path: checkpoint.parse_name(path.name)[1])
+    first = checkpoint.complete_checkpoints(folder)[0]
     resumed_at = checkpoint.parse_name(first.name)[1]
     assert not (tmp_path / "node-a" / "s3").exists() or not list((tmp_path / "node-a" / "s3").rglob("*.pt"))
 
@@ -240,9 +240,7 @@ def test_a_checkpoint_in_a_bucket_resumes_on_another_node_with_another_number_of
     assert one["initialized"]["resumed_at_step"] == resumed_at > 0
     assert storage.exists(storage.local(f"s3://training-data/runs/two/checkpoints/{first.name}/universal"))
     assert not list((tmp_path / "node-b").rglob("*.pt"))   # loaded, then dropped: the bucket has it
-    assert sorted(one["losses"]) == [s for s in sorted(two["losses"]) if s > resumed_at]
-    for step, loss in one["losses"].items():
-        assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
+    assert_goes_on_as_it_would_have(one, two, resumed_at)
 
     # The conversion's upload cut short (its marker, written last, and a file of it missing from the bucket): the
     # next attempt, on a node that has nothing, converts again instead of loading the part that went up.
@@ -267,8 +265,7 @@ def test_a_node_resuming_on_as_many_workers_pulls_only_its_own_ranks_partitions(
     two = train_ranks(2, tmp_path / "two.json", run_name="two", save_folder="s3://training-data/runs",
                       mirrors=[str(tmp_path / "a"), str(tmp_path / "b")], **common)
     folder = checkpoint.checkpoints_dir("s3://training-data/runs", "two")
-    first = min((folder / name for name in storage.children(folder) if checkpoint.parse_name(name)),
-                key=lambda path: checkpoint.parse_name(path.name)[1])
+    first = checkpoint.complete_checkpoints(folder)[0]
     resumed_at = checkpoint.parse_name(first.name)[1]
     stored = storage.children(first)
     assert any(name.startswith("zero_pp_rank_1_") for name in stored) and checkpoint.WEIGHTS_DIR in stored
@@ -284,9 +281,7 @@ def test_a_node_resuming_on_as_many_workers_pulls_only_its_own_ranks_partitions(
         assert not [name for name in pulled if name.startswith((f"zero_pp_rank_{1 - rank}_", "model/"))], pulled
     for node in "cd":
         assert not list((tmp_path / node).rglob("*.pt"))   # loaded, then dropped: the bucket has it
-    assert sorted(again["losses"]) == [s for s in sorted(two["losses"]) if s > resumed_at]
-    for step, loss in again["losses"].items():
-        assert loss == pytest.approx(two["losses"][step], rel=1e-4), step
+    assert_goes_on_as_it_would_have(again, two, resumed_at)
 
 
 def test_on_another_number_of_workers_only_rank_0_s_node_pulls_the_partitions_it_converts(s3, tiny_model, tmp_path):
@@ -300,8 +295,7 @@ def test_on_another_number_of_workers_only_rank_0_s_node_pulls_the_partitions_it
     one = train_ranks(1, tmp_path / "one.json", run_name="one", save_folder="s3://training-data/runs",
                       mirrors=[str(tmp_path / "a")], global_batch_rows=2, **common)
     folder = checkpoint.checkpoints_dir("s3://training-data/runs", "one")
-    first = min((folder / name for name in storage.children(folder) if checkpoint.parse_name(name)),
-                key=lambda path: checkpoint.parse_name(path.name)[1])
+    first = checkpoint.complete_checkpoints(folder)[0]
     resumed_at = checkpoint.parse_name(first.name)[1]
 
     two = train_ranks(2, tmp_path / "two.json", run_name="two", save_folder=str(tmp_path / "two"),
@@ -314,9 +308,7 @@ def test_on_another_number_of_workers_only_rank_0_s_node_pulls_the_partitions_it
     assert all(name.startswith("universal/") for name in other), other
     for node in "cd":
         assert not list((tmp_path / node).rglob("*.pt"))   # loaded, then dropped: the bucket has it
-    assert sorted(two["losses"]) == [s for s in sorted(one["losses"]) if s > resumed_at]
-    for step, loss in two["losses"].items():
-        assert loss == pytest.approx(one["losses"][step], rel=1e-4), step
+    assert_goes_on_as_it_would_have(two, one, resumed_at)
 
 
 def test_training_goes_on_while_a_checkpoint_goes_up_and_it_counts_once_every_node_s_files_are_there(

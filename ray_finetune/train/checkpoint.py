@@ -226,8 +226,13 @@ def latest_complete(directory: Path) -> Path | None:
             return named
     except OSError:   # no pointer yet, or no checkpoints folder (a file in its place, say): the listing decides
         pass
-    complete = _complete(directory, storage.children(directory))
+    complete = complete_checkpoints(directory)
     return complete[-1] if complete else None
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The complete checkpoints in a run's checkpoints `directory`, oldest first (on object storage: the store's)."""
+    return _complete(directory, storage.children(directory))
 
 
 def _complete(directory: Path, names: list[str]) -> list[Path]:
