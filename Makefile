@@ -21,8 +21,11 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m ray_finetune.demo
 
+# Afterwards, whatever the tests started and left running is stopped (also after a crash), and nothing else: not
+# `ray stop --force`, which would stop a developer's own Ray cluster too.
 test: setup
-	$(PY) -m pytest -q --durations=15 tests; status=$$?; $(VENV)/bin/ray stop --force >/dev/null 2>&1; exit $$status
+	mark=$${FINETUNE_TEST_SESSION:-make-test-$$$$}; FINETUNE_TEST_SESSION=$$mark $(PY) -m pytest -q --durations=15 tests; status=$$?; \
+	$(PY) tests/leftovers.py $$mark; exit $$status
 
 down: setup
 	$(VENV)/bin/ray-finetune down

@@ -193,9 +193,13 @@ def head_processes(address: str) -> list[psutil.Process]:
 
 
 def stop_head(address: str, grace_s: float = 5.0) -> None:
-    """Stop the head at `address`, every process of it: asked to exit first (SIGTERM, as `ray stop` without --force
-    does), killed when still there after `grace_s`. A process this user may not signal (another user's) is left."""
-    processes = head_processes(address)
+    """Stop the head at `address`, every process of it (see stop_processes)."""
+    stop_processes(head_processes(address), grace_s)
+
+
+def stop_processes(processes: list[psutil.Process], grace_s: float = 5.0) -> None:
+    """Ask each process to exit first (SIGTERM, as `ray stop` without --force does), kill those still there after
+    `grace_s`. A process this user may not signal (another user's) is left."""
     for process in processes:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             process.terminate()

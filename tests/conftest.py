@@ -3,12 +3,24 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from leftovers import MARK, stop_leftovers  # noqa: E402
 from tiny_model import build_tiny_model, write_chat_jsonl  # noqa: E402
+
+# Every process the session starts inherits the mark (`make test` sets its own, to clean up after a crash too).
+os.environ.setdefault(MARK, f"pytest-{os.getpid()}-{time.time_ns()}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop whatever the tests left running (a test that failed half-way may leave a head or a driver)."""
+    stopped = stop_leftovers(os.environ[MARK])
+    if stopped:
+        print(f"\nstopped {stopped} process(es) the tests left running")
 
 
 @pytest.fixture(scope="session")
