@@ -18,18 +18,18 @@ MARK = "FINETUNE_TEST_SESSION"
 
 
 def marked(mark: str) -> list[psutil.Process]:
-    """The processes carrying `mark`, other than this one and those it runs in (pytest under make, ...)."""
+    """The processes carrying `mark`, and their descendants (Ray's agents retitle themselves over the memory their
+    environment was read from), other than this one and those it runs in (pytest under make, ...)."""
     spared = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
-    found = []
+    found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter():
-        if process.pid in spared:
-            continue
         try:
-            if process.environ().get(MARK) == mark:
-                found.append(process)
+            if process.pid not in spared and process.environ().get(MARK) == mark:
+                for member in [process, *process.children(recursive=True)]:
+                    found.setdefault(member.pid, member)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-    return found
+    return [process for pid, process in found.items() if pid not in spared]
 
 
 def stop_leftovers(mark: str) -> int:
