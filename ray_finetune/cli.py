@@ -224,7 +224,8 @@ def data_cache(
 ) -> None:
     """Packed data cached on RAY_FINETUNE_STORAGE (16 bytes a token): each entry's size, when a run last asked
     for it and which runs under way read it; --clear removes the others (a run that needs one again packs it
-    again), and on object storage also the copies of them that trainers pulled to their nodes."""
+    again), and on object storage also the copies of them that trainers pulled to their nodes. Incomplete entries
+    (being packed, or left by a packer or a removal cut short) are listed too, and cleared once an hour quiet."""
     from ray_finetune import settings, storage
     from ray_finetune.data import cache
 
@@ -248,13 +249,16 @@ def data_cache(
     else:
         _table(f"packed data in {storage.location_of(cache_dir)}",
                ["entry", "examples", "tokens", "size", "last used", "read by"],
-               [[e.key, f"{e.examples:,}", f"{e.tokens:,}", _size(e.bytes), e.last_used.astimezone(),
+               [[e.key, f"{e.examples:,}" if e.complete else "-", f"{e.tokens:,}" if e.complete else "-",
+                 _size(e.bytes), e.last_used.astimezone(),
                  "removed" if e in removed else "not removed" if e.key in refused else
-                 ", ".join(users.get(e.key, []))] for e in found])
+                 ", ".join(users.get(e.key, [])) if e.complete else
+                 "being packed" if e.being_prepared else "incomplete (cut short)"] for e in found])
         total = sum(e.bytes for e in found)
         freed = sum(e.bytes for e in removed)
-        console.print(f"{len(found)} entries, {_size(total)}" + (f"; removed {len(removed)}, {_size(freed)} freed"
-                                                                 if clear else ""))
+        incomplete = sum(not e.complete for e in found)
+        console.print(f"{len(found)} entries" + (f" ({incomplete} incomplete)" if incomplete else "") +
+                      f", {_size(total)}" + (f"; removed {len(removed)}, {_size(freed)} freed" if clear else ""))
         if nodes:
             console.print(f"copies trainers had pulled to their nodes: {_size(sum(n.value or 0 for n in nodes))} "
                           f"freed on {len(nodes)} node(s)")

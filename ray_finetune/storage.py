@@ -127,12 +127,19 @@ def children(path: str | Path) -> list[str]:
 
 
 def modified(path: str | Path) -> float:
-    """When a file was last written, in seconds since the epoch."""
-    url = _url(Path(path))
+    """When a file, or the newest file under a folder (or the folder itself), was last written, in seconds since the
+    epoch. Raises FileNotFoundError when there is none."""
+    local_path = Path(path)
+    url = _url(local_path)
     if url is None:
-        return Path(path).stat().st_mtime
+        return max(f.stat().st_mtime for f in [local_path, *(local_path.rglob("*") if local_path.is_dir() else ())])
     fs, remote = _filesystem(url)
-    return fs.modified(remote).timestamp()
+    if not fs.isdir(remote):
+        return fs.modified(remote).timestamp()
+    times = [info["LastModified"] for info in fs.find(remote, detail=True).values() if "LastModified" in info]
+    if not times:
+        raise FileNotFoundError(url)
+    return max(times).timestamp()
 
 
 def size(path: str | Path) -> int:

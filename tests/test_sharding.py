@@ -282,7 +282,7 @@ def test_work_folders_of_preparations_whose_process_died_are_removed_by_the_next
     import socket
     import subprocess
 
-    from ray_finetune.data.prepare import remove_orphaned_work
+    from ray_finetune.data.cache import remove_orphaned_work
 
     finished = subprocess.Popen(["true"])
     finished.wait()   # its pid now names no process
@@ -330,6 +330,51 @@ def test_reusing_a_cache_entry_marks_it_used_and_only_idle_entries_not_in_use_ar
     cache.remove(tmp_path / "cache", found[other_key])
     assert [e.key for e in cache.entries(tmp_path / "cache")] == [first_key]
     assert prepare("train_data_path", str(data), context_length=64, **arguments).cached is False   # packed again
+
+
+def test_incomplete_entries_are_listed_and_removable_once_quiet_unless_a_preparation_here_writes_them(tmp_path,
+                                                                                                      tiny_model):
+    """What a removal or a packer cut short leaves has no stats file: no run reads it, but it takes room, so `data
+    cache` lists it and `--clear` removes it once nothing under it changed for an hour; a preparation under way on
+    this host is never removed, one of another host's only once quiet (it cannot be checked from here)."""
+    import shutil
+    import socket
+
+    from ray_finetune.data import cache
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in conversations(10)))
+    folder = tmp_path / "cache"
+    complete = prepare("train_data_path", str(data), task_type="CHAT_COMPLETION", model_path=str(tiny_model),
+                       tokenizer=load_tokenizer(tiny_model), context_length=96, cache_dir=folder)
+    rows = Path(complete.rows_path)
+    host = socket.gethostname()
+    cut_short = folder / "removal-cut-short"                                       # its rows, no stats
+    shutil.copytree(rows, cut_short / "rows")
+    preparing = folder / "being-packed" / f"work-{host}-{os.getpid()}-0123abcd"    # a preparation alive here
+    elsewhere = folder / "packed-elsewhere" / "work-another-host-1234-4567abcd"    # another host's
+    fresh = folder / "just-begun" / f"work-another-host-99-89abcdef"
+    for work in (preparing, elsewhere, fresh):
+        (work / "tokens").mkdir(parents=True)
+        (work / "tokens" / "shard-00000.ids.npy").write_bytes(b"x" * 1000)
+    two_hours_ago = time.time() - 7200
+    for quiet in (cut_short, preparing.parent, elsewhere.parent):
+        for path in [quiet, *quiet.rglob("*")]:
+            os.utime(path, (two_hours_ago, two_hours_ago))
+    os.utime(rows.parent / "stats.json", (two_hours_ago, two_hours_ago))
+
+    found = {e.key: e for e in cache.entries(folder)}
+    assert set(found) == {rows.parent.name, "removal-cut-short", "being-packed", "packed-elsewhere", "just-begun"}
+    assert [k for k, e in found.items() if e.complete] == [rows.parent.name]
+    assert found["removal-cut-short"].bytes == cache.storage.size(rows) and found["removal-cut-short"].examples == 0
+    assert abs(found["removal-cut-short"].last_used.timestamp() - two_hours_ago) < 5   # last changed, not now
+    assert [k for k, e in found.items() if e.being_prepared] == ["being-packed"]
+    removable = {e.key for e in cache.removable(list(found.values()), in_use={rows.parent.name})}
+    assert removable == {"removal-cut-short", "packed-elsewhere"}
+    assert {e.key for e in cache.removable(list(found.values()), in_use=set(), unused_for_s=3 * 3600)} == set()
+    for key in removable:
+        cache.remove(folder, found[key])
+    assert {e.key for e in cache.entries(folder)} == {rows.parent.name, "being-packed", "just-begun"}
 
 
 def test_rows_a_cut_short_removal_left_are_packed_again_not_used(tmp_path, tiny_model):

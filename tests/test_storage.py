@@ -124,8 +124,16 @@ def test_packed_data_is_shared_through_the_bucket(s3, mirror, tiny_model, chat_d
 
     [entry] = cache.entries(cache_dir)
     assert entry.key == Path(packed.rows_path).parent.name and entry.rows == packed.stats["rows"] > 0
-    assert entry.bytes > 0
-    cache.remove(cache_dir, entry)
+    assert entry.bytes > 0 and entry.complete
+    # a removal cut short after the stats went: the rows stay in the bucket, listed as incomplete, and removable
+    # once they have been there for an hour (the bucket's time of its newest object)
+    storage.remove(Path(packed.rows_path).parent / cache.STATS_FILE)
+    [left] = cache.entries(cache_dir)
+    assert (left.key, left.complete, left.being_prepared) == (entry.key, False, False)
+    assert left.bytes == storage.size(packed.rows_path) > 0 and abs(left.last_used.timestamp() - time.time()) < 60
+    assert cache.removable([left], in_use=set()) == []
+    assert cache.removable([left], in_use=set(), now=time.time() + cache.CUT_SHORT_AFTER_S + 60) == [left]
+    cache.remove(cache_dir, left)
     assert cache.entries(cache_dir) == [] and storage.children(cache_dir) == []
 
 

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import socket
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -157,8 +154,8 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
         _require_rows(parameter, source, cached, context_length)   # earlier versions published empty entries
         cache.mark_used(rows_dir)
         return Prepared(str(rows_dir), cached, cached=True)
-    remove_orphaned_work(cache_dir)
-    work = folder / f"work-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"   # see remove_orphaned_work
+    cache.remove_orphaned_work(cache_dir)
+    work = folder / cache.new_work_folder_name()
     try:
         (work / "tokens").mkdir(parents=True)
         jobs = [TokenizeJob(source, shard, task_type, model_path, context_length, str(work / "tokens"))
@@ -186,31 +183,6 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return Prepared(str(rows_dir), stats.as_dict(), cached=False, shards=len(jobs))
-
-
-def remove_orphaned_work(cache_dir: Path) -> list[Path]:
-    """Removes the work folders of preparations whose process died on this host (a data packer or a dry run killed
-    in the middle, so that its own clean-up never ran), and returns them: each would otherwise keep a dataset's
-    tokens on disk for good. A work folder is named work-<host>-<pid>-<random>. Folders of other hosts are left to
-    preparations there (a process elsewhere cannot be checked from here), as are those named by earlier versions."""
-    host, removed = socket.gethostname(), []
-    for work in cache_dir.glob("*/work-*"):
-        owner = work.name[len("work-"):].rpartition("-")[0]
-        owner_host, _, pid = owner.rpartition("-")
-        if owner_host == host and pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(work, ignore_errors=True)
-            removed.append(work)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)   # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # another user's: it exists
-        return True
-    return True
 
 
 def _require_rows(parameter: str, source: sources.DataSource, stats: dict[str, Any], context_length: int) -> None:
