@@ -19,8 +19,11 @@ MARK = "FINETUNE_TEST_SESSION"
 
 def marked(mark: str) -> list[psutil.Process]:
     """The processes carrying `mark`, and their descendants (Ray's agents retitle themselves over the memory their
-    environment was read from), other than this one and those it runs in (pytest under make, ...)."""
-    spared = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
+    environment was read from), other than this one, those it runs in (pytest under make, ...) and its helpers."""
+    this = psutil.Process()
+    spared = {this.pid, *(parent.pid for parent in this.parents())}
+    # this process's multiprocessing helpers (the rank processes' forkserver, its resource tracker) end with it
+    spared |= {child.pid for child in this.children() if "from multiprocessing." in " ".join(child.cmdline())}
     found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter():
         try:
