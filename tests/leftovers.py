@@ -23,7 +23,7 @@ def marked(mark: str) -> list[psutil.Process]:
     this = psutil.Process()
     spared = {this.pid, *(parent.pid for parent in this.parents())}
     # this process's multiprocessing helpers (the rank processes' forkserver, its resource tracker) end with it
-    spared |= {child.pid for child in this.children() if "from multiprocessing." in " ".join(child.cmdline())}
+    spared |= {child.pid for child in this.children() if "from multiprocessing." in _command(child)}
     found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter():
         try:
@@ -33,6 +33,13 @@ def marked(mark: str) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return [process for pid, process in found.items() if pid not in spared]
+
+
+def _command(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):   # ended meanwhile
+        return ""
 
 
 def stop_leftovers(mark: str) -> int:
