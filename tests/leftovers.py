@@ -8,7 +8,6 @@ else on the machine: a developer's own Ray cluster, with its runs, goes on (`ray
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import psutil

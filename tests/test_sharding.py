@@ -353,7 +353,7 @@ def test_incomplete_entries_are_listed_and_removable_once_quiet_unless_a_prepara
     shutil.copytree(rows, cut_short / "rows")
     preparing = folder / "being-packed" / f"work-{host}-{os.getpid()}-0123abcd"    # a preparation alive here
     elsewhere = folder / "packed-elsewhere" / "work-another-host-1234-4567abcd"    # another host's
-    fresh = folder / "just-begun" / f"work-another-host-99-89abcdef"
+    fresh = folder / "just-begun" / "work-another-host-99-89abcdef"
     for work in (preparing, elsewhere, fresh):
         (work / "tokens").mkdir(parents=True)
         (work / "tokens" / "shard-00000.ids.npy").write_bytes(b"x" * 1000)
