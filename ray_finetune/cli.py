@@ -229,8 +229,14 @@ def data_cache(
     from ray_finetune import settings, storage
     from ray_finetune.data import cache
 
-    cache_dir = settings.load().packed_data_dir
-    found = cache.entries(cache_dir)
+    config = settings.load()
+    cache_dir = config.packed_data_dir
+    try:
+        found = cache.entries(cache_dir)
+    except Exception as error:  # noqa: BLE001 - no route, no credentials: the store client's own errors
+        errors.print(f"[red]error:[/red] could not list {storage.location_of(cache_dir)}: {storage.one_line(error)}. "
+                     f"{storage.reach_advice(config.storage)}", soft_wrap=True)
+        raise typer.Exit(1) from None
     users = _guarded(cache.in_use_by_runs) if found else {}
     doomed = cache.removable(found, set(users), unused_days * 86400.0) if clear else []
     refused: dict[str, str] = {}   # entry key -> why the storage would not remove it

@@ -323,7 +323,7 @@ def identity(root: Path) -> str:
         return read_text(file).strip()   # read back: of two heads writing at once, the id that stayed
     except Exception as error:  # noqa: BLE001 - whatever the store raises (no route, no credentials), it is this
         raise ConfigError(f"RAY_FINETUNE_STORAGE={location_of(root)} cannot be reached from the head node: "
-                          f"{_one_line(error)}") from None
+                          f"{one_line(error)}") from None
 
 
 def unreached(location: str | Path, expected: str) -> str | None:
@@ -337,7 +337,7 @@ def unreached(location: str | Path, expected: str) -> str | None:
         where = "this node's own disk" if not is_mirrored(root) else "the object store this node's credentials reach"
         return f"{location_of(file)} is not there (on {where})"
     except Exception as error:  # noqa: BLE001 - no route, no credentials, a hung mount: the operator needs it all
-        return f"reading {location_of(file)} failed: {_one_line(error)}"
+        return f"reading {location_of(file)} failed: {one_line(error)}"
     if found != expected:
         return f"{location_of(file)} names another storage ({found[:8]}…, not the head's {expected[:8]}…)"
     # Trainers write checkpoints there: a read-only mount (or credentials that may only read) would otherwise
@@ -349,7 +349,7 @@ def unreached(location: str | Path, expected: str) -> str | None:
         push(probe)
         remove(probe)
     except Exception as error:  # noqa: BLE001 - as above
-        return f"writing into {location_of(root)} failed: {_one_line(error)}"
+        return f"writing into {location_of(root)} failed: {one_line(error)}"
     finally:
         probe.unlink(missing_ok=True)   # a mirror's copy of a probe whose upload failed
     return None
@@ -368,5 +368,6 @@ def reach_advice(root: Path) -> str:
     return advice
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """A storage client's error as one line: its type and message (a store's messages span lines)."""
     return f"{type(error).__name__}: {' '.join(str(error).split())}"

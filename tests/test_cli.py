@@ -178,6 +178,26 @@ def test_status_without_a_cluster_says_so_and_starts_none(tmp_path, address):
     assert not (tmp_path / "head.json").exists()
 
 
+def test_a_packed_data_cache_on_an_object_store_out_of_reach_is_one_error_line(tmp_path):
+    """`data cache` against an endpoint where nothing listens: what failed and what to set, not the S3 client's
+    traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))} | {
+        "RAY_FINETUNE_HOME": str(tmp_path), "RAY_FINETUNE_STORAGE": "s3://finetune/team",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+        "AWS_MAX_ATTEMPTS": "1"}
+    done = subprocess.run([sys.executable, "-m", "ray_finetune.cli", "data", "cache"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    line = " ".join(done.stderr.split())
+    assert line.startswith("error: could not list s3://finetune/team/packed: EndpointConnectionError: Could not "
+                           "connect to the endpoint URL"), line
+    assert "Every node needs credentials and an endpoint" in line
+
+
 def test_the_packed_data_cache_is_listed_and_cleared_keeping_what_runs_under_way_read(cluster, tiny_model, tmp_path,
                                                                                       monkeypatch):
     """`data cache` lists each packed dataset with its size and the runs under way that read it; `--clear` removes
