@@ -21,6 +21,7 @@ from ray_finetune.errors import RayFinetuneError
 
 if TYPE_CHECKING:
     from ray_finetune.cluster import NodeAnswer
+    from ray_finetune.data.cache import CacheEntry
 
 app = typer.Typer(help="Fine-tune foundation models on Ray (Databricks FM fine-tuning API compatible).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -237,7 +238,8 @@ def data_cache(
         errors.print(f"[red]error:[/red] could not list {storage.location_of(cache_dir)}: {storage.one_line(error)}. "
                      f"{storage.reach_advice(config.storage)}", soft_wrap=True)
         raise typer.Exit(1) from None
-    users = _guarded(cache.in_use_by_runs) if found else {}
+    # no run reads an incomplete entry: the event log (and so the cluster) is asked only when there are others
+    users = _guarded(cache.in_use_by_runs) if any(e.complete for e in found) else {}
     doomed = cache.removable(found, set(users), unused_days * 86400.0) if clear else []
     refused: dict[str, str] = {}   # entry key -> why the storage would not remove it
     for entry in doomed:
@@ -256,10 +258,8 @@ def data_cache(
         _table(f"packed data in {storage.location_of(cache_dir)}",
                ["entry", "examples", "tokens", "size", "last used", "read by"],
                [[e.key, f"{e.examples:,}" if e.complete else "-", f"{e.tokens:,}" if e.complete else "-",
-                 _size(e.bytes), e.last_used.astimezone(),
-                 "removed" if e in removed else "not removed" if e.key in refused else
-                 ", ".join(users.get(e.key, [])) if e.complete else
-                 "being packed" if e.being_prepared else "incomplete (cut short)"] for e in found])
+                 _size(e.bytes), e.last_used.astimezone(), _cache_entry_state(e, removed, refused, users)]
+                for e in found])
         total = sum(e.bytes for e in found)
         freed = sum(e.bytes for e in removed)
         incomplete = sum(not e.complete for e in found)
@@ -274,6 +274,17 @@ def data_cache(
         errors.print(f"[red]error:[/red] {problem}", soft_wrap=True)
     if problems:
         raise typer.Exit(1)
+
+
+def _cache_entry_state(entry: CacheEntry, removed: list[CacheEntry], refused: dict[str, str], users: dict[str, list[str]]) -> str:
+    """The `data cache` table's last column: what --clear did to the entry, else who reads it, or why none can."""
+    if entry in removed:
+        return "removed"
+    if entry.key in refused:
+        return "not removed"
+    if not entry.complete:
+        return "being packed" if entry.being_prepared else "incomplete (cut short)"
+    return ", ".join(users.get(entry.key, []))
 
 
 def _drop_node_copies(cache_dir: Path, keep: frozenset[str]) -> list[NodeAnswer]:
