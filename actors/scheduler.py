@@ -199,18 +199,18 @@ class Scheduler:
 
     # -- cancel ------------------------------------------------------------------------------------------------
     async def cancel(self, names: list[str], save_checkpoint: bool = False) -> list[str]:
-        """Stop each named run that is not finished; returns the names actually stopped."""
-        stopped = []
-        for name in names:
-            if name in self.queue:
-                self.queue.remove(name)
-                await EventSink("scheduler", name).emit_async(EventType.CANCELED, "canceled before it started")
-                await self._end_mlflow_run(name, "KILLED")
-                stopped.append(name)
-            elif name in self.active:
-                await self._stop_active(name, save_checkpoint)
-                stopped.append(name)
-        return stopped
+        """Stop each named run that is not finished; returns the names actually stopped. Running runs are stopped
+        all at once: stopped one after another, each would go on training (on its devices) while the ones before it
+        wound down, checkpoint included."""
+        names = list(dict.fromkeys(names))
+        queued = [name for name in names if name in self.queue]
+        for name in queued:
+            self.queue.remove(name)
+            await EventSink("scheduler", name).emit_async(EventType.CANCELED, "canceled before it started")
+            await self._end_mlflow_run(name, "KILLED")
+        active = [name for name in names if name in self.active]
+        await asyncio.gather(*(self._stop_active(name, save_checkpoint) for name in active))
+        return [name for name in names if name in queued or name in active]
 
     async def _stop_active(self, name: str, save_checkpoint: bool) -> None:
         await EventSink("scheduler", name).emit_async(EventType.CANCEL_REQUESTED, "cancel requested",

@@ -4,6 +4,8 @@
     python multinode_driver.py span TINY_MODEL WORK   # trainer group across nodes vs one worker: losses
     python multinode_driver.py runs TINY_MODEL WORK   # two runs through fm.create; prints where they are placed
                                                       # then waits for both to end (the test kills a node meanwhile)
+    python multinode_driver.py cancel_experiment TINY_MODEL WORK  # two runs of one experiment, cancelled together
+                                                                  # with final checkpoints once both train
     python multinode_driver.py job TINY_MODEL WORK    # one run created, followed and finished (as a Ray job)
     python multinode_driver.py on_demand TINY_MODEL WORK  # one run; prints once its trainers wait for a GPU (the
                                                           # test then starts a GPU node, or not), then waits for
@@ -89,6 +91,23 @@ def runs(model: str, work: Path) -> None:
                            "resumed_at": [e.payload["resumed_at_step"] for e in log(run.name)
                                           if e.type == "MODEL_INITIALIZED"]}
                 for run in finished})
+
+
+def cancel_experiment(model: str, work: Path) -> None:
+    from ray_finetune import foundation_model as fm
+    from tiny_model import write_chat_jsonl
+
+    data = write_chat_jsonl(work / "sweep.jsonl", 24)
+    created = [fm.create(model=model, train_data_path=str(data), register_to=f"main.tests.sweep{i}",
+                         training_duration="5000ba", context_length=64, experiment_path="/sweeps/cancelled")
+               for i in range(2)]
+    deadline = time.time() + 300
+    while time.time() < deadline and not all(
+            any(e.type == "TRAIN_UPDATED" for e in log(run.name)) for run in created):
+        time.sleep(0.5)
+    stopped = fm.cancel(experiment_id=created[0].experiment_id, save_checkpoint=True)
+    say(stopped=stopped, runs=[{"status": fm.get(run).status.value, "details": fm.get(run).details,
+                                "events": [(e.seq, e.type) for e in log(run.name)]} for run in created])
 
 
 def job(model: str, work: Path) -> None:
@@ -248,6 +267,6 @@ def cancel_while_uploading(model: str, work: Path) -> None:
 if __name__ == "__main__":
     scenario, model, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     work.mkdir(parents=True, exist_ok=True)
-    {"span": span, "runs": runs, "job": job, "on_demand": on_demand,
+    {"span": span, "runs": runs, "cancel_experiment": cancel_experiment, "job": job, "on_demand": on_demand,
      "object_storage": object_storage, "unreached_storage": unreached_storage,
      "cancel_while_uploading": cancel_while_uploading}[scenario](model, work)

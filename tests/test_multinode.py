@@ -115,6 +115,20 @@ def test_a_trainer_group_across_two_nodes_gives_the_losses_of_one_worker(nodes, 
     assert result["two"] == pytest.approx(result["one"], rel=1e-4)
 
 
+def test_cancelling_an_experiment_stops_its_running_runs_together(nodes, tiny_model, tmp_path):
+    """Two runs of one experiment train at once, one per node; cancelling the experiment asks both to stop before
+    either has stopped (one after another, the second would train on while the first wrote its checkpoint)."""
+    result = drive(nodes, "cancel_experiment", tiny_model, tmp_path)
+    assert result["stopped"] == 2
+    requested, canceled = [], []
+    for run in result["runs"]:
+        assert run["status"] == "STOPPED" and run["details"].startswith("canceled by the user; final checkpoint ep")
+        requested += [seq for seq, kind in run["events"] if kind == "CANCEL_REQUESTED"]
+        canceled += [seq for seq, kind in run["events"] if kind == "CANCELED"]
+    assert len(requested) == len(canceled) == 2
+    assert max(requested) < min(canceled), result
+
+
 def test_a_killed_worker_node_requeues_its_run_which_finishes_on_the_other(nodes, tiny_model, tmp_path):
     driver = subprocess.Popen([sys.executable, str(DRIVER), "runs", str(tiny_model), str(tmp_path)],
                               env=nodes.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
