@@ -137,8 +137,14 @@ class Scheduler:
         self.names.add(name)
         experiment = tracking.experiment_path_for(spec.created_by, name, spec.experiment_path)
         async with self._mlflow:
-            tracked = await asyncio.to_thread(tracking.start_run, self.settings, experiment_path=experiment,
-                                              run_name=name, params=spec.model_dump())
+            try:
+                tracked = await asyncio.to_thread(tracking.start_run, self.settings, experiment_path=experiment,
+                                                  run_name=name, params=spec.model_dump())
+            except ConfigError:
+                raise
+            except Exception as error:   # the driver gets one line, not the tracking client's traceback
+                raise ConfigError(f"MLflow did not create the run's experiment {experiment!r} and run in the "
+                                  f"tracking store: {storage.one_line(error)[:2000]}") from None
         sink = EventSink("scheduler", name)
         await sink.emit_async(EventType.CREATED, f"run created by {spec.created_by}", {
             "spec": spec.model_dump(), "experiment_id": tracked.experiment_id, "run_id": tracked.run_id,

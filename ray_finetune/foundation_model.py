@@ -18,9 +18,20 @@ from ray_finetune import cluster, spec as spec_module
 from ray_finetune.entities import (
     EventList, Model, ModelList, RunList, RunStatus, TrainingEvent, TrainingRun,
 )
-from ray_finetune.errors import RunNotFoundError, ValidationError
+from ray_finetune.errors import RayFinetuneError, RunNotFoundError, ValidationError
 
 RunRef = "str | TrainingRun"
+
+
+def _answer(reference: Any) -> Any:
+    """The scheduler's answer; an error of ours it raised arrives as itself, its message one line, not wrapped in
+    Ray's remote traceback."""
+    try:
+        return ray.get(reference)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, RayFinetuneError):
+            raise error.cause from None
+        raise
 
 
 def create(
@@ -49,7 +60,7 @@ def create(
     cluster.connect()
     from actors import scheduler
 
-    state = ray.get(scheduler.get_or_create().submit.remote(spec))
+    state = _answer(scheduler.get_or_create().submit.remote(spec))
     run = TrainingRun.from_state(state)
     run.status = RunStatus.PENDING  # the contract: create() answers PENDING, whatever has happened since
     return run
@@ -171,7 +182,7 @@ def cancel(runs: builtins.list["str | TrainingRun"] | "str | TrainingRun | None"
             get(name)  # unknown names are an error, as in the original
     from actors import scheduler
 
-    return len(ray.get(scheduler.get_or_create().cancel.remote(names, save_checkpoint)))
+    return len(_answer(scheduler.get_or_create().cancel.remote(names, save_checkpoint)))
 
 
 def resume(training_run: "str | TrainingRun") -> TrainingRun:
@@ -183,7 +194,7 @@ def resume(training_run: "str | TrainingRun") -> TrainingRun:
     get(name)   # unknown names are an error
     from actors import scheduler
 
-    refused = ray.get(scheduler.get_or_create().resume.remote(name, spec_module.current_user()))
+    refused = _answer(scheduler.get_or_create().resume.remote(name, spec_module.current_user()))
     if refused:
         raise ValidationError("training_run", f"run {name} cannot be resumed: {refused}",
                               expected="a STOPPED or FAILED run that saved a checkpoint")

@@ -7,6 +7,7 @@ URL when the storage is one: MLflow uploads its own artifacts there, and storage
 from __future__ import annotations
 
 import re
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ray_finetune import storage
+from ray_finetune.errors import ConfigError
 from ray_finetune.settings import Settings
 
 # Registering and serving a model needs these in the model's environment; listing them avoids MLflow's slow
@@ -39,6 +41,38 @@ def client(settings: Settings) -> Any:
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
 
 
+# Tracking stores reached over the network, by the port they listen on unless the URI names one.
+SERVER_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+REACH_TIMEOUT_S = 5.0
+
+
+def server_address(tracking_uri: str) -> tuple[str, int] | None:
+    """(host, port) of a tracking store reached over the network; None for a local one (sqlite, a folder)."""
+    parsed = urlparse(tracking_uri)
+    scheme = parsed.scheme.split("+")[0]   # postgresql+psycopg2://...
+    if scheme not in SERVER_PORTS or not parsed.hostname:
+        return None
+    return parsed.hostname, parsed.port or SERVER_PORTS[scheme]
+
+
+def ensure_reachable(settings: Settings) -> None:
+    """A tracking server that is down would hold a create() for minutes (MLflow retries a refused connection, with
+    backoff, for every call) and then end in the HTTP client's traceback: checked first, in seconds. A server that
+    answers but fails is left to MLflow's retries."""
+    address = server_address(settings.tracking_uri)
+    if address is None:
+        return
+    host, port = address
+    try:
+        socket.create_connection(address, timeout=REACH_TIMEOUT_S).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__   # not the URI itself: it may hold a password
+        raise ConfigError(
+            f"the MLflow tracking store at {host}:{port} (MLFLOW_TRACKING_URI where the cluster was started) does "
+            f"not answer: {reason}. Start it, or set MLFLOW_TRACKING_URI to one that answers, on the head and "
+            "every node; unset, runs are tracked in the local store under RAY_FINETUNE_HOME") from None
+
+
 def open_store(settings: Settings) -> None:
     """Connect this process to the tracking store ahead of its first write: a process's first connection costs
     seconds (MLflow's imports, the database's schema check), which an actor started early pays while it waits."""
@@ -50,6 +84,7 @@ def experiment_path_for(created_by: str, run_name: str, experiment_path: str | N
 
 
 def start_run(settings: Settings, *, experiment_path: str, run_name: str, params: dict[str, Any]) -> TrackedRun:
+    ensure_reachable(settings)
     mlflow = client(settings)
     experiment = mlflow.get_experiment_by_name(experiment_path)
     if experiment is None:

@@ -198,6 +198,46 @@ def test_a_packed_data_cache_on_an_object_store_out_of_reach_is_one_error_line(t
     assert "Every node needs credentials and an endpoint" in line
 
 
+def test_create_against_a_tracking_server_that_is_down_is_one_error_line_and_queues_nothing(tiny_model, chat_data,
+                                                                                          tmp_path):
+    """A cluster started with MLFLOW_TRACKING_URI naming a server that is down: create says so in one line, in
+    seconds (MLflow itself retries a refused connection for minutes, then ends in a traceback), and no run is
+    left half-created in the log."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))} | {
+        "RAY_FINETUNE_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": "http://user:secret@127.0.0.1:9/"}
+
+    def shell(*arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ray_finetune.cli", *arguments], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    try:
+        created = shell("create", "--model", str(tiny_model), "--train-data-path", str(chat_data[0]),
+                        "--register-to", "main.untracked", "--training-duration", "1ba")
+        assert created.returncode == 1 and "Traceback" not in created.stderr, created.stderr[-3000:]
+        line = " ".join(created.stderr.split())
+        assert line.startswith("error: the MLflow tracking store at 127.0.0.1:9 (MLFLOW_TRACKING_URI where the "
+                               "cluster was started) does not answer: Connection refused. Start it"), line
+        assert "secret" not in line
+        listed = shell("runs", "list", "--json")
+        assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr[-3000:]
+    finally:
+        shell("down")
+
+
+@pytest.mark.parametrize("uri, address", [
+    ("http://127.0.0.1:5000", ("127.0.0.1", 5000)), ("https://mlflow.example.com", ("mlflow.example.com", 443)),
+    ("postgresql+psycopg2://u:p@db.internal/mlflow", ("db.internal", 5432)),
+    ("sqlite:////home/me/mlflow.db", None), ("file:///tmp/mlruns", None), ("/tmp/mlruns", None)])
+def test_only_tracking_stores_reached_over_the_network_are_checked_for_an_answer(uri, address):
+    from ray_finetune import tracking
+
+    assert tracking.server_address(uri) == address
+
+
 def test_the_packed_data_cache_is_listed_and_cleared_keeping_what_runs_under_way_read(cluster, tiny_model, tmp_path,
                                                                                       monkeypatch):
     """`data cache` lists each packed dataset with its size and the runs under way that read it; `--clear` removes
