@@ -164,6 +164,10 @@ class Scheduler:
     async def active_runs(self) -> list[str]:
         return list(self.active)
 
+    async def settings_used(self) -> dict[str, str]:
+        """The settings this cluster's runs use (read when it started), as environment variables."""
+        return self.settings.as_env()
+
     async def storage(self) -> tuple[str, str]:
         """RAY_FINETUNE_STORAGE and its identity, which `ray-finetune status` checks every node against."""
         return self.settings.storage_location, await self._storage()

@@ -6,6 +6,7 @@ changes, the event store for reads (replayed into runs, never read from a status
 from __future__ import annotations
 
 import builtins
+import re
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
@@ -14,11 +15,11 @@ import ray
 
 from actors.event_sink import event_store
 from eventstore.schema import USER_FACING_TYPES, EventType
-from ray_finetune import cluster, spec as spec_module
+from ray_finetune import cluster, settings as settings_module, spec as spec_module
 from ray_finetune.entities import (
     EventList, Model, ModelList, RunList, RunStatus, TrainingEvent, TrainingRun,
 )
-from ray_finetune.errors import RayFinetuneError, RunNotFoundError, ValidationError
+from ray_finetune.errors import ConfigError, RayFinetuneError, RunNotFoundError, ValidationError
 
 RunRef = "str | TrainingRun"
 
@@ -57,13 +58,30 @@ def create(
     Beyond the original API: `checkpoint_interval` ('1ep' by default, or e.g. '50ba') and `checkpoints_to_keep`
     (the newest N are kept, 3 by default; the final checkpoint, the newest, always is)."""
     spec = spec_module.resolve(**locals())   # exactly create()'s arguments, by name
-    cluster.connect()
+    config = cluster.connect()
     from actors import scheduler
 
-    state = _answer(scheduler.get_or_create().submit.remote(spec))
+    handle = scheduler.get_or_create()
+    _refuse_settings_the_cluster_ignores(config, _answer(handle.settings_used.remote()))
+    state = _answer(handle.submit.remote(spec))
     run = TrainingRun.from_state(state)
     run.status = RunStatus.PENDING  # the contract: create() answers PENDING, whatever has happened since
     return run
+
+
+def _refuse_settings_the_cluster_ignores(here: Any, clusters: dict[str, str]) -> None:
+    ignored = settings_module.set_here_but_not_used(here, clusters)
+    if ignored:
+        listed = "; ".join(f"{key}={_without_password(mine)} here, {_without_password(theirs) or '(unset)'} on the "
+                           "cluster" for key, mine, theirs in ignored)
+        raise ConfigError(f"the cluster's runs use the settings it was started with, not this process's: {listed}. "
+                          "Unset them here to queue the run with the cluster's; or, to use these, stop the cluster "
+                          "(the local head: `ray-finetune down`, which stops the runs on it too) and create again: a "
+                          "new local head starts with this process's settings")
+
+
+def _without_password(value: str) -> str:
+    return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", value)
 
 
 def estimate(

@@ -91,6 +91,20 @@ class Settings:
         }
 
 
+# RAY_FINETUNE_HOME picks the local head a driver joins (on a remote cluster's driver it is the driver's own machine's):
+# never a setting the cluster's runs could take from a driver.
+NOT_THE_CLUSTERS = ("RAY_FINETUNE_HOME",)
+
+
+def set_here_but_not_used(here: Settings, clusters: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(name, here, the cluster's) of each setting this process's environment sets to something other than what the
+    cluster's runs use: its scheduler and trainers read their settings when the cluster started, so a driver that
+    sets another storage or tracking store later would otherwise queue runs that silently go elsewhere."""
+    mine = here.as_env()
+    return [(key, mine[key], clusters.get(key, "")) for key in mine
+            if key in os.environ and key not in NOT_THE_CLUSTERS and mine[key] != clusters.get(key)]
+
+
 def load() -> Settings:
     from ray_finetune.storage import home as home_folder
 

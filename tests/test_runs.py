@@ -382,3 +382,29 @@ def test_unknown_runs_and_bad_input_are_errors_before_anything_is_queued(cluster
     with pytest.raises(ValidationError, match="exactly one"):
         fm.cancel()
     assert len(event_log.sql("SELECT seq FROM events")) == before
+
+
+def test_a_driver_whose_settings_the_cluster_does_not_use_is_told_before_anything_is_queued(
+        cluster, tiny_model, chat_data, tmp_path, monkeypatch):
+    """The cluster's runs use the settings it started with. A notebook that later points MLFLOW_TRACKING_URI and
+    RAY_FINETUNE_STORAGE elsewhere would otherwise queue a run whose model and checkpoints silently go to the old
+    places; settings that agree with the cluster's, set or not, are no reason to refuse."""
+    from ray_finetune.errors import ConfigError
+
+    before = len(event_log.sql("SELECT seq FROM events"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://team:hunter2@mlflow.internal:5000")
+    monkeypatch.setenv("RAY_FINETUNE_STORAGE", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("RAY_FINETUNE_STOP_GRACE_S", str(cluster.stop_grace_s))   # the cluster's own value
+    with pytest.raises(ConfigError) as refused:
+        create(tiny_model, chat_data, training_duration="1ba")
+    message = str(refused.value)
+    assert message.startswith("the cluster's runs use the settings it was started with, not this process's: "
+                              f"RAY_FINETUNE_STORAGE={tmp_path / 'elsewhere'} here, {cluster.storage} on the cluster; "
+                              "MLFLOW_TRACKING_URI=http://team:***@mlflow.internal:5000 here, "
+                              f"{cluster.tracking_uri} on the cluster. Unset them here"), message
+    assert "hunter2" not in message and "STOP_GRACE" not in message
+    assert len(event_log.sql("SELECT seq FROM events")) == before
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("RAY_FINETUNE_STORAGE", str(cluster.storage))
+    assert create(tiny_model, chat_data, training_duration="1ba").wait(timeout=300).status == RunStatus.COMPLETED
