@@ -214,8 +214,8 @@ class Scheduler:
         wound down, checkpoint included."""
         names = list(dict.fromkeys(names))
         queued = [name for name in names if name in self.queue]
+        self.queue = [name for name in self.queue if name not in queued]   # at once: none may start meanwhile
         for name in queued:
-            self.queue.remove(name)
             await EventSink("scheduler", name).emit_async(EventType.CANCELED, "canceled before it started")
             await self._end_mlflow_run(name, "KILLED")
         active = [name for name in names if name in self.active]
