@@ -243,7 +243,8 @@ def test_a_run_cancelled_while_its_data_is_tokenized_stops_there_and_the_packer_
     assert fm.cancel([run.name]) == 1
     assert fm.get(run.name).status == RunStatus.STOPPED
     # A finished preparation publishes its stats, then removes its work folder; an abandoned one only removes it.
-    wait_until(lambda: not work.exists(), 120, "the preparation to end")
+    # ... and the entry's folder, empty then: `data cache` would list it as cut short
+    wait_until(lambda: not work.parent.exists(), 120, "the preparation to end")
     assert 60_000 not in [json.loads(f.read_text())["examples"] for f in cache.glob("*/stats.json")]
     types = [e.type for e in fm.get_events(run.name)]
     assert types[-1] == "CANCELED" and "DATA_VALIDATED" not in types and "PLACED" not in types

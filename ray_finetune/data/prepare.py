@@ -2,6 +2,7 @@
 run) on the same data does not tokenize again. Used by the data packer actor and by estimate()."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -182,6 +183,8 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
         storage.push(stats_file)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):   # stopped or failed before it published: no empty entry left behind
+            folder.rmdir()                   # (never one that holds anything: another preparation's work, rows)
     return Prepared(str(rows_dir), stats.as_dict(), cached=False, shards=len(jobs))
 
 
