@@ -168,6 +168,15 @@ class Scheduler:
         """The settings this cluster's runs use (read when it started), as environment variables."""
         return self.settings.as_env()
 
+    async def tracking_store(self) -> tuple[str, str | None]:
+        """MLFLOW_TRACKING_URI as it may be shown, and why the head cannot reach it (None: it can)."""
+        try:
+            await asyncio.to_thread(tracking.ensure_reachable, self.settings)
+            problem = None
+        except ConfigError as error:
+            problem = str(error)
+        return settings.without_password(self.settings.tracking_uri), problem
+
     async def storage(self) -> tuple[str, str]:
         """RAY_FINETUNE_STORAGE and its identity, which `ray-finetune status` checks every node against."""
         return self.settings.storage_location, await self._storage()

@@ -457,9 +457,9 @@ def sql(query: str, as_json: bool = typer.Option(False, "--json")) -> None:
 
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Is the cluster up, does each of its service actors answer, does every node reach the storage, what runs and
-    what waits. Starts nothing; exit code 1 when no cluster is running, an actor does not answer, or a node does not
-    reach the storage."""
+    """Is the cluster up, does each of its service actors answer, does every node reach the storage and the head the
+    MLflow tracking store, what runs and what waits. Starts nothing; exit code 1 when no cluster is running, an
+    actor does not answer, or a node does not reach the storage or the head the tracking store."""
     from ray_finetune import cluster, health
 
     if not cluster.join_if_running():
@@ -479,6 +479,8 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
         if found.nodes:
             _table(f"storage {found.storage or '(not known)'}", ["node", "storage"],
                    [[n.node_ip, n.state] for n in found.nodes])
+        console.print(f"MLflow tracking store {found.tracking_store or '(not known)'}: {found.tracking_state}",
+                      soft_wrap=True)
         _table(f"running ({len(found.running)})", ["run", "status", "last event", "seconds ago"],
                [[r.name, r.status, r.last_event, f"{r.last_event_s_ago:g}"] for r in found.running])
         console.print(f"queued ({len(found.queued)}), next first: {', '.join(found.queued) or '-'}", soft_wrap=True)

@@ -6,7 +6,6 @@ changes, the event store for reads (replayed into runs, never read from a status
 from __future__ import annotations
 
 import builtins
-import re
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
@@ -62,26 +61,27 @@ def create(
     from actors import scheduler
 
     handle = scheduler.get_or_create()
-    _refuse_settings_the_cluster_ignores(config, _answer(handle.settings_used.remote()))
+    _refuse_settings_the_cluster_ignores(config, handle)
     state = _answer(handle.submit.remote(spec))
     run = TrainingRun.from_state(state)
     run.status = RunStatus.PENDING  # the contract: create() answers PENDING, whatever has happened since
     return run
 
 
-def _refuse_settings_the_cluster_ignores(here: Any, clusters: dict[str, str]) -> None:
+def _refuse_settings_the_cluster_ignores(here: Any, scheduler: Any) -> None:
+    try:
+        clusters = _answer(scheduler.settings_used.remote())
+    except AttributeError:   # a scheduler of an older ray_finetune (a head started before an upgrade): not checked
+        return
     ignored = settings_module.set_here_but_not_used(here, clusters)
     if ignored:
-        listed = "; ".join(f"{key}={_without_password(mine)} here, {_without_password(theirs) or '(unset)'} on the "
-                           "cluster" for key, mine, theirs in ignored)
+        shown = settings_module.without_password
+        listed = "; ".join(f"{key}={shown(mine)} here, {shown(theirs) or '(unset)'} on the cluster"
+                           for key, mine, theirs in ignored)
         raise ConfigError(f"the cluster's runs use the settings it was started with, not this process's: {listed}. "
                           "Unset them here to queue the run with the cluster's; or, to use these, stop the cluster "
                           "(the local head: `ray-finetune down`, which stops the runs on it too) and create again: a "
                           "new local head starts with this process's settings")
-
-
-def _without_password(value: str) -> str:
-    return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", value)
 
 
 def estimate(

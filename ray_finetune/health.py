@@ -1,5 +1,6 @@
 """What an operator asks first when runs do not move: is the cluster up, does each of its service actors answer,
-does every node reach the storage the head writes, what is running and what waits. `ray-finetune status`; it
+does every node reach the storage the head writes, does the head reach the MLflow tracking store, what is running
+and what waits. `ray-finetune status`; it
 starts nothing (it writes the storage's identity file if no run has yet, and each node writes and removes a
 probe file: see storage.identity and storage.unreached)."""
 from __future__ import annotations
@@ -18,7 +19,8 @@ ANSWER_WITHIN_S = 5.0
 READ_STORAGE_WITHIN_S = 30.0
 
 ANSWERING, NOT_STARTED = "answering", "not started"
-REACHES = "reaches"
+REACHES, NOT_CHECKED = "reaches", "not checked"
+OLDER_SCHEDULER = "the scheduler runs an older ray_finetune (restart the head to check)"   # it lacks the call
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,14 @@ class ClusterStatus:
     actors: list[ServiceActor]
     running: list[ActiveRun] = field(default_factory=list)
     queued: list[str] = field(default_factory=list)   # in the order they will start
+    tracking_store: str = ""       # MLFLOW_TRACKING_URI as the scheduler uses it, its password hidden
+    tracking_state: str = ""       # REACHES, "not checked: ...", or why the head does not reach it
 
     @property
     def healthy(self) -> bool:
         return (all(actor.state in (ANSWERING, NOT_STARTED) for actor in self.actors)
-                and all(node.state == REACHES for node in self.nodes))
+                and all(node.state == REACHES for node in self.nodes)
+                and (self.tracking_state == REACHES or self.tracking_state.startswith(NOT_CHECKED)))
 
 
 def _service_actors() -> list[tuple[str, str]]:
@@ -121,12 +126,26 @@ def _nodes_storage(scheduler: Any) -> tuple[str, list[NodeStorage]]:
         if isinstance(getattr(error, "cause", None), ConfigError):
             why = str(error.cause)  # type: ignore[union-attr]
         elif isinstance(error, AttributeError):
-            why = "the scheduler runs an older ray_finetune (restart the head to check)"
-        return "", [NodeStorage(node["NodeManagerAddress"], node["NodeID"], f"not checked: {why}")
+            why = OLDER_SCHEDULER
+        return "", [NodeStorage(node["NodeManagerAddress"], node["NodeID"], f"{NOT_CHECKED}: {why}")
                     for node in ray.nodes() if node.get("Alive")]
     return location, [NodeStorage(answer.address, answer.node_id, answer.failure or answer.value or REACHES)
                       for answer in on_every_node(storage.unreached, location, identity,
                                                   within_s=READ_STORAGE_WITHIN_S)]
+
+
+def _tracking_store(scheduler: Any) -> tuple[str, str]:
+    """MLFLOW_TRACKING_URI, and whether the head (which creates each run's MLflow run) reaches it."""
+    from ray_finetune import tracking
+
+    try:
+        where, problem = ray.get(scheduler.tracking_store.remote(),
+                                 timeout=ANSWER_WITHIN_S + tracking.REACH_TIMEOUT_S)
+    except (ray.exceptions.RayError, AttributeError) as error:
+        why = (OLDER_SCHEDULER if isinstance(error, AttributeError)
+               else f"the scheduler did not answer ({type(error).__name__})")
+        return "", f"{NOT_CHECKED}: {why}"
+    return where, problem or REACHES
 
 
 def cluster_status() -> ClusterStatus:
@@ -146,10 +165,13 @@ def cluster_status() -> ClusterStatus:
     except ray.exceptions.GetTimeoutError:
         pass
     location, nodes = _nodes_storage(scheduler) if scheduler is not None else ("", [])
+    tracking_store, tracking_state = (_tracking_store(scheduler) if scheduler is not None else
+                                      ("", f"{NOT_CHECKED}: the scheduler is not running"))
     total, available = ray.cluster_resources(), ray.available_resources()
     return ClusterStatus(
         address=ray.get_runtime_context().gcs_address,
         nodes_alive=sum(1 for node in ray.nodes() if node.get("Alive")), storage=location, nodes=nodes,
         total={kind: total.get(kind, 0.0) for kind in ("CPU", "GPU")},
         available={kind: available.get(kind, 0.0) for kind in ("CPU", "GPU")},
-        actors=[actor for actor, _ in probed.values()], running=running, queued=queued)
+        actors=[actor for actor, _ in probed.values()], running=running, queued=queued,
+        tracking_store=tracking_store, tracking_state=tracking_state)

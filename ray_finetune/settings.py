@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,11 @@ class Settings:
             "RAY_FINETUNE_MICRO_BATCH_TOKENS": str(self.micro_batch_tokens),
             "RAY_FINETUNE_ALLOCATOR": self.allocator,
         }
+
+
+def without_password(value: str) -> str:
+    """A setting as it may be shown: the password of a URL in it (user:password@host) hidden."""
+    return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", value)
 
 
 # RAY_FINETUNE_HOME picks the local head a driver joins (on a remote cluster's driver it is the driver's own machine's):

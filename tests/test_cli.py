@@ -114,6 +114,7 @@ def test_status_says_which_actors_answer_what_runs_and_what_waits(cluster, tiny_
         assert [run["name"] for run in found["running"]] == [first.name] and found["queued"][-1] == second.name
         assert found["storage"] == cluster.storage_location   # and the one node reads the head's identity from it
         assert [node["state"] for node in found["nodes"]] == ["reaches"]
+        assert (found["tracking_store"], found["tracking_state"]) == (cluster.tracking_uri, "reaches")
         training = found["running"][0]
         logged = set(invoke_sql_types(first.name))   # what the log held a moment later, internal events too
         assert training["status"] == "RUNNING" and training["last_event"] in logged - {"CREATED", "STARTED"}
@@ -136,6 +137,8 @@ def test_status_against_a_scheduler_of_an_older_version_says_so_instead_of_a_tra
     assert location == "" and nodes
     assert {node.state for node in nodes} == {"not checked: the scheduler runs an older ray_finetune (restart the "
                                                "head to check)"}
+    assert health._tracking_store(OlderScheduler()) == ("", "not checked: the scheduler runs an older ray_finetune "
+                                                            "(restart the head to check)")
 
 
 def test_a_node_that_does_not_answer_in_time_is_named_and_its_task_stopped(cluster, tmp_path):
@@ -224,6 +227,11 @@ def test_create_against_a_tracking_server_that_is_down_is_one_error_line_and_que
         assert "secret" not in line
         listed = shell("runs", "list", "--json")
         assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr[-3000:]
+        status = shell("status", "--json")   # what an operator asks: the head does not reach it, and why
+        assert status.returncode == 1, status.stderr[-3000:]
+        found = json.loads(status.stdout)
+        assert found["tracking_store"] == "http://user:***@127.0.0.1:9/" and not found["healthy"]
+        assert found["tracking_state"].startswith("the MLflow tracking store at 127.0.0.1:9 (MLFLOW_TRACKING_URI")
     finally:
         shell("down")
 
