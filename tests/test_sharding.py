@@ -397,6 +397,25 @@ def test_rows_a_cut_short_removal_left_are_packed_again_not_used(tmp_path, tiny_
     assert all((getattr(repacked, name) == packed[name]).all() for name in PackedRows.FIELDS)
 
 
+def test_an_entry_whose_stats_file_is_damaged_is_packed_again(tmp_path, tiny_model):
+    """A stats file that does not parse (a disk error, a hand edit) makes the entry incomplete, as one without it:
+    the next preparation packs the data again rather than failing the run with a JSON error."""
+    from ray_finetune.data import cache
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in conversations(10)))
+    arguments = dict(task_type="CHAT_COMPLETION", model_path=str(tiny_model), tokenizer=load_tokenizer(tiny_model),
+                     cache_dir=tmp_path / "cache", context_length=96)
+    first = prepare("train_data_path", str(data), **arguments)
+    stats = Path(first.rows_path).parent / cache.STATS_FILE
+    stats.write_text(stats.read_text()[:-7])
+    assert [entry.complete for entry in cache.entries(tmp_path / "cache")] == [False]
+    again = prepare("train_data_path", str(data), **arguments)
+    assert not again.cached and again.rows_path == first.rows_path and again.stats == first.stats
+    assert json.loads(stats.read_text()) == first.stats
+    assert prepare("train_data_path", str(data), **arguments).cached
+
+
 def test_a_malformed_record_found_by_a_task_on_the_cluster_fails_preparation_with_its_line(cluster, tmp_path,
                                                                                          tiny_model):
     """The same refusal as in one process, from a tokenize task: its error reaches the caller as it was raised."""

@@ -151,10 +151,14 @@ def prepare(parameter: str, path: str, *, task_type: str, model_path: str, token
         except FileNotFoundError:
             pass   # removed from the cache meanwhile: packed again below
     if rows_dir.is_dir() and stats_file.exists():
-        cached = json.loads(stats_file.read_text())
-        _require_rows(parameter, source, cached, context_length)   # earlier versions published empty entries
-        cache.mark_used(rows_dir)
-        return Prepared(str(rows_dir), cached, cached=True)
+        try:
+            cached = json.loads(stats_file.read_text())
+        except ValueError:   # damaged (it is replaced whole, so not by a write cut short): packed again, below
+            cached = None
+        if cached is not None:
+            _require_rows(parameter, source, cached, context_length)   # earlier versions published empty entries
+            cache.mark_used(rows_dir)
+            return Prepared(str(rows_dir), cached, cached=True)
     cache.remove_orphaned_work(cache_dir)
     work = folder / cache.new_work_folder_name()
     try:
