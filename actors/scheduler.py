@@ -229,7 +229,7 @@ class Scheduler:
             await self._end_mlflow_run(name, "KILLED")
         active = [name for name in names if name in self.active]
         await asyncio.gather(*(self._stop_active(name, save_checkpoint) for name in active))
-        return [name for name in names if name in queued or name in active]
+        return queued + active
 
     async def _stop_active(self, name: str, save_checkpoint: bool) -> None:
         await EventSink("scheduler", name).emit_async(EventType.CANCEL_REQUESTED, "cancel requested",

@@ -68,7 +68,7 @@ def create(
     return run
 
 
-def _refuse_settings_the_cluster_ignores(here: Any, scheduler: Any) -> None:
+def _refuse_settings_the_cluster_ignores(here: settings_module.Settings, scheduler: Any) -> None:
     try:
         clusters = _answer(scheduler.settings_used.remote())
     except AttributeError:   # a scheduler of an older ray_finetune (a head started before an upgrade): not checked

@@ -1,8 +1,7 @@
 """What an operator asks first when runs do not move: is the cluster up, does each of its service actors answer,
 does every node reach the storage the head writes, does the head reach the MLflow tracking store, what is running
-and what waits. `ray-finetune status`; it
-starts nothing (it writes the storage's identity file if no run has yet, and each node writes and removes a
-probe file: see storage.identity and storage.unreached)."""
+and what waits. `ray-finetune status`; it starts nothing (it writes the storage's identity file if no run has yet,
+and each node writes and removes a probe file: see storage.identity and storage.unreached)."""
 from __future__ import annotations
 
 import os
