@@ -137,11 +137,15 @@ def log_generations(settings: Settings, run_id: str, rows: list[dict[str, str]],
 
 
 def end_run(settings: Settings, run_id: str, status: str) -> None:
+    """The MLflow run's status flag (secondary: the event log says how the run ended). Checked for a server first:
+    a cancel or a create must not wait minutes behind MLflow's retries against one that is down."""
+    ensure_reachable(settings)
     client(settings).set_terminated(run_id, status=status)
 
 
 def reopen_run(settings: Settings, run_id: str) -> None:
-    """A resumed run's MLflow run is running again (its metrics go on from the step it resumes at)."""
+    """A resumed run's MLflow run is running again (its metrics go on from the step it resumes at); as end_run."""
+    ensure_reachable(settings)
     client(settings).update_run(run_id, status="RUNNING")
 
 
