@@ -15,7 +15,7 @@ from actors.event_sink import EventSink, one_per_cluster
 from actors.messages import RegisterRequest, Registration
 from eventstore.schema import EventType
 from ray_finetune import settings, storage, tracking
-from ray_finetune.errors import RegistrationError
+from ray_finetune.errors import RegistrationError, one_line
 from ray_finetune.train.checkpoint import weights_folder
 from ray_finetune.train.models import parameter_count
 
@@ -103,9 +103,8 @@ class Registrar:
                                                           model_folder=str(final_model), registered_name=name)
             storage.drop_local(final_model)   # on object storage: registered from the bucket's copy now
         except Exception as error:   # noqa: BLE001 - the run fails with what to do about it
-            cause = " ".join(str(error).split())   # one line: a run's details keep the last line of its error
-            raise RegistrationError(
-                f"could not register the final model as {name}: {type(error).__name__}: {cause}. Its final "
+            raise RegistrationError(   # one line: a run's details keep the last line of its error
+                f"could not register the final model as {name}: {one_line(error)}. Its final "
                 f"checkpoint ({Path(str(request.final_checkpoint)).name}) is intact: once the cause is fixed, "
                 "resuming the run (fm.resume, `ray-finetune runs resume`) registers it without training again"
             ) from error

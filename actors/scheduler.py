@@ -36,7 +36,7 @@ from actors.trainer_group import TrainerGroup, remove_stale_placements
 from eventstore.schema import PENDING, QUEUED, RESUMABLE_STATUSES, EventType
 from ray_finetune import settings, storage, tracking
 from ray_finetune.data.packing import packed_data_id
-from ray_finetune.errors import ConfigError
+from ray_finetune.errors import ConfigError, one_line
 from ray_finetune.spec import RunSpec
 from ray_finetune.train import allocator, checkpoint
 from ray_finetune.train.plan import continued_plan, make_plan, trainer_group_size
@@ -144,7 +144,7 @@ class Scheduler:
                 raise
             except Exception as error:   # the driver gets one line, not the tracking client's traceback
                 raise ConfigError(f"MLflow did not create the run's experiment {experiment!r} and run in the "
-                                  f"tracking store: {storage.one_line(error)[:2000]}") from None
+                                  f"tracking store: {one_line(error)[:2000]}") from None
         sink = EventSink("scheduler", name)
         await sink.emit_async(EventType.CREATED, f"run created by {spec.created_by}", {
             "spec": spec.model_dump(), "experiment_id": tracked.experiment_id, "run_id": tracked.run_id,

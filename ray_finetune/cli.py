@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ray_finetune.errors import RayFinetuneError
+from ray_finetune.errors import RayFinetuneError, one_line
 
 if TYPE_CHECKING:
     from ray_finetune.cluster import NodeAnswer
@@ -235,7 +235,7 @@ def data_cache(
     try:
         found = cache.entries(cache_dir)
     except Exception as error:  # noqa: BLE001 - no route, no credentials: the store client's own errors
-        errors.print(f"[red]error:[/red] could not list {storage.location_of(cache_dir)}: {storage.one_line(error)}. "
+        errors.print(f"[red]error:[/red] could not list {storage.location_of(cache_dir)}: {one_line(error)}. "
                      f"{storage.reach_advice(config.storage)}", soft_wrap=True)
         raise typer.Exit(1) from None
     # no run reads an incomplete entry: the event log (and so the cluster) is asked only when there are others

@@ -8,7 +8,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import ray
 from ray_finetune import settings as settings_module
 from ray_finetune.errors import ConfigError
 from ray_finetune.settings import Settings
-from ray_finetune.train.distributed import free_ports
+from ray_finetune.train.distributed import free_ports, why_unreachable
 
 NAMESPACE = "ray_finetune"
 HEAD_FILE = "head.json"
@@ -35,11 +34,7 @@ def _ray_command() -> str:
 
 def _reachable(address: str) -> bool:
     host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=1.0):
-            return True
-    except OSError:
-        return False
+    return why_unreachable(host, int(port), timeout_s=1.0) is None
 
 
 def local_head_address(config: Settings) -> str | None:

@@ -49,3 +49,9 @@ class TrainingDivergedError(RayFinetuneError):
 
 class RegistrationError(RayFinetuneError):
     """Training ended, but its final model could not be registered; the final checkpoint is intact."""
+
+
+def one_line(error: BaseException) -> str:
+    """Someone else's error (a storage or tracking client's) as one line of a message of ours: its type and its
+    message, whose lines (object stores and HTTP clients write several) are joined."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"

@@ -31,6 +31,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from ray_finetune.errors import one_line
+
 MIRROR_ENV = "RAY_FINETUNE_MIRROR"
 IDENTITY_FILE = ".ray_finetune-storage"
 
@@ -367,7 +369,3 @@ def reach_advice(root: Path) -> str:
                   "set it to a folder every node mounts at the same path, or to an object-store URL (s3://...)")
     return advice
 
-
-def one_line(error: BaseException) -> str:
-    """A storage client's error as one line: its type and message (a store's messages span lines)."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"

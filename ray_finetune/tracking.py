@@ -7,7 +7,6 @@ URL when the storage is one: MLflow uploads its own artifacts there, and storage
 from __future__ import annotations
 
 import re
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from urllib.parse import urlparse
 from ray_finetune import storage
 from ray_finetune.errors import ConfigError
 from ray_finetune.settings import Settings
+from ray_finetune.train.distributed import why_unreachable
 
 # Registering and serving a model needs these in the model's environment; listing them avoids MLflow's slow
 # requirement inference (it imports the model in a subprocess).
@@ -63,14 +63,12 @@ def ensure_reachable(settings: Settings) -> None:
     if address is None:
         return
     host, port = address
-    try:
-        socket.create_connection(address, timeout=REACH_TIMEOUT_S).close()
-    except OSError as error:
-        reason = error.strerror or type(error).__name__   # not the URI itself: it may hold a password
+    reason = why_unreachable(host, port, REACH_TIMEOUT_S)
+    if reason:   # named by host and port, not by the URI: it may hold a password
         raise ConfigError(
             f"the MLflow tracking store at {host}:{port} (MLFLOW_TRACKING_URI where the cluster was started) does "
             f"not answer: {reason}. Start it, or set MLFLOW_TRACKING_URI to one that answers, on the head and "
-            "every node; unset, runs are tracked in the local store under RAY_FINETUNE_HOME") from None
+            "every node; unset, runs are tracked in the local store under RAY_FINETUNE_HOME")
 
 
 def open_store(settings: Settings) -> None:

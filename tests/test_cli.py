@@ -1,7 +1,6 @@
 """The command line, run the way a user runs it (in-process through Typer's runner, same cluster)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -235,29 +234,6 @@ def test_create_against_a_tracking_server_that_is_down_is_one_error_line_and_que
         assert found["tracking_state"].startswith("the MLflow tracking store at 127.0.0.1:9 (MLFLOW_TRACKING_URI")
     finally:
         shell("down")
-
-
-@pytest.mark.parametrize("uri, address", [
-    ("http://127.0.0.1:5000", ("127.0.0.1", 5000)), ("https://mlflow.example.com", ("mlflow.example.com", 443)),
-    ("postgresql+psycopg2://u:p@db.internal/mlflow", ("db.internal", 5432)),
-    ("sqlite:////home/me/mlflow.db", None), ("file:///tmp/mlruns", None), ("/tmp/mlruns", None)])
-def test_only_tracking_stores_reached_over_the_network_are_checked_for_an_answer(uri, address):
-    from ray_finetune import tracking
-
-    assert tracking.server_address(uri) == address
-
-
-def test_a_run_status_flag_for_a_tracking_server_that_is_down_is_given_up_at_once(tmp_path):
-    """The scheduler sets an MLflow run's status when a run ends, is cancelled or resumed, holding the one MLflow
-    lock that creates also take: against a server that is down it gives up at once, saying why (MLflow would retry
-    for minutes while cancels and creates waited)."""
-    from ray_finetune import settings, tracking
-    from ray_finetune.errors import ConfigError
-
-    down = dataclasses.replace(settings.load(), tracking_uri="http://127.0.0.1:9")
-    for flag in (lambda: tracking.end_run(down, "0123abcd", "KILLED"), lambda: tracking.reopen_run(down, "0123abcd")):
-        with pytest.raises(ConfigError, match="the MLflow tracking store at 127.0.0.1:9 .* does not answer"):
-            flag()
 
 
 def test_the_packed_data_cache_is_listed_and_cleared_keeping_what_runs_under_way_read(cluster, tiny_model, tmp_path,

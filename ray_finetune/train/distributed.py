@@ -1,4 +1,5 @@
-"""The trainer workers' torch.distributed group: a free port for its rendezvous, and joining it.
+"""The trainer workers' torch.distributed group: a free port for its rendezvous, and joining it. (Whether a port
+answers, for what else connects to a server: the head, the tracking store.)
 
 Also what a benchmark or test needs to run the training loop in a plain process (a group of one)."""
 from __future__ import annotations
@@ -27,6 +28,16 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for probe in probes:
             probe.close()
+
+
+def why_unreachable(host: str, port: int, timeout_s: float) -> str | None:
+    """Why a TCP connection to host:port could not be opened within `timeout_s` (the system's reason, e.g.
+    "Connection refused"); None when it opened."""
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as error:
+        return error.strerror or type(error).__name__   # a timeout has no strerror
+    return None
 
 
 def join_process_group(rank: int, world_size: int, master: tuple[str, int] | None = None) -> None:
