@@ -146,12 +146,12 @@ class Scheduler:
                 raise ConfigError(f"MLflow did not create the run's experiment {experiment!r} and run in the "
                                   f"tracking store: {one_line(error)[:2000]}") from None
         sink = EventSink("scheduler", name)
-        await sink.emit_async(EventType.CREATED, f"run created by {spec.created_by}", {
-            "spec": spec.model_dump(), "experiment_id": tracked.experiment_id, "run_id": tracked.run_id,
-            "save_folder": tracked.save_folder, "experiment_path": experiment,
-        })
-        await sink.emit_async(EventType.QUEUED, f"queued behind {len(self.queue) + len(self.active)} run(s)",
-                              {"position": len(self.queue)})
+        await sink.submit_all([   # one transaction: a run is never in the log created but not queued
+            sink.event(EventType.CREATED, f"run created by {spec.created_by}", {
+                "spec": spec.model_dump(), "experiment_id": tracked.experiment_id, "run_id": tracked.run_id,
+                "save_folder": tracked.save_folder, "experiment_path": experiment}),
+            sink.event(EventType.QUEUED, f"queued behind {len(self.queue) + len(self.active)} run(s)",
+                       {"position": len(self.queue)})])
         self.specs[name] = RunContext(run_name=name, spec=spec, mlflow_run_id=tracked.run_id,
                                       save_folder=tracked.save_folder)
         self.queue.append(name)
@@ -224,9 +224,10 @@ class Scheduler:
         names = list(dict.fromkeys(names))
         queued = [name for name in names if name in self.queue]
         self.queue = [name for name in self.queue if name not in queued]   # at once: none may start meanwhile
-        for name in queued:
-            await EventSink("scheduler", name).emit_async(EventType.CANCELED, "canceled before it started")
-            await self._end_mlflow_run(name, "KILLED")
+        if queued:   # one transaction and one tracking-store check for all of them, however many
+            await self.store.append.remote([EventSink("scheduler", name).event(
+                EventType.CANCELED, "canceled before it started") for name in queued])
+            await self._end_mlflow_runs(queued, "KILLED")
         active = [name for name in names if name in self.active]
         await asyncio.gather(*(self._stop_active(name, save_checkpoint) for name in active))
         return queued + active
@@ -313,7 +314,7 @@ class Scheduler:
             await sink.emit_async(EventType.COMPLETED,
                                   f"registered {registration.model_name} version {registration.model_version}",
                                   registration.model_dump())
-            await self._end_mlflow_run(name, "FINISHED")
+            await self._end_mlflow_runs([name], "FINISHED")
         except asyncio.CancelledError:
             self._release(name)
             await self._canceled(name, None)
@@ -355,7 +356,7 @@ class Scheduler:
                                             if final_checkpoint else "")
         await EventSink("scheduler", name).emit_async(EventType.CANCELED, message,
                                                       {"final_checkpoint": final_checkpoint})
-        await self._end_mlflow_run(name, "KILLED")
+        await self._end_mlflow_runs([name], "KILLED")
 
     async def _requeue_or_fail(self, name: str, reason: str, error: BaseException | None) -> None:
         state = await self.store.run_state.remote(name)
@@ -378,15 +379,15 @@ class Scheduler:
             payload["traceback"] = "".join(traceback.format_exception(error))[-20000:]
         await sink.emit_async(EventType.FAILED_EXCEPTION, reason, payload)
         await sink.emit_async(EventType.FAILED, "the run failed")
-        await self._end_mlflow_run(name, "FAILED")
+        await self._end_mlflow_runs([name], "FAILED")
 
-    async def _end_mlflow_run(self, name: str, status: str) -> None:
-        context = self.specs.get(name)
-        if not context or not context.mlflow_run_id:
+    async def _end_mlflow_runs(self, names: list[str], status: str) -> None:
+        run_ids = [context.mlflow_run_id for context in map(self.specs.get, names) if context and context.mlflow_run_id]
+        if not run_ids:
             return
         try:
             async with self._mlflow:
-                await asyncio.to_thread(tracking.end_run, self.settings, context.mlflow_run_id, status)
+                await asyncio.to_thread(tracking.end_runs, self.settings, run_ids, status)
         except Exception:  # noqa: BLE001 - the log already says how the run ended; MLflow's flag is secondary
             pass
 

@@ -134,15 +134,18 @@ def log_generations(settings: Settings, run_id: str, rows: list[dict[str, str]],
                                artifact_file=f"eval_generations/step_{step:06d}.json")
 
 
-def end_run(settings: Settings, run_id: str, status: str) -> None:
-    """The MLflow run's status flag (secondary: the event log says how the run ended). Checked for a server first:
-    a cancel or a create must not wait minutes behind MLflow's retries against one that is down."""
+def end_runs(settings: Settings, run_ids: list[str], status: str) -> None:
+    """The MLflow runs' status flag (secondary: the event log says how a run ended). Checked for a server first,
+    once for all of them: a cancel or a create must not wait minutes behind MLflow's retries against one that is
+    down, nor seconds per run against one that drops packets."""
     ensure_reachable(settings)
-    client(settings).set_terminated(run_id, status=status)
+    mlflow = client(settings)
+    for run_id in run_ids:
+        mlflow.set_terminated(run_id, status=status)
 
 
 def reopen_run(settings: Settings, run_id: str) -> None:
-    """A resumed run's MLflow run is running again (its metrics go on from the step it resumes at); as end_run."""
+    """A resumed run's MLflow run is running again (its metrics go on from the step it resumes at); as end_runs."""
     ensure_reachable(settings)
     client(settings).update_run(run_id, status="RUNNING")
 

@@ -44,6 +44,13 @@ def mlflow_metrics(cluster, run, key: str) -> dict[int, float]:
     return {m.step: m.value for m in history}
 
 
+def mlflow_status(cluster, run) -> str:
+    """The MLflow run's status flag (RUNNING, FINISHED, KILLED, FAILED)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=cluster.tracking_uri).get_run(run.run_id).info.status
+
+
 def assert_training_metrics_logged(cluster, run) -> None:
     """The SPEC's MLflow metrics of training: one value per step, the same as the run's TRAIN_UPDATED events."""
     updates = [e.payload for e in fm.get_events(run.name) if e.type == "TRAIN_UPDATED"]
@@ -106,6 +113,7 @@ def test_a_run_goes_from_create_to_a_registered_model(cluster, tiny_model, chat_
     assert evaluations[-1]["eval_loss"] < evaluations[0]["eval_loss"]
     assert evaluations[-1]["generations"][0]["prompt"] == "what is the capital of france?"
     assert_training_metrics_logged(cluster, finished)
+    wait_until(lambda: mlflow_status(cluster, finished) == "FINISHED", 30, "the MLflow run flagged FINISHED")
     assert mlflow_metrics(cluster, finished, "eval_loss") == pytest.approx(
         {e["step"]: e["eval_loss"] for e in evaluations})
 
@@ -201,15 +209,17 @@ def test_a_base_model_trained_on_chats_stops_at_the_end_of_its_turn_when_served(
     assert output[0, prompt["input_ids"].shape[1]:].tolist() == [end_of_turn]
 
 
-def test_cancel_a_queued_run_and_a_running_one_with_a_final_checkpoint(cluster, tiny_model, chat_data):
+def test_cancel_queued_runs_and_a_running_one_with_a_final_checkpoint(cluster, tiny_model, chat_data):
     running = create(tiny_model, chat_data, training_duration="5000ba")
-    queued = create(tiny_model, chat_data, training_duration="1ba")
+    queued = [create(tiny_model, chat_data, training_duration="1ba") for _ in range(2)]
     wait_for_event(running.name, "TRAIN_UPDATED")
-    assert fm.get(queued.name).status in (RunStatus.PENDING, RunStatus.QUEUED)
+    assert {fm.get(run.name).status for run in queued} <= {RunStatus.PENDING, RunStatus.QUEUED}
 
-    assert fm.cancel([queued.name]) == 1
-    assert fm.get(queued.name).status == RunStatus.STOPPED
-    assert "MODEL_INITIALIZED" not in [e.type for e in fm.get_events(queued.name)]
+    assert fm.cancel([run.name for run in queued]) == 2
+    for run in queued:
+        assert fm.get(run.name).status == RunStatus.STOPPED
+        assert [e.type for e in fm.get_events(run.name)] == ["CREATED", "CANCELED"]
+        assert mlflow_status(cluster, run) == "KILLED"
 
     # cancel() returns once the run has stopped, at a step boundary (a run killed after the grace period would
     # have no final checkpoint)
@@ -225,6 +235,7 @@ def test_cancel_a_queued_run_and_a_running_one_with_a_final_checkpoint(cluster, 
     time.sleep(1)
     assert fm.get_events(running.name)[-1].type == "CANCELED"  # nothing trains after the stop
     assert fm.cancel([running.name]) == 0  # already stopped
+    assert mlflow_status(cluster, running) == "KILLED"
 
 
 def test_a_run_cancelled_while_its_data_is_tokenized_stops_there_and_the_packer_serves_the_next(
@@ -284,6 +295,7 @@ def test_a_failure_in_the_run_itself_ends_failed_at_once_with_the_reason(cluster
     assert "train_data_path" in finished.details and "line 2" in finished.details
     types = [e.type for e in fm.get_events(run.name)]
     assert "REQUEUED" not in types and types[-2:] == ["FAILED_EXCEPTION", "FAILED"]
+    wait_until(lambda: mlflow_status(cluster, run) == "FAILED", 30, "the MLflow run flagged FAILED")
     # The operator's one query:
     details = event_log.sql(f"SELECT details FROM runs WHERE run_name = '{run.name}'")["details"][0]
     assert details == finished.details

@@ -23,6 +23,6 @@ def test_a_run_status_flag_for_a_tracking_server_that_is_down_is_given_up_at_onc
     lock that creates also take: against a server that is down it gives up at once, saying why (MLflow would retry
     for minutes while cancels and creates waited)."""
     down = dataclasses.replace(settings.load(), tracking_uri="http://127.0.0.1:9")
-    for flag in (lambda: tracking.end_run(down, "0123abcd", "KILLED"), lambda: tracking.reopen_run(down, "0123abcd")):
+    for flag in (lambda: tracking.end_runs(down, ["0123abcd"], "KILLED"), lambda: tracking.reopen_run(down, "0123abcd")):
         with pytest.raises(ConfigError, match="the MLflow tracking store at 127.0.0.1:9 .* does not answer"):
             flag()
