@@ -246,7 +246,7 @@ def data_cache(
         try:
             cache.remove(cache_dir, entry)
         except Exception as error:  # noqa: BLE001 - as retention: OSError, or the store client's own (no credentials)
-            refused[entry.key] = f"{type(error).__name__}: {error}"
+            refused[entry.key] = one_line(error)
     removed = [e for e in doomed if e.key not in refused]
     nodes = _drop_node_copies(cache_dir, frozenset(e.key for e in found if e not in removed)) if clear else []
     if as_json:

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ray_finetune.data.validation import content_text, tool_arguments, uses_tools
-from ray_finetune.errors import ValidationError
+from ray_finetune.errors import ValidationError, one_line
 
 
 @dataclass(frozen=True)
@@ -300,7 +300,7 @@ def _probe_tool_template(tokenizer: Any) -> str | None:
     except ValidationError as error:
         return f"with tools, {error.problem}"
     except Exception as error:  # noqa: BLE001 - a template's own error (raise_exception, a missing key)
-        return f"the model's chat template fails on tool calls ({type(error).__name__}: {error})"
+        return f"the model's chat template fails on tool calls ({one_line(error)})"
     return None
 
 

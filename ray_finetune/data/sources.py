@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, NamedTuple
 
 from ray_finetune.access import check_allowed
-from ray_finetune.errors import ValidationError
+from ray_finetune.errors import ValidationError, one_line
 
 SourceKind = Literal["file", "folder", "hf_dataset", "delta_table"]
 _TABLE = re.compile(r"^[A-Za-z_][\w-]*\.[A-Za-z_][\w-]*\.[A-Za-z_][\w-]*$")
@@ -132,7 +132,7 @@ def _locate(parameter: str, given: str, data_prep_cluster_id: str | None, volume
     try:
         exists, is_dir = fs.exists(inner), fs.isdir(inner)
     except Exception as error:  # noqa: BLE001 - a store that cannot be reached is the user's to fix
-        raise ValidationError(parameter, f"cannot reach {url!r}: {type(error).__name__}: {error}",
+        raise ValidationError(parameter, f"cannot reach {url!r}: {one_line(error)}",
                               expected="a reachable location with read permission") from None
     if not exists:
         where = f" (volume paths live under {volumes_root()}; set RAY_FINETUNE_VOLUMES_ROOT)" if volume else ""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ray_finetune import storage
 from ray_finetune.access import check_allowed
-from ray_finetune.errors import CheckpointError, ValidationError
+from ray_finetune.errors import CheckpointError, ValidationError, one_line
 
 POINTER_NAME = "latest-sharded-rank0.symlink"
 WEIGHTS_DIR = "model"
@@ -283,7 +283,7 @@ def retain(directory: Path, keep: int) -> Retention:
             storage.remove(folder, first=(STATE_FILE,))
             removed.append(folder)
         except Exception as error:  # noqa: BLE001 - any refusal of the storage (OSError, or its client's own)
-            refused.append(f"{folder.name}: {type(error).__name__}: {error}")
+            refused.append(f"{folder.name}: {one_line(error)}")
     return Retention(tuple(removed), tuple(refused))
 
 

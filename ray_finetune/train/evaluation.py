@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ray_finetune.data.packing import PackedRows
+from ray_finetune.errors import one_line
 from ray_finetune.train.distributed import all_reduce
 from ray_finetune.train.hardware import batch_width_multiple
 from ray_finetune.train.plan import EMPTY_ROW, TrainingPlan
@@ -98,6 +99,6 @@ class Evaluation:
                                             synced_gpus=self.sharded)
                     text = tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
                 except Exception as error:  # noqa: BLE001 - a sample is not worth a run: say why it is missing
-                    text = f"[generation failed: {type(error).__name__}: {str(error)[:300]}]"
+                    text = f"[generation failed: {one_line(error)[:300]}]"
                 rows.append({"prompt": prompt, "generation": text.strip()})
         return rows

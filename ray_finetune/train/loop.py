@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ray_finetune.data.packing import PackedRows, packed_data_id
 from ray_finetune import settings, storage
 from ray_finetune.train import allocator, checkpoint
-from ray_finetune.errors import CheckpointError, TrainingDivergedError
+from ray_finetune.errors import CheckpointError, TrainingDivergedError, one_line
 from ray_finetune.spec import Duration
 from ray_finetune.train.attention import DOCUMENT_SDPA, check_documents_apart, plain_attention
 from ray_finetune.train.loss import CHUNK_LOGIT_ELEMENTS
@@ -330,7 +330,7 @@ def ready_attention(model: Any, rows: PackedRows, device: torch.device) -> dict[
             trial_step(model, rows, device)(1)
     except Exception as error:  # noqa: BLE001 - any failure of the faster kernel falls back to the exact default
         model.set_attn_implementation(plain_attention(model))
-        return {"attention_fallback": f"{attention} failed ({type(error).__name__}: {str(error)[:200]})"}
+        return {"attention_fallback": f"{attention} failed ({one_line(error)[:200]})"}
     return {}
 
 
@@ -372,7 +372,7 @@ def fit_cpu(model: Any, parameters: int, plan: TrainingPlan, rows: PackedRows, p
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - a probe this model cannot run must not stop its training
-        return {"memory": {"unknown": f"the probe failed ({type(error).__name__}: {str(error)[:200]})"},
+        return {"memory": {"unknown": f"the probe failed ({one_line(error)[:200]})"},
                 "activation_checkpointing": False}
     return {"memory": need.as_dict(), "activation_checkpointing": need.recomputing and checkpoint_activations(model)}
 
@@ -454,7 +454,7 @@ def _resumable_state(config: TrainConfig, layout: checkpoint.EngineLayout, node:
         try:
             converted = checkpoint.universal(folder)
         except Exception as error:  # noqa: BLE001 - every rank must learn it failed, or the others wait forever
-            failure = f"{type(error).__name__}: {error}"
+            failure = one_line(error)
     if int(all_reduce(torch.tensor([1 if failure else 0]), "max")):
         raise CheckpointError(f"checkpoint {folder} was written by {saved_world} workers under {saved} and could not "
                               f"be converted to load on {config.world_size} under {layout}: {failure or 'see rank 0'}")

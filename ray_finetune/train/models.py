@@ -14,7 +14,7 @@ from typing import Any
 
 from ray_finetune import settings
 from ray_finetune.access import check_allowed
-from ray_finetune.errors import ValidationError
+from ray_finetune.errors import ValidationError, one_line
 from ray_finetune.train.distributed import name_deepspeed_accelerator
 
 
@@ -111,7 +111,7 @@ def _offline_gguf(model_id: str) -> Path | None:
                 return None
             if isinstance(error, Exception):   # e.g. a chunk whose bytes do not give the file's SHA-256
                 raise ValidationError("model", f"the offline package {package.module!r} could not assemble "
-                                      f"{package.gguf_file}: {type(error).__name__}: {error}",
+                                      f"{package.gguf_file}: {one_line(error)}",
                                       expected=f"its packages reinstalled ({package.install} --force-reinstall)"
                                       ) from None
             raise

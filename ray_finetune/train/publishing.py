@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from ray_finetune import storage
-from ray_finetune.errors import CheckpointError
+from ray_finetune.errors import CheckpointError, one_line
 from ray_finetune.train import checkpoint
 from ray_finetune.train.distributed import FolderRole, first_of_its_folder
 
@@ -169,7 +169,7 @@ class Publisher:
             except BaseException as error:  # noqa: BLE001 - handed to the training thread, which fails with it
                 self._error = CheckpointError(
                     f"could not upload checkpoint {name} to {storage.location_of(self.directory)}: "
-                    f"{type(error).__name__}: {error} (earlier checkpoints are intact)")
+                    f"{one_line(error)} (earlier checkpoints are intact)")
                 self._error.__cause__ = error
 
         self._uploading = True
