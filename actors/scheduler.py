@@ -377,8 +377,9 @@ class Scheduler:
         if error is not None:
             payload["error_type"] = type(_root_cause(error)).__name__
             payload["traceback"] = "".join(traceback.format_exception(error))[-20000:]
-        await sink.emit_async(EventType.FAILED_EXCEPTION, reason, payload)
-        await sink.emit_async(EventType.FAILED, "the run failed")
+        # One transaction: a scheduler lost between the two would find the run in flight and run it again.
+        await sink.submit_all([sink.event(EventType.FAILED_EXCEPTION, reason, payload),
+                               sink.event(EventType.FAILED, "the run failed")])
         await self._end_mlflow_runs([name], "FAILED")
 
     async def _end_mlflow_runs(self, names: list[str], status: str) -> None:
