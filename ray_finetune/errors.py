@@ -52,6 +52,7 @@ class RegistrationError(RayFinetuneError):
 
 
 def one_line(error: BaseException) -> str:
-    """Someone else's error (a storage or tracking client's) as one line of a message of ours: its type and its
-    message, whose lines (object stores and HTTP clients write several) are joined."""
+    """Someone else's error (a storage or tracking client's, a library's, a chat template's) as one line of a message
+    of ours, which an event or a table row shows: its type and its message, whose lines (object stores and HTTP
+    clients write several) are joined."""
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
