@@ -2,6 +2,7 @@
 trainer's per-step events, sent at once and acknowledged in batches)."""
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Any
 
@@ -28,7 +29,11 @@ class EventSink:
 
     def __init__(self, actor: str, run_name: str) -> None:
         self.actor, self.run_name = actor, run_name
-        self._store = event_store()
+
+    @functools.cached_property
+    def _store(self) -> "ray.actor.ActorHandle":
+        """Looked up on the first append: a sink that only builds events (to append with others') never needs it."""
+        return event_store()
 
     def event(self, kind: EventType, message: str = "", payload: dict[str, Any] | None = None,
               key: str | None = None) -> NewEvent:

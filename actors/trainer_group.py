@@ -24,9 +24,9 @@ from actors.event_sink import EventSink
 from actors.messages import EvaluateRequest, EvaluationResult, StopRequest, TrainRequest, TrainResult
 from eventstore.schema import EventType, NewEvent
 from ray_finetune import storage
+from ray_finetune.ports import free_port
 from ray_finetune.tracking import now_ms
-from ray_finetune.train.distributed import (free_port, import_deepspeed, join_process_group,
-                                             prefer_expandable_gpu_memory)
+from ray_finetune.train.distributed import import_deepspeed, join_process_group, prefer_expandable_gpu_memory
 from ray_finetune.train.plan import TrainingPlan
 
 if TYPE_CHECKING:

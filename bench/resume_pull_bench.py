@@ -88,7 +88,7 @@ def main() -> None:
 
     from ray_finetune import storage
     from ray_finetune.train import checkpoint
-    from ray_finetune.train.distributed import free_port
+    from ray_finetune.ports import free_port
 
     with s3_server(BUCKET) as aws, tempfile.TemporaryDirectory(prefix="resume-pull-bench-") as work:
         os.environ.update(aws)

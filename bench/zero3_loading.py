@@ -61,7 +61,7 @@ def _rank(rank: int, world: int, port: int, model_path: str, sharded: bool, out:
 
 
 def measure(model_path: str, sharded: bool, world: int, work: Path) -> list[dict]:
-    from ray_finetune.train.distributed import free_port
+    from ray_finetune.ports import free_port
 
     context = multiprocessing.get_context("spawn")
     port, out = free_port(), work / ("sharded" if sharded else "whole")

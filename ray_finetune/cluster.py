@@ -20,7 +20,7 @@ import ray
 from ray_finetune import settings as settings_module
 from ray_finetune.errors import ConfigError
 from ray_finetune.settings import Settings
-from ray_finetune.train.distributed import free_ports, why_unreachable
+from ray_finetune.ports import free_ports, why_unreachable
 
 NAMESPACE = "ray_finetune"
 HEAD_FILE = "head.json"

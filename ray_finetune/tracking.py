@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 from ray_finetune import storage
 from ray_finetune.errors import ConfigError
 from ray_finetune.settings import Settings
-from ray_finetune.train.distributed import why_unreachable
+from ray_finetune.ports import why_unreachable
 
 # Registering and serving a model needs these in the model's environment; listing them avoids MLflow's slow
 # requirement inference (it imports the model in a subprocess).

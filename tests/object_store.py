@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ray_finetune.train.distributed import free_port
+from ray_finetune.ports import free_port
 
 
 @contextlib.contextmanager

@@ -330,7 +330,7 @@ def test_down_stops_the_head_it_started_and_no_other_ray_on_the_machine(cluster)
 
     from ray_finetune import cluster as cluster_module
     from ray_finetune import foundation_model as fm
-    from ray_finetune.train.distributed import free_ports
+    from ray_finetune.ports import free_ports
 
     def alive(process: psutil.Process) -> bool:
         try:

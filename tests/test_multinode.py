@@ -34,7 +34,7 @@ import pytest
 
 from object_store import s3_server, slow_uploads
 from ray_finetune import storage
-from ray_finetune.train.distributed import free_port, free_ports
+from ray_finetune.ports import free_port, free_ports
 
 pytestmark = pytest.mark.cluster
 

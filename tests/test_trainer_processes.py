@@ -17,9 +17,10 @@ import pytest
 
 from ray_finetune import storage
 from ray_finetune.errors import CheckpointError, TrainingDivergedError
+from ray_finetune.ports import free_port
 from ray_finetune.spec import Duration
 from ray_finetune.train import checkpoint
-from ray_finetune.train.distributed import free_port, join_process_group
+from ray_finetune.train.distributed import join_process_group
 from ray_finetune.train.hardware import GRADIENT_CLIPPING
 from ray_finetune.train.plan import continued_plan, make_plan
 from trainer_helpers import packed_chat_run

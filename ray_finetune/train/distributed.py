@@ -1,43 +1,15 @@
-"""The trainer workers' torch.distributed group: a free port for its rendezvous, and joining it. (Whether a port
-answers, for what else connects to a server: the head, the tracking store.)
+"""The trainer workers' torch.distributed group: a free port for its rendezvous, and joining it.
 
 Also what a benchmark or test needs to run the training loop in a plain process (a group of one)."""
 from __future__ import annotations
 
 import os
-import socket
 from typing import TYPE_CHECKING, NamedTuple
+
+from ray_finetune.ports import free_port
 
 if TYPE_CHECKING:
     import torch
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (the OS picks it), for a server or a rendezvous about to start."""
-    return free_ports(1, host)[0]
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` different ports nothing listens on now. Probed together: one probe at a time can be given the same
-    port twice (seen once: Ray refused to start a head whose two servers were given one port)."""
-    probes = [socket.socket() for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind((host, 0))
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
-
-
-def why_unreachable(host: str, port: int, timeout_s: float) -> str | None:
-    """Why a TCP connection to host:port could not be opened within `timeout_s` (the system's reason, e.g.
-    "Connection refused"); None when it opened."""
-    try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
-    except OSError as error:
-        return error.strerror or type(error).__name__   # a timeout has no strerror
-    return None
 
 
 def join_process_group(rank: int, world_size: int, master: tuple[str, int] | None = None) -> None:
